@@ -1,0 +1,7 @@
+//! reliability-lab: an order-processing backend that fails on purpose.
+//!
+//! The library holds every part; `main.rs` only composes them. See
+//! ARCHITECTURE.md for the flow and who depends on whom.
+
+pub mod orders;
+pub mod reliability;

@@ -1,0 +1,21 @@
+//! The order domain: the model, the service, and the interfaces it needs.
+//!
+//! This module owns the traits it depends on (`OrderRepository` for storage,
+//! `ProcessingQueue` for background work) and imports neither the HTTP layer
+//! nor the workers. The composition root adapts concrete providers to them.
+
+mod error;
+pub mod memory;
+mod model;
+pub mod postgres;
+mod queue;
+mod repository;
+mod service;
+
+pub use error::{OrderError, StoreError};
+pub use model::{
+    Amount, CustomerId, Currency, NewOrder, Order, OrderId, Status, StatusChange,
+};
+pub use queue::{ProcessingQueue, QueueError, QueueSlot};
+pub use repository::{OrderRepository, StatusCounts};
+pub use service::{CreateOrderRequest, Service};

@@ -1,0 +1,647 @@
+//! The circuit breaker: failsafe's state machine, made to behave like the
+//! original lab's breaker.
+//!
+//! failsafe 1.3 counts consecutive failures and moves between closed, open and
+//! half-open. Where it differs from the original, the original wins, and this
+//! type closes the gap:
+//! - **One probe in half-open.** failsafe admits every call while half-open;
+//!   here exactly one call (the probe) is admitted and the others are rejected
+//!   with a distinct kind, `Rejection::HalfOpenBusy`.
+//! - **Two rejection kinds**, `Open` and `HalfOpenBusy`; `Rejection::is_open`
+//!   is true for both.
+//! - **From and to.** failsafe's callbacks name only the new state (and
+//!   `on_closed` fires once at construction, which is no change); every change
+//!   is reported here with both ends, and the current state can be read.
+//! - **Time.** failsafe reads `std::time::Instant`, which tokio's paused clock
+//!   does not move. The open period is timed here on `tokio::time::Instant`, and
+//!   failsafe is given a zero open delay, so its own check always agrees once
+//!   this type decides the period is over.
+//! - **Generations.** A result from a call admitted before the last state
+//!   change is ignored (failsafe would let a late result flip the state).
+//! - **Abandoned calls.** A permit dropped without a verdict (the call was
+//!   cancelled at shutdown) gives the probe slot back instead of leaving the
+//!   breaker stuck half-open.
+//!
+//! Every call into failsafe happens under this type's own lock, so the events
+//! its instrument records are read back without races.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use failsafe::failure_policy::{consecutive_failures, ConsecutiveFailures};
+use failsafe::{FailurePolicy, Instrument, StateMachine};
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// The breaker's state, with the gauge value each one has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+impl BreakerState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::HalfOpen => "half_open",
+            Self::Open => "open",
+        }
+    }
+
+    /// 0 closed, 1 half-open, 2 open: the `circuit_breaker_state` gauge.
+    pub fn gauge_value(&self) -> i64 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen => 1,
+            Self::Open => 2,
+        }
+    }
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the breaker refused a call. Both kinds mean "the downstream is not
+/// being called now": retrying against either is pointless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Rejection {
+    #[error("circuit open")]
+    Open,
+    #[error("circuit half-open: probe in flight")]
+    HalfOpenBusy,
+}
+
+impl Rejection {
+    /// True for both kinds of rejection. Checking only for `Open` would let
+    /// half-open rejections pass as unexpected application errors.
+    pub fn is_open(&self) -> bool {
+        matches!(self, Self::Open | Self::HalfOpenBusy)
+    }
+
+    /// The `kind` label of `circuit_breaker_rejections_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::HalfOpenBusy => "half_open",
+        }
+    }
+}
+
+/// Hears about the breaker's changes and rejections, outside its lock.
+pub trait BreakerObserver: Send + Sync {
+    fn state_changed(&self, from: BreakerState, to: BreakerState);
+    fn rejected(&self, kind: Rejection);
+}
+
+/// How the breaker trips and recovers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker (it opens on this one).
+    pub failure_threshold: u32,
+    /// How long it stays open before a probe is allowed.
+    pub open_duration: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_duration: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A point-in-time view for dashboards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BreakerSnapshot {
+    pub state: BreakerState,
+    pub consecutive_failures: u32,
+    /// Time left until a probe is allowed, while open.
+    #[serde(serialize_with = "serialize_opt_duration")]
+    pub until_half_open: Option<Duration>,
+}
+
+fn serialize_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+// --- failsafe plumbing -------------------------------------------------------
+
+const EV_NONE: u8 = 0;
+const EV_OPEN: u8 = 1;
+const EV_HALF_OPEN: u8 = 2;
+const EV_CLOSED: u8 = 3;
+
+/// Records the last state failsafe moved to. Read and cleared under our lock.
+#[derive(Clone, Default)]
+struct LastEvent(Arc<AtomicU8>);
+
+impl LastEvent {
+    fn take(&self) -> Option<BreakerState> {
+        match self.0.swap(EV_NONE, Ordering::SeqCst) {
+            EV_OPEN => Some(BreakerState::Open),
+            EV_HALF_OPEN => Some(BreakerState::HalfOpen),
+            EV_CLOSED => Some(BreakerState::Closed),
+            _ => None,
+        }
+    }
+}
+
+impl Instrument for LastEvent {
+    fn on_call_rejected(&self) {}
+    fn on_open(&self) {
+        self.0.store(EV_OPEN, Ordering::SeqCst);
+    }
+    fn on_half_open(&self) {
+        self.0.store(EV_HALF_OPEN, Ordering::SeqCst);
+    }
+    fn on_closed(&self) {
+        self.0.store(EV_CLOSED, Ordering::SeqCst);
+    }
+}
+
+/// failsafe's consecutive-failures policy, with its count made readable.
+struct CountingPolicy {
+    inner: ConsecutiveFailures<failsafe::backoff::Constant>,
+    count: Arc<AtomicU32>,
+}
+
+impl FailurePolicy for CountingPolicy {
+    fn record_success(&mut self) {
+        self.count.store(0, Ordering::SeqCst);
+        self.inner.record_success();
+    }
+    fn mark_dead_on_failure(&mut self) -> Option<Duration> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.inner.mark_dead_on_failure()
+    }
+    fn revived(&mut self) {
+        self.count.store(0, Ordering::SeqCst);
+        self.inner.revived();
+    }
+}
+
+// --- the breaker ---------------------------------------------------------------
+
+struct Mirror {
+    state: BreakerState,
+    open_until: Option<Instant>,
+    probe_in_flight: bool,
+    /// Bumped on every state change; permits from older generations are stale.
+    generation: u64,
+}
+
+struct Inner {
+    machine: StateMachine<CountingPolicy, LastEvent>,
+    events: LastEvent,
+    failures: Arc<AtomicU32>,
+    mirror: Mutex<Mirror>,
+    open_duration: Duration,
+    observer: Option<Arc<dyn BreakerObserver>>,
+}
+
+/// A circuit breaker. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Breaker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker").field("state", &self.state()).finish()
+    }
+}
+
+/// Changes made under the lock, reported after it is released.
+#[derive(Default)]
+struct Report {
+    changes: Vec<(BreakerState, BreakerState)>,
+    rejection: Option<Rejection>,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig, observer: Option<Arc<dyn BreakerObserver>>) -> Self {
+        let failures = Arc::new(AtomicU32::new(0));
+        let events = LastEvent::default();
+        let policy = CountingPolicy {
+            // Zero delay: failsafe's own (real-clock) open period is over at
+            // once; this type times the open period on tokio's clock instead.
+            inner: consecutive_failures(
+                config.failure_threshold.max(1),
+                failsafe::backoff::constant(Duration::ZERO),
+            ),
+            count: failures.clone(),
+        };
+        let machine = StateMachine::new(policy, events.clone());
+        // failsafe fires on_closed at construction: that is no state change.
+        let _ = events.take();
+        Self {
+            inner: Arc::new(Inner {
+                machine,
+                events,
+                failures,
+                mirror: Mutex::new(Mirror {
+                    state: BreakerState::Closed,
+                    open_until: None,
+                    probe_in_flight: false,
+                    generation: 0,
+                }),
+                open_duration: config.open_duration,
+                observer,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Mirror> {
+        // A panic while holding the lock cannot leave the mirror half-written
+        // in a way that matters more than stopping the breaker would.
+        self.inner.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state. While open, it stays `Open` until the next call
+    /// asks for permission after the open period (the move is lazy).
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let mirror = self.lock();
+        BreakerSnapshot {
+            state: mirror.state,
+            consecutive_failures: self.inner.failures.load(Ordering::SeqCst),
+            until_half_open: match (mirror.state, mirror.open_until) {
+                (BreakerState::Open, Some(until)) => {
+                    Some(until.saturating_duration_since(Instant::now()))
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// Applies what failsafe just did to the mirror, noting the change.
+    fn follow(&self, mirror: &mut Mirror, report: &mut Report) {
+        if let Some(to) = self.inner.events.take() {
+            let from = mirror.state;
+            if from != to {
+                mirror.state = to;
+                mirror.generation += 1;
+                mirror.probe_in_flight = false;
+                mirror.open_until = (to == BreakerState::Open)
+                    .then(|| Instant::now() + self.inner.open_duration);
+                report.changes.push((from, to));
+            }
+        }
+    }
+
+    fn publish(&self, report: Report) {
+        let Some(observer) = &self.inner.observer else {
+            return;
+        };
+        for (from, to) in report.changes {
+            observer.state_changed(from, to);
+        }
+        if let Some(kind) = report.rejection {
+            observer.rejected(kind);
+        }
+    }
+
+    /// Asks permission for one call.
+    pub fn try_acquire(&self) -> Result<Permit, Rejection> {
+        let mut report = Report::default();
+        let result = {
+            let mut mirror = self.lock();
+            if mirror.state == BreakerState::Open {
+                let elapsed = mirror.open_until.is_none_or(|until| Instant::now() >= until);
+                if elapsed {
+                    // failsafe's open delay is zero, so its strict `now > until`
+                    // holds as soon as its real clock has ticked once.
+                    let mut spins = 0;
+                    while !self.inner.machine.is_call_permitted() && spins < 100_000 {
+                        std::hint::spin_loop();
+                        spins += 1;
+                    }
+                    self.follow(&mut mirror, &mut report);
+                }
+            }
+            match mirror.state {
+                BreakerState::Closed => {
+                    self.inner.machine.is_call_permitted();
+                    Ok((mirror.generation, false))
+                }
+                BreakerState::HalfOpen if !mirror.probe_in_flight => {
+                    mirror.probe_in_flight = true;
+                    Ok((mirror.generation, true))
+                }
+                BreakerState::HalfOpen => Err(Rejection::HalfOpenBusy),
+                BreakerState::Open => Err(Rejection::Open),
+            }
+        };
+        if let Err(kind) = result {
+            report.rejection = Some(kind);
+        }
+        self.publish(report);
+        result.map(|(generation, probe)| Permit {
+            breaker: Some(self.clone()),
+            generation,
+            probe,
+        })
+    }
+
+    fn record(&self, generation: u64, probe: bool, verdict: Option<bool>) {
+        let mut report = Report::default();
+        {
+            let mut mirror = self.lock();
+            if mirror.generation != generation {
+                // Admitted before the last state change: its result is stale.
+                return;
+            }
+            match verdict {
+                Some(true) => self.inner.machine.on_success(),
+                Some(false) => self.inner.machine.on_error(),
+                None => {}
+            }
+            if probe {
+                mirror.probe_in_flight = false;
+            }
+            self.follow(&mut mirror, &mut report);
+        }
+        self.publish(report);
+    }
+
+    /// Forces the breaker closed (the admin's reset).
+    pub fn reset(&self) {
+        let mut report = Report::default();
+        {
+            let mut mirror = self.lock();
+            self.inner.machine.reset();
+            // Leaving open or half-open "revives" failsafe's policy, which
+            // zeroes the count; a closed breaker keeps its count.
+            self.follow(&mut mirror, &mut report);
+        }
+        self.publish(report);
+    }
+
+    /// Runs `call` if the breaker allows it. `counts_as_failure` decides which
+    /// errors are a verdict on the downstream; other errors (a cancellation)
+    /// give the permit back without one.
+    pub async fn call<T, E, Fut>(
+        &self,
+        call: impl FnOnce() -> Fut,
+        counts_as_failure: impl Fn(&E) -> bool,
+    ) -> Result<T, BreakerError<E>>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let permit = self.try_acquire().map_err(BreakerError::Rejected)?;
+        match call().await {
+            Ok(value) => {
+                permit.success();
+                Ok(value)
+            }
+            Err(err) => {
+                if counts_as_failure(&err) {
+                    permit.failure();
+                }
+                Err(BreakerError::Inner(err))
+            }
+        }
+    }
+}
+
+/// The outcome of a call through the breaker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BreakerError<E> {
+    #[error(transparent)]
+    Rejected(Rejection),
+    #[error(transparent)]
+    Inner(E),
+}
+
+/// Permission for one call. Report its verdict with `success` or `failure`;
+/// dropping it without one (the call was cancelled) records nothing and
+/// frees the half-open probe slot.
+#[must_use]
+#[derive(Debug)]
+pub struct Permit {
+    breaker: Option<Breaker>,
+    generation: u64,
+    probe: bool,
+}
+
+impl Permit {
+    pub fn success(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, Some(true));
+        }
+    }
+
+    pub fn failure(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, Some(false));
+        }
+    }
+
+    /// Whether this call is the single half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.record(self.generation, self.probe, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    #[derive(Default)]
+    struct Recorder {
+        changes: StdMutex<Vec<(BreakerState, BreakerState)>>,
+        rejections: StdMutex<Vec<Rejection>>,
+    }
+
+    impl BreakerObserver for Recorder {
+        fn state_changed(&self, from: BreakerState, to: BreakerState) {
+            self.changes.lock().unwrap().push((from, to));
+        }
+        fn rejected(&self, kind: Rejection) {
+            self.rejections.lock().unwrap().push(kind);
+        }
+    }
+
+    fn breaker(threshold: u32) -> (Breaker, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let b = Breaker::new(
+            BreakerConfig {
+                failure_threshold: threshold,
+                open_duration: Duration::from_secs(30),
+            },
+            Some(recorder.clone()),
+        );
+        (b, recorder)
+    }
+
+    fn fail(b: &Breaker, n: u32) {
+        for _ in 0..n {
+            b.try_acquire().unwrap().failure();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn construction_reports_no_change_and_starts_closed() {
+        let (b, rec) = breaker(5);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(rec.changes.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_opens_on_the_threshold_th_consecutive_failure() {
+        let (b, rec) = breaker(5);
+        fail(&b, 4);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 4);
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            *rec.changes.lock().unwrap(),
+            vec![(BreakerState::Closed, BreakerState::Open)]
+        );
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::Open);
+        assert_eq!(*rec.rejections.lock().unwrap(), vec![Rejection::Open]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_resets_the_consecutive_count() {
+        let (b, _) = breaker(3);
+        fail(&b, 2);
+        b.try_acquire().unwrap().success();
+        fail(&b, 2);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_stays_open_for_the_open_duration_on_tokio_time() {
+        let (b, _) = breaker(1);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::Open);
+        let left = b.snapshot().until_half_open.unwrap();
+        assert_eq!(left, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = b.try_acquire().unwrap();
+        assert!(probe.is_probe());
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        drop(probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_exactly_one_probe_and_rejects_the_rest_distinctly() {
+        let (b, rec) = breaker(1);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = b.try_acquire().unwrap();
+        for _ in 0..4 {
+            let err = b.try_acquire().unwrap_err();
+            assert_eq!(err, Rejection::HalfOpenBusy);
+            assert!(err.is_open());
+        }
+        probe.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(
+            *rec.changes.lock().unwrap(),
+            vec![
+                (BreakerState::Closed, BreakerState::Open),
+                (BreakerState::Open, BreakerState::HalfOpen),
+                (BreakerState::HalfOpen, BreakerState::Closed),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_another_full_period() {
+        let (b, rec) = breaker(2);
+        fail(&b, 2);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.try_acquire().unwrap().failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            rec.changes.lock().unwrap().last(),
+            Some(&(BreakerState::HalfOpen, BreakerState::Open))
+        );
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_acquire().unwrap().is_probe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_frees_the_slot_for_the_next_caller() {
+        let (b, _) = breaker(1);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = b.try_acquire().unwrap();
+        drop(probe); // cancelled: no verdict
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let next = b.try_acquire().expect("the slot was given back");
+        assert!(next.is_probe());
+        next.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_result_from_before_the_trip_is_ignored() {
+        let (b, _) = breaker(1);
+        let early = b.try_acquire().unwrap();
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = b.try_acquire().unwrap();
+        early.success(); // stale: must not close the breaker
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        probe.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_closes_and_reports_the_change() {
+        let (b, rec) = breaker(1);
+        fail(&b, 1);
+        b.reset();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 0);
+        assert_eq!(
+            rec.changes.lock().unwrap().last(),
+            Some(&(BreakerState::Open, BreakerState::Closed))
+        );
+        assert!(b.try_acquire().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_that_are_no_verdict_leave_the_count_alone() {
+        let (b, _) = breaker(1);
+        let r: Result<(), BreakerError<&str>> =
+            b.call(|| async { Err("cancelled") }, |_| false).await;
+        assert_eq!(r.unwrap_err(), BreakerError::Inner("cancelled"));
+        assert_eq!(b.state(), BreakerState::Closed);
+        let r: Result<(), BreakerError<&str>> =
+            b.call(|| async { Err("declined") }, |_| true).await;
+        assert!(r.is_err());
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+}

@@ -1,0 +1,293 @@
+//! Retry with exponential backoff wrapped around a circuit breaker.
+//!
+//! The composition is the lab's heart: retry wraps the breaker, which wraps
+//! the call. A breaker rejection (open, or half-open with its probe out)
+//! becomes a *permanent* error, so the retry loop ends at once instead of
+//! sleeping out its backoff against a breaker that cannot let it through.
+
+mod breaker;
+mod retry;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use breaker::{
+    Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerSnapshot, BreakerState, Permit,
+    Rejection,
+};
+pub use retry::RetryPolicy;
+
+/// How an error of the wrapped call is treated.
+pub trait Classify {
+    /// Whether the error is a verdict on the downstream (counts towards
+    /// opening the breaker). A cancellation is not.
+    fn counts_as_failure(&self) -> bool;
+    /// Whether another attempt may succeed.
+    fn is_retryable(&self) -> bool;
+}
+
+/// Hears about the retry loop's decisions: logs and metrics live here.
+pub trait RetryObserver: Send + Sync {
+    /// Called before each wait, with the error that caused it.
+    fn retrying(&self, error: &dyn fmt::Display, wait: Duration);
+    /// Called when the breaker refused a call and the loop ends without waiting.
+    fn gave_up_on_rejection(&self, rejection: Rejection);
+}
+
+/// Why a wrapped call finally failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError<E> {
+    /// The breaker refused the call: the downstream was not called.
+    #[error(transparent)]
+    Rejected(Rejection),
+    /// The downstream failed (on the last attempt, or permanently).
+    #[error(transparent)]
+    Failed(E),
+}
+
+/// Retry around breaker, shared by every worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Reliability {
+    retry: RetryPolicy,
+    breaker: Breaker,
+    observer: Arc<dyn RetryObserver>,
+}
+
+impl Reliability {
+    pub fn new(retry: RetryPolicy, breaker: Breaker, observer: Arc<dyn RetryObserver>) -> Self {
+        Self {
+            retry,
+            breaker,
+            observer,
+        }
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Calls `op` through the breaker, retrying transient failures.
+    ///
+    /// `op` builds a fresh future for each attempt; the future runs only if
+    /// the breaker admits it, so work done inside it (counting an attempt)
+    /// happens only for calls that reach the downstream.
+    pub async fn call<T, E, F, Fut>(&self, mut op: F) -> Result<T, CallError<E>>
+    where
+        E: Classify + fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let breaker = &self.breaker;
+        let observer = &self.observer;
+        let max_attempts = self.retry.max_attempts;
+        let mut attempts_made = 0u32;
+        backoff::future::retry_notify(
+            self.retry.backoff(),
+            || {
+                attempts_made += 1;
+                let attempts_left = attempts_made < max_attempts;
+                let attempt = op();
+                async move {
+                    match breaker.call(|| attempt, E::counts_as_failure).await {
+                        Ok(value) => Ok(value),
+                        Err(BreakerError::Rejected(rejection)) => {
+                            observer.gave_up_on_rejection(rejection);
+                            Err(backoff::Error::permanent(CallError::Rejected(rejection)))
+                        }
+                        Err(BreakerError::Inner(err)) if err.is_retryable() => {
+                            if attempts_left && breaker.state() != BreakerState::Closed {
+                                // This failure opened the breaker: waiting out a
+                                // backoff against it is pointless. Go straight to
+                                // the next attempt, which the breaker rejects,
+                                // ending the loop.
+                                Err(backoff::Error::retry_after(
+                                    CallError::Failed(err),
+                                    Duration::ZERO,
+                                ))
+                            } else {
+                                Err(backoff::Error::transient(CallError::Failed(err)))
+                            }
+                        }
+                        Err(BreakerError::Inner(err)) => {
+                            Err(backoff::Error::permanent(CallError::Failed(err)))
+                        }
+                    }
+                }
+            },
+            |err: CallError<E>, wait: Duration| observer.retrying(&err, wait),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fault {
+        Declined,
+        Cancelled,
+    }
+
+    impl fmt::Display for Fault {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(match self {
+                Fault::Declined => "declined",
+                Fault::Cancelled => "cancelled",
+            })
+        }
+    }
+
+    impl Classify for Fault {
+        fn counts_as_failure(&self) -> bool {
+            *self == Fault::Declined
+        }
+        fn is_retryable(&self) -> bool {
+            *self == Fault::Declined
+        }
+    }
+
+    #[derive(Default)]
+    struct Waits {
+        waits: Mutex<Vec<Duration>>,
+        rejections: AtomicU32,
+    }
+
+    impl RetryObserver for Waits {
+        fn retrying(&self, _: &dyn fmt::Display, wait: Duration) {
+            self.waits.lock().unwrap().push(wait);
+        }
+        fn gave_up_on_rejection(&self, _: Rejection) {
+            self.rejections.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn lab(max_attempts: u32, threshold: u32) -> (Reliability, Arc<Waits>) {
+        let waits = Arc::new(Waits::default());
+        let breaker = Breaker::new(
+            BreakerConfig {
+                failure_threshold: threshold,
+                open_duration: Duration::from_secs(30),
+            },
+            None,
+        );
+        let retry = RetryPolicy {
+            max_attempts,
+            ..RetryPolicy::default()
+        };
+        (Reliability::new(retry, breaker, waits.clone()), waits)
+    }
+
+    async fn always(r: &Reliability, fault: Fault, calls: &AtomicU32) -> Result<(), CallError<Fault>> {
+        r.call(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(fault)
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_attempts_counts_calls_not_retries() {
+        for n in [1, 2, 3] {
+            let (r, waits) = lab(n, 100);
+            let calls = AtomicU32::new(0);
+            let start = tokio::time::Instant::now();
+            let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+            assert_eq!(err, CallError::Failed(Fault::Declined));
+            assert_eq!(calls.load(Ordering::SeqCst), n, "{n} attempts");
+            let waits = waits.waits.lock().unwrap().clone();
+            assert_eq!(waits.len(), n as usize - 1);
+            // The paused clock moved by the waits it was told about (tokio's
+            // timer rounds each up to the next millisecond).
+            let slept = waits.iter().sum::<Duration>();
+            assert!(start.elapsed() >= slept);
+            assert!(start.elapsed() <= slept + Duration::from_millis(waits.len() as u64));
+            for w in &waits {
+                assert!(*w <= Duration::from_secs(2));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_that_opens_the_breaker_on_the_last_attempt_returns_that_failure() {
+        let (r, waits) = lab(3, 3);
+        let calls = AtomicU32::new(0);
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Failed(Fault::Declined));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(waits.waits.lock().unwrap().len(), 2);
+        assert_eq!(waits.rejections.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_after_a_failure_returns_the_value() {
+        let (r, waits) = lab(3, 100);
+        let calls = AtomicU32::new(0);
+        let value = r
+            .call(|| async {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(Fault::Declined)
+                } else {
+                    Ok(7)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(waits.waits.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_error_ends_the_loop_without_waiting() {
+        let (r, waits) = lab(3, 100);
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let err = always(&r, Fault::Cancelled, &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Failed(Fault::Cancelled));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(waits.waits.lock().unwrap().is_empty());
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opening_mid_loop_ends_it_at_once() {
+        // Threshold 5, three attempts: the first loop makes 3 calls, the second
+        // 2 (the 5th failure opens the breaker, the 3rd attempt is rejected),
+        // and later loops make none.
+        let (r, waits) = lab(3, 5);
+        let calls = AtomicU32::new(0);
+        always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 3);
+        assert_eq!(waits.waits.lock().unwrap().len(), 2);
+
+        let before = tokio::time::Instant::now();
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Rejected(Rejection::Open));
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 2);
+        // One wait between the two calls; the failure that opened the breaker
+        // is followed at once by the rejected attempt, with no wait.
+        let waits_now = waits.waits.lock().unwrap().clone();
+        assert_eq!(waits_now.len(), 4);
+        assert!(waits_now[2] >= Duration::from_millis(100));
+        assert_eq!(waits_now[3], Duration::ZERO);
+        let elapsed = before.elapsed();
+        assert!(elapsed >= waits_now[2] && elapsed <= waits_now[2] + Duration::from_millis(1));
+
+        let before = tokio::time::Instant::now();
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Rejected(Rejection::Open));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        assert_eq!(waits.rejections.load(Ordering::SeqCst), 2);
+    }
+}
