@@ -3,5 +3,10 @@
 //! The library holds every part; `main.rs` only composes them. See
 //! ARCHITECTURE.md for the flow and who depends on whom.
 
+pub mod config;
+pub mod http;
+pub mod observability;
 pub mod orders;
+pub mod payment;
 pub mod reliability;
+pub mod workers;

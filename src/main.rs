@@ -1,1 +1,201 @@
-fn main(){}
+//! The composition root: read the configuration, build the parts, adapt the
+//! providers to the interfaces the domain defines, serve, and shut down in
+//! order. Everything else lives in the library.
+
+use std::future::IntoFuture;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use reliability_lab::config::Config;
+use reliability_lab::http::{self, AppState};
+use reliability_lab::observability::{logging, Metrics};
+use reliability_lab::orders::memory::MemoryStore;
+use reliability_lab::orders::postgres::PostgresStore;
+use reliability_lab::orders::{
+    OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
+};
+use reliability_lab::payment::Simulator;
+use reliability_lab::reliability::{Breaker, Reliability};
+use reliability_lab::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
+use tokio_util::sync::CancellationToken;
+
+/// How long cancelled workers get to hand their orders back before exit.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Adapts the dispatcher to the queue interface the orders module defines.
+struct DispatcherQueue(Arc<Dispatcher>);
+
+struct DispatcherSlot(Reservation);
+
+impl QueueSlot for DispatcherSlot {
+    fn submit(self: Box<Self>, order_id: OrderId) {
+        self.0.send(Job { order_id });
+    }
+}
+
+impl ProcessingQueue for DispatcherQueue {
+    fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
+        match self.0.try_reserve() {
+            Ok(reservation) => Ok(Box::new(DispatcherSlot(reservation))),
+            Err(ReserveError::Full) => Err(QueueError::Full),
+            Err(ReserveError::Closed) => Err(QueueError::Closed),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(line) => {
+            eprintln!("reliability-lab: {line}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(err) = logging::init(config.log_format, &config.rust_log) {
+        eprintln!("reliability-lab: cannot start logging: {err}");
+        return ExitCode::from(2);
+    }
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "reliability-lab stopped on an error"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+
+    let repo: Arc<dyn OrderRepository> = match &config.database_url {
+        Some(url) => Arc::new(
+            PostgresStore::connect(
+                url,
+                config.database_max_connections,
+                config.database_startup_timeout,
+            )
+            .await?,
+        ),
+        None => {
+            tracing::info!("DATABASE_URL is unset: orders are kept in memory and lost on restart");
+            Arc::new(MemoryStore::new())
+        }
+    };
+    let store = repo.kind();
+
+    let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.clone()));
+    let service = Service::new(repo, Arc::new(DispatcherQueue(dispatcher.clone())));
+    let breaker = Breaker::new(config.breaker_config(), Some(metrics.clone()));
+    let reliability = Reliability::new(config.retry_policy(), breaker, metrics.clone());
+    let payment = Arc::new(Simulator::new(
+        config.payment_settings(),
+        config.payment_seed,
+    ));
+    dispatcher.start(
+        config.worker_count,
+        Arc::new(OrderProcessor::new(
+            service.clone(),
+            payment,
+            reliability,
+            metrics.clone(),
+        )),
+    );
+
+    let app = http::router(AppState { service, metrics });
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        store,
+        workers = config.worker_count,
+        queue_capacity = config.queue_capacity,
+        "reliability-lab listening"
+    );
+
+    let stop_accepting = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    tokio::select! {
+        signal = shutdown_signal() => tracing::info!(signal, "shutting down: no new connections; finishing in-flight requests"),
+        result = &mut server => {
+            result.context("HTTP server task failed")?.context("HTTP server failed")?;
+            anyhow::bail!("HTTP server stopped by itself");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+
+    // 1. The HTTP server stops accepting and finishes in-flight requests.
+    stop_accepting.cancel();
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => tracing::error!(error = %err, "HTTP server failed while stopping"),
+        Ok(Err(err)) => tracing::error!(error = %err, "HTTP server task failed while stopping"),
+        Err(_) => {
+            tracing::warn!("in-flight requests did not finish before SHUTDOWN_TIMEOUT");
+            server.abort();
+        }
+    }
+
+    // 2. The queue closes; workers finish the jobs already queued.
+    dispatcher.stop();
+    tracing::info!(
+        queued = dispatcher.depth(),
+        busy = dispatcher.busy(),
+        "draining the job queue"
+    );
+    if tokio::time::timeout_at(deadline, dispatcher.wait())
+        .await
+        .is_err()
+    {
+        // 3. Out of time: cancel the workers; each hands its order back to pending.
+        tracing::warn!(
+            queued = dispatcher.depth(),
+            busy = dispatcher.busy(),
+            "SHUTDOWN_TIMEOUT reached; cancelling workers (their orders go back to pending)"
+        );
+        dispatcher.cancel();
+        if tokio::time::timeout(CANCEL_GRACE, dispatcher.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("workers did not stop after cancellation");
+        }
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM, naming which.
+async fn shutdown_signal() -> &'static str {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => "SIGINT",
+        _ = terminate => "SIGTERM",
+    }
+}

@@ -50,7 +50,12 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
-        Ok(self.orders.read().map_err(|_| poisoned())?.get(&id).cloned())
+        Ok(self
+            .orders
+            .read()
+            .map_err(|_| poisoned())?
+            .get(&id)
+            .cloned())
     }
 
     async fn update_status(

@@ -13,9 +13,7 @@ mod repository;
 mod service;
 
 pub use error::{OrderError, StoreError};
-pub use model::{
-    Amount, CustomerId, Currency, NewOrder, Order, OrderId, Status, StatusChange,
-};
+pub use model::{Amount, Currency, CustomerId, NewOrder, Order, OrderId, Status, StatusChange};
 pub use queue::{ProcessingQueue, QueueError, QueueSlot};
 pub use repository::{OrderRepository, StatusCounts};
 pub use service::{CreateOrderRequest, Service};

@@ -42,9 +42,12 @@ impl FromStr for OrderId {
     type Err = OrderError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s)
-            .map(Self)
-            .map_err(|_| OrderError::invalid("id", "must be a UUID such as 7f1c2e5a-3b4d-4e6f-8a9b-0c1d2e3f4a5b"))
+        Uuid::parse_str(s).map(Self).map_err(|_| {
+            OrderError::invalid(
+                "id",
+                "must be a UUID such as 7f1c2e5a-3b4d-4e6f-8a9b-0c1d2e3f4a5b",
+            )
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    Amount, CustomerId, Currency, Order, OrderId, OrderRepository, Status, StatusChange,
+    Amount, Currency, CustomerId, Order, OrderId, OrderRepository, Status, StatusChange,
     StatusCounts, StoreError,
 };
 
@@ -112,14 +112,22 @@ fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
         StoreError::Other(format!("stored order has an invalid {what}: {e}"))
     };
     let id: Uuid = row.try_get("id").map_err(|e| bad("id", &e))?;
-    let customer: String = row.try_get("customer_id").map_err(|e| bad("customer_id", &e))?;
+    let customer: String = row
+        .try_get("customer_id")
+        .map_err(|e| bad("customer_id", &e))?;
     let amount: i64 = row.try_get("amount").map_err(|e| bad("amount", &e))?;
     let currency: String = row.try_get("currency").map_err(|e| bad("currency", &e))?;
     let status: String = row.try_get("status").map_err(|e| bad("status", &e))?;
     let attempts: i32 = row.try_get("attempts").map_err(|e| bad("attempts", &e))?;
-    let last_error: Option<String> = row.try_get("last_error").map_err(|e| bad("last_error", &e))?;
-    let created_at: DateTime<Utc> = row.try_get("created_at").map_err(|e| bad("created_at", &e))?;
-    let updated_at: DateTime<Utc> = row.try_get("updated_at").map_err(|e| bad("updated_at", &e))?;
+    let last_error: Option<String> = row
+        .try_get("last_error")
+        .map_err(|e| bad("last_error", &e))?;
+    let created_at: DateTime<Utc> = row
+        .try_get("created_at")
+        .map_err(|e| bad("created_at", &e))?;
+    let updated_at: DateTime<Utc> = row
+        .try_get("updated_at")
+        .map_err(|e| bad("updated_at", &e))?;
     Ok(Order {
         id: OrderId::from_uuid(id),
         customer_id: CustomerId::parse(&customer).map_err(|e| bad("customer_id", &e))?,
@@ -205,7 +213,11 @@ impl OrderRepository for PostgresStore {
         .bind(id.as_uuid())
         .bind(change.from.as_str())
         .bind(change.to.as_str())
-        .bind(change.attempts.map(|a| i32::try_from(a).unwrap_or(i32::MAX)))
+        .bind(
+            change
+                .attempts
+                .map(|a| i32::try_from(a).unwrap_or(i32::MAX)),
+        )
         .bind(change.last_error.as_deref())
         .bind(Utc::now().trunc_subsecs(6))
         .fetch_optional(&self.pool)

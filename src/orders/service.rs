@@ -7,7 +7,7 @@ use serde::Deserialize;
 use tracing::instrument;
 
 use super::{
-    Amount, CustomerId, Currency, NewOrder, Order, OrderError, OrderId, OrderRepository,
+    Amount, Currency, CustomerId, NewOrder, Order, OrderError, OrderId, OrderRepository,
     ProcessingQueue, QueueError, StatusChange, StatusCounts,
 };
 
@@ -75,7 +75,11 @@ impl Service {
     /// Moves an order from one status to another, if the move is legal and
     /// the order is still where the caller expects it.
     #[instrument(skip_all, fields(order_id = %id, from = %change.from, to = %change.to))]
-    pub async fn update_order(&self, id: OrderId, change: StatusChange) -> Result<Order, OrderError> {
+    pub async fn update_order(
+        &self,
+        id: OrderId,
+        change: StatusChange,
+    ) -> Result<Order, OrderError> {
         change.from.check_move(change.to)?;
         match self.repo.update_status(id, &change).await? {
             None => Err(OrderError::NotFound(id)),
@@ -154,8 +158,16 @@ mod tests {
                 ..Default::default()
             });
             let service = Service::new(store.clone(), queue);
-            assert_eq!(service.create_order(&request()).await.unwrap_err(), expected);
-            assert!(store.count_by_status().await.unwrap().values().all(|&n| n == 0));
+            assert_eq!(
+                service.create_order(&request()).await.unwrap_err(),
+                expected
+            );
+            assert!(store
+                .count_by_status()
+                .await
+                .unwrap()
+                .values()
+                .all(|&n| n == 0));
         }
     }
 
@@ -180,7 +192,10 @@ mod tests {
         );
         let order = service.create_order(&request()).await.unwrap();
         let err = service
-            .update_order(order.id, StatusChange::new(Status::Pending, Status::Completed))
+            .update_order(
+                order.id,
+                StatusChange::new(Status::Pending, Status::Completed),
+            )
             .await
             .unwrap_err();
         assert_eq!(
@@ -191,12 +206,18 @@ mod tests {
             }
         );
         service
-            .update_order(order.id, StatusChange::new(Status::Pending, Status::Processing))
+            .update_order(
+                order.id,
+                StatusChange::new(Status::Pending, Status::Processing),
+            )
             .await
             .unwrap();
         // A second writer that still believes the order is pending loses.
         let err = service
-            .update_order(order.id, StatusChange::new(Status::Pending, Status::Processing))
+            .update_order(
+                order.id,
+                StatusChange::new(Status::Pending, Status::Processing),
+            )
             .await
             .unwrap_err();
         assert_eq!(
@@ -209,7 +230,10 @@ mod tests {
         let missing = OrderId::new_random();
         assert_eq!(
             service
-                .update_order(missing, StatusChange::new(Status::Pending, Status::Processing))
+                .update_order(
+                    missing,
+                    StatusChange::new(Status::Pending, Status::Processing)
+                )
                 .await
                 .unwrap_err(),
             OrderError::NotFound(missing)

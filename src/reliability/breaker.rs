@@ -129,7 +129,10 @@ pub struct BreakerSnapshot {
     pub until_half_open: Option<Duration>,
 }
 
-fn serialize_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_opt_duration<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_some(&d.as_secs_f64()),
         None => s.serialize_none(),
@@ -219,7 +222,9 @@ pub struct Breaker {
 
 impl fmt::Debug for Breaker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Breaker").field("state", &self.state()).finish()
+        f.debug_struct("Breaker")
+            .field("state", &self.state())
+            .finish()
     }
 }
 
@@ -297,8 +302,8 @@ impl Breaker {
                 mirror.state = to;
                 mirror.generation += 1;
                 mirror.probe_in_flight = false;
-                mirror.open_until = (to == BreakerState::Open)
-                    .then(|| Instant::now() + self.inner.open_duration);
+                mirror.open_until =
+                    (to == BreakerState::Open).then(|| Instant::now() + self.inner.open_duration);
                 report.changes.push((from, to));
             }
         }
@@ -322,7 +327,9 @@ impl Breaker {
         let result = {
             let mut mirror = self.lock();
             if mirror.state == BreakerState::Open {
-                let elapsed = mirror.open_until.is_none_or(|until| Instant::now() >= until);
+                let elapsed = mirror
+                    .open_until
+                    .is_none_or(|until| Instant::now() >= until);
                 if elapsed {
                     // failsafe's open delay is zero, so its strict `now > until`
                     // holds as soon as its real clock has ticked once.

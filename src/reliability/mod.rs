@@ -187,7 +187,11 @@ mod tests {
         (Reliability::new(retry, breaker, waits.clone()), waits)
     }
 
-    async fn always(r: &Reliability, fault: Fault, calls: &AtomicU32) -> Result<(), CallError<Fault>> {
+    async fn always(
+        r: &Reliability,
+        fault: Fault,
+        calls: &AtomicU32,
+    ) -> Result<(), CallError<Fault>> {
         r.call(|| async {
             calls.fetch_add(1, Ordering::SeqCst);
             Err::<(), _>(fault)

@@ -1,0 +1,21 @@
+# reliability-lab: common tasks. `make help` lists them.
+.PHONY: help build run test lint fmt
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+build: ## Build the service (release)
+	cargo build --release
+
+run: ## Run the service on :8080 (in-memory store unless DATABASE_URL is set)
+	cargo run --release
+
+test: ## Run the whole test suite (starts a throwaway PostgreSQL if DATABASE_URL is unset)
+	scripts/test.sh
+
+lint: ## Formatting and clippy, warnings as errors
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt: ## Format the code
+	cargo fmt --all

@@ -1,0 +1,373 @@
+//! Typed configuration, from environment variables with matching flags.
+//!
+//! Every knob has an environment variable and a `--flag`; `--help` lists them
+//! with their defaults. Values are checked before anything binds or connects:
+//! a bad one ends the process with one line naming the variable and the form
+//! it accepts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Parser, ValueEnum};
+
+use crate::payment::PaymentSettings;
+use crate::reliability::{BreakerConfig, RetryPolicy};
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines for a terminal.
+    Pretty,
+}
+
+fn duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim())
+        .map_err(|_| "expected a duration such as 200ms, 2s or 1m".to_owned())
+}
+
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    match duration(raw)? {
+        d if d.is_zero() => Err("expected a duration above zero, such as 200ms, 2s or 1m".into()),
+        d => Ok(d),
+    }
+}
+
+fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.trim().parse().map_err(|_| {
+        "expected host:port with an IP address, such as 0.0.0.0:8080 or 127.0.0.1:0".into()
+    })
+}
+
+fn rate(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("expected a number from 0 to 1, such as 0.3".into()),
+    }
+}
+
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
+    match raw.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+fn env_filter(raw: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(raw)
+        .map(|_| raw.to_owned())
+        .map_err(|_| {
+            "expected a tracing filter such as info or reliability_lab=debug,tower_http=warn".into()
+        })
+}
+
+fn seed(raw: &str) -> Result<u64, String> {
+    raw.trim()
+        .parse()
+        .map_err(|_| "expected a whole number from 0 to 18446744073709551615".into())
+}
+
+/// reliability-lab: an order-processing backend that fails on purpose.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "reliability-lab", version, about, long_about = None)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080", value_parser = socket_addr)]
+    pub listen_addr: SocketAddr,
+
+    /// Postgres URL; when unset, orders are kept in memory (lost on restart).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Most connections in the Postgres pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "10", value_parser = at_least_one::<u32>)]
+    pub database_max_connections: u32,
+
+    /// How long startup keeps retrying an unreachable database before giving up.
+    #[arg(long, env = "DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub database_startup_timeout: Duration,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        default_value = "json",
+        value_enum,
+        ignore_case = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = env_filter)]
+    pub rust_log: String,
+
+    /// Longest a shutdown may take: requests, then queued jobs, then cancel.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Jobs the processing queue holds; POST /orders answers 503 when it is full.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value = "100", value_parser = at_least_one::<usize>)]
+    pub queue_capacity: usize,
+
+    /// Worker tasks draining the queue.
+    #[arg(long, env = "WORKER_COUNT", default_value = "5", value_parser = at_least_one::<usize>)]
+    pub worker_count: usize,
+
+    /// Share of payment charges that fail, from 0 to 1.
+    #[arg(long, env = "PAYMENT_FAILURE_RATE", default_value = "0.3", value_parser = rate)]
+    pub payment_failure_rate: f64,
+
+    /// Shortest simulated payment latency.
+    #[arg(long, env = "PAYMENT_LATENCY_MIN", default_value = "100ms", value_parser = duration)]
+    pub payment_latency_min: Duration,
+
+    /// Longest simulated payment latency.
+    #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = duration)]
+    pub payment_latency_max: Duration,
+
+    /// Seed for the payment simulator's draws, for reproducible runs.
+    #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
+    pub payment_seed: Option<u64>,
+
+    /// Charge calls per order, the first included (attempts, not retries).
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "3", value_parser = at_least_one::<u32>)]
+    pub retry_max_attempts: u32,
+
+    /// First wait between attempts (before jitter).
+    #[arg(long, env = "RETRY_INITIAL_INTERVAL", default_value = "200ms", value_parser = duration)]
+    pub retry_initial_interval: Duration,
+
+    /// Longest wait between attempts (jitter included).
+    #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = duration)]
+    pub retry_max_interval: Duration,
+
+    /// Consecutive payment failures that open the circuit breaker.
+    #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = at_least_one::<u32>)]
+    pub breaker_failure_threshold: u32,
+
+    /// How long the breaker stays open before it lets one probe through.
+    #[arg(long, env = "BREAKER_OPEN_DURATION", default_value = "30s", value_parser = positive_duration)]
+    pub breaker_open_duration: Duration,
+}
+
+impl Config {
+    /// Parses the process's environment and arguments. `--help` and
+    /// `--version` print and exit here; any other problem is one line.
+    pub fn load() -> Result<Self, String> {
+        Self::load_from(std::env::args_os())
+    }
+
+    pub fn load_from<I, T>(args: I) -> Result<Self, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = match Self::try_parse_from(args) {
+            Ok(config) => config,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                ) =>
+            {
+                err.exit()
+            }
+            Err(err) => return Err(one_line(&err)),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that hold between knobs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.payment_latency_min > self.payment_latency_max {
+            return Err(format!(
+                "invalid PAYMENT_LATENCY_MIN: {} is above PAYMENT_LATENCY_MAX {}; expected min <= max",
+                humantime::format_duration(self.payment_latency_min),
+                humantime::format_duration(self.payment_latency_max)
+            ));
+        }
+        if self.retry_initial_interval > self.retry_max_interval {
+            return Err(format!(
+                "invalid RETRY_INITIAL_INTERVAL: {} is above RETRY_MAX_INTERVAL {}; expected initial <= max",
+                humantime::format_duration(self.retry_initial_interval),
+                humantime::format_duration(self.retry_max_interval)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn payment_settings(&self) -> PaymentSettings {
+        PaymentSettings {
+            failure_rate: self.payment_failure_rate,
+            latency_min: self.payment_latency_min,
+            latency_max: self.payment_latency_max,
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry_max_attempts,
+            initial_interval: self.retry_initial_interval,
+            max_interval: self.retry_max_interval,
+            ..RetryPolicy::default()
+        }
+    }
+
+    pub fn breaker_config(&self) -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: self.breaker_failure_threshold,
+            open_duration: self.breaker_open_duration,
+        }
+    }
+}
+
+/// Turns clap's multi-line error into one line naming the variable.
+fn one_line(err: &clap::Error) -> String {
+    let arg = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let reason = std::error::Error::source(err)
+        .map(|s| s.to_string())
+        .or_else(|| match err.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(v)) => Some(format!("expected one of: {}", v.join(", "))),
+            _ => None,
+        });
+    match (arg, value, reason) {
+        (Some(arg), Some(value), Some(reason)) => {
+            // "--listen-addr <LISTEN_ADDR>": the value name is the variable's name.
+            let (flag, var) = match arg.split_once(" <") {
+                Some((flag, rest)) => (flag.to_owned(), rest.trim_end_matches('>').to_owned()),
+                None => (arg.clone(), arg.clone()),
+            };
+            format!("invalid {var} (or {flag}) value {value:?}: {reason}")
+        }
+        _ => err
+            .render()
+            .to_string()
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("invalid configuration")
+            .trim_start_matches("error: ")
+            .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::load_from(std::iter::once("reliability-lab").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.database_max_connections, 10);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.queue_capacity, 100);
+        assert_eq!(c.worker_count, 5);
+        assert_eq!(c.payment_failure_rate, 0.3);
+        assert_eq!(c.payment_latency_min, Duration::from_millis(100));
+        assert_eq!(c.payment_latency_max, Duration::from_millis(500));
+        assert_eq!(c.retry_max_attempts, 3);
+        assert_eq!(c.retry_initial_interval, Duration::from_millis(200));
+        assert_eq!(c.retry_max_interval, Duration::from_secs(2));
+        assert_eq!(c.breaker_failure_threshold, 5);
+        assert_eq!(c.breaker_open_duration, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn durations_take_humantime_forms() {
+        let c = parse(&[
+            "--shutdown-timeout",
+            "1m",
+            "--retry-initial-interval",
+            "50ms",
+        ])
+        .unwrap();
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(60));
+        assert_eq!(c.retry_initial_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_bad_value_is_one_line_naming_the_variable_and_the_form() {
+        for (args, var, hint) in [
+            (
+                &["--listen-addr", "nonsense"][..],
+                "LISTEN_ADDR",
+                "host:port",
+            ),
+            (
+                &["--shutdown-timeout", "soon"][..],
+                "SHUTDOWN_TIMEOUT",
+                "duration",
+            ),
+            (
+                &["--payment-failure-rate", "1.5"][..],
+                "PAYMENT_FAILURE_RATE",
+                "0 to 1",
+            ),
+            (&["--worker-count", "0"][..], "WORKER_COUNT", "at least 1"),
+            (
+                &["--retry-max-attempts", "0"][..],
+                "RETRY_MAX_ATTEMPTS",
+                "at least 1",
+            ),
+            (&["--log-format", "xml"][..], "LOG_FORMAT", "json"),
+            (&["--rust-log", "=[bad"][..], "RUST_LOG", "filter"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains(var), "{err} should name {var}");
+            assert!(err.contains(hint), "{err} should say {hint}");
+        }
+    }
+
+    #[test]
+    fn min_latency_above_max_is_refused() {
+        let err =
+            parse(&["--payment-latency-min", "2s", "--payment-latency-max", "1s"]).unwrap_err();
+        assert!(err.contains("PAYMENT_LATENCY_MIN"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_every_knob_with_its_default() {
+        let help = <Config as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for var in [
+            "LISTEN_ADDR",
+            "DATABASE_URL",
+            "DATABASE_MAX_CONNECTIONS",
+            "LOG_FORMAT",
+            "RUST_LOG",
+            "SHUTDOWN_TIMEOUT",
+            "QUEUE_CAPACITY",
+            "WORKER_COUNT",
+            "PAYMENT_FAILURE_RATE",
+            "PAYMENT_LATENCY_MIN",
+            "PAYMENT_LATENCY_MAX",
+            "PAYMENT_SEED",
+            "RETRY_MAX_ATTEMPTS",
+            "RETRY_INITIAL_INTERVAL",
+            "RETRY_MAX_INTERVAL",
+            "BREAKER_FAILURE_THRESHOLD",
+            "BREAKER_OPEN_DURATION",
+        ] {
+            assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
+        }
+        assert!(help.contains("[default: 0.0.0.0:8080]"));
+        assert!(help.contains("[default: 30s]"));
+    }
+}

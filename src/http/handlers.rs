@@ -1,0 +1,111 @@
+//! Request handlers.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::{ApiError, AppState, JsonBody};
+use crate::orders::{CreateOrderRequest, OrderId};
+
+/// How long `/readyz` waits for the store before calling it unreachable.
+const READY_TIMEOUT: Duration = Duration::from_secs(4);
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let repo = state.service.repository();
+    let store = repo.kind();
+    let durability = repo.durability();
+    let result = tokio::time::timeout(READY_TIMEOUT, repo.ping()).await;
+    let reason = match result {
+        Ok(Ok(())) => {
+            return Json(json!({ "status": "ready", "store": store, "durability": durability }))
+                .into_response()
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("store did not answer within {}s", READY_TIMEOUT.as_secs()),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "unavailable",
+            "store": store,
+            "durability": durability,
+            "reason": reason,
+        })),
+    )
+        .into_response()
+}
+
+pub async fn version() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": env!("CARGO_PKG_NAME"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": option_env!("GIT_COMMIT"),
+    }))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "rendering metrics failed");
+            ApiError::internal().into_response()
+        }
+    }
+}
+
+pub async fn create_order(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<CreateOrderRequest>,
+) -> Result<Response, ApiError> {
+    let order = state.service.create_order(&request).await?;
+    let location = format!("/orders/{}", order.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response())
+}
+
+pub async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: OrderId = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+            format!("{id:?} is not an order id; expected a UUID"),
+        )
+        .with_field("id")
+    })?;
+    let order = state.service.get_order(id).await?;
+    Ok(Json(order).into_response())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

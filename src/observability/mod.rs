@@ -1,0 +1,6 @@
+//! Logs and metrics: how every failure mode stays visible.
+
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::Metrics;

@@ -1,0 +1,185 @@
+//! The built binary, as a user runs it: configuration errors, graceful
+//! shutdown on SIGTERM, and Postgres persistence and readiness. These run on
+//! the real clock, briefly.
+
+use std::time::Duration;
+
+use reliability_lab::orders::Status;
+use sqlx::Row;
+
+use crate::helpers::{spawn_binary, PgCluster, TestDb};
+
+const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
+
+async fn run_to_exit(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_reliability-lab"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_bad_setting_exits_non_zero_with_one_line_naming_it() {
+    for (var, value) in [
+        ("LISTEN_ADDR", "nonsense"),
+        ("SHUTDOWN_TIMEOUT", "soon"),
+        ("PAYMENT_FAILURE_RATE", "2"),
+        ("WORKER_COUNT", "0"),
+    ] {
+        let (code, stdout, stderr) = run_to_exit(&[(var, value)]).await;
+        assert_eq!(code, Some(2), "{var}={value}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(var), "{stderr}");
+        assert!(stdout.is_empty(), "nothing started: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_at_startup_is_retried_then_named_and_exits_non_zero() {
+    let (code, stdout, _) = run_to_exit(&[
+        ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+        ("DATABASE_STARTUP_TIMEOUT", "1s"),
+    ])
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(stdout.contains("database not reachable yet"), "{stdout}");
+    assert!(
+        stdout.to_lowercase().contains("connection refused"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("database unreachable after 1s"), "{stdout}");
+}
+
+#[tokio::test]
+async fn sigterm_under_load_finishes_every_accepted_order_before_exit() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let service = spawn_binary(&[
+        ("DATABASE_URL", &db.url),
+        ("PAYMENT_LATENCY_MIN", "20ms"),
+        ("PAYMENT_LATENCY_MAX", "80ms"),
+        ("RETRY_INITIAL_INTERVAL", "20ms"),
+        ("RETRY_MAX_INTERVAL", "100ms"),
+        ("BREAKER_OPEN_DURATION", "1s"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let mut accepted = 0;
+    for _ in 0..40 {
+        let response = client
+            .post(service.url("/orders"))
+            .header("content-type", "application/json")
+            .body(ORDER)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        accepted += 1;
+    }
+    let logs = service.logs.clone();
+    let status = service.terminate().await;
+    assert!(
+        status.success(),
+        "exit {status:?}: {:?}",
+        logs.lock().unwrap()
+    );
+
+    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM orders GROUP BY status")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let mut terminal = 0;
+    for row in rows {
+        let status: String = row.get("status");
+        let n: i64 = row.get("n");
+        let status: Status = status.parse().unwrap();
+        assert!(status.is_terminal(), "{n} orders left {status}");
+        terminal += n;
+    }
+    assert_eq!(terminal, accepted);
+    db.destroy().await;
+}
+
+#[tokio::test]
+async fn orders_outlive_a_restart_and_readyz_follows_postgres_down_and_up() {
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let url = cluster.url();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("PAYMENT_LATENCY_MAX", "100ms"),
+    ];
+    let client = reqwest::Client::new();
+
+    let first = spawn_binary(&env).await;
+    let created: serde_json::Value = client
+        .post(first.url("/orders"))
+        .header("content-type", "application/json")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(first.terminate().await.success());
+
+    let second = spawn_binary(&env).await;
+    let fetched = client
+        .get(second.url(&format!("/orders/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200, "the order survived the restart");
+    let ready = client.get(second.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["store"], "postgres");
+
+    cluster.down();
+    let down = client.get(second.url("/readyz")).send().await.unwrap();
+    assert_eq!(down.status(), 503);
+    let body: serde_json::Value = down.json().await.unwrap();
+    assert!(
+        body["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    // Requests fail fast with a JSON 503 instead of hanging.
+    let started = std::time::Instant::now();
+    let get = client
+        .get(second.url(&format!("/orders/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    cluster.up();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if client
+            .get(second.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "readyz came back without a restart");
+    assert!(second.terminate().await.success());
+}

@@ -1,0 +1,8 @@
+//! The integration tests: one binary, one shared harness.
+
+mod binary;
+mod contract;
+mod helpers;
+mod http_api;
+mod metrics;
+mod pipeline;
