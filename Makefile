@@ -1,5 +1,8 @@
 # reliability-lab: common tasks. `make help` lists them.
-.PHONY: help build run test lint fmt
+.PHONY: help build run test lint fmt profile heap
+
+URL ?= http://localhost:8080
+SECONDS ?= 30
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -19,3 +22,11 @@ lint: ## Formatting and clippy, warnings as errors
 
 fmt: ## Format the code
 	cargo fmt --all
+
+profile: ## Flame graph of the running service: flamegraph.svg (URL=..., SECONDS=30)
+	curl -sSf "$(URL)/debug/pprof/flamegraph?seconds=$(SECONDS)" -o flamegraph.svg
+	@echo "wrote flamegraph.svg; open it in a browser"
+
+heap: ## Heap profile of the running service: heap.pb.gz (read with go tool pprof -top heap.pb.gz)
+	curl -sSf "$(URL)/debug/pprof/heap" -o heap.pb.gz
+	@echo "wrote heap.pb.gz"

@@ -3,6 +3,7 @@
 //! Handlers translate between HTTP and the order service; they hold no
 //! business rules. Every answer that is not a success is an `ApiError`.
 
+mod debug;
 mod error;
 mod extract;
 mod handlers;
@@ -15,6 +16,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
 use crate::orders::Service;
 
@@ -26,6 +28,7 @@ pub use extract::{JsonBody, BODY_LIMIT};
 pub struct AppState {
     pub service: Service,
     pub metrics: Arc<Metrics>,
+    pub profiler: Arc<Profiler>,
 }
 
 /// The service's router, with request ids, request logging and metrics.
@@ -37,6 +40,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/orders", post(handlers::create_order))
         .route("/orders/{id}", get(handlers::get_order))
+        .route("/debug/pprof", get(debug::index))
+        .route("/debug/pprof/", get(debug::index))
+        .route("/debug/pprof/profile", get(debug::profile))
+        .route("/debug/pprof/flamegraph", get(debug::flamegraph))
+        .route("/debug/pprof/heap", get(debug::heap))
+        .route("/debug/pprof/{name}", get(debug::unknown))
         // The fallbacks come before the layers, so that unmatched requests are
         // logged and counted too (under one fixed route label).
         .fallback(handlers::not_found)

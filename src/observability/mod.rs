@@ -2,5 +2,6 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod profiling;
 
 pub use metrics::Metrics;

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use reliability_lab::http::{self, AppState};
+use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::Metrics;
 use reliability_lab::orders::memory::MemoryStore;
 use reliability_lab::orders::postgres::{PostgresStore, MIGRATOR};
@@ -114,6 +115,7 @@ impl Lab {
         let router = http::router(AppState {
             service: service.clone(),
             metrics: metrics.clone(),
+            profiler: Arc::new(Profiler::new()),
         });
         Self {
             router,

@@ -6,3 +6,4 @@ mod helpers;
 mod http_api;
 mod metrics;
 mod pipeline;
+mod profiling;
