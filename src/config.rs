@@ -12,7 +12,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, ValueEnum};
 
 use crate::payment::PaymentSettings;
-use crate::reliability::{BreakerConfig, RetryPolicy};
+use crate::reliability::{BreakerConfig, RetryPolicy, Switches};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,6 +61,22 @@ fn env_filter(raw: &str) -> Result<String, String> {
         .map_err(|_| {
             "expected a tracing filter such as info or reliability_lab=debug,tower_http=warn".into()
         })
+}
+
+fn switch(raw: &str) -> Result<bool, String> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err("expected on or off (or true or false)".into()),
+    }
+}
+
+fn token(raw: &str) -> Result<String, String> {
+    if raw.len() >= 8 && raw.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(raw.to_owned())
+    } else {
+        Err("expected at least 8 printable characters without spaces".into())
+    }
 }
 
 fn seed(raw: &str) -> Result<u64, String> {
@@ -127,7 +143,19 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = duration)]
     pub payment_latency_max: Duration,
 
-    /// Seed for the payment simulator's draws, for reproducible runs.
+    /// Share of charges that succeed at the provider but answer with an error (the answer is lost).
+    #[arg(long, env = "PAYMENT_AMBIGUOUS_RATE", default_value = "0", value_parser = rate)]
+    pub payment_ambiguous_rate: f64,
+
+    /// Whether the provider honours idempotency keys (on: a retried charge is never charged twice).
+    #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = switch, action = clap::ArgAction::Set)]
+    pub payment_idempotency: bool,
+
+    /// Bound on each charge call; a timeout counts as a failure and is retried.
+    #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
+    pub payment_timeout: Duration,
+
+    /// Seed for reproducible runs: payment draws, retry jitter and order ids follow from it.
     #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
     pub payment_seed: Option<u64>,
 
@@ -143,6 +171,14 @@ pub struct Config {
     #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = duration)]
     pub retry_max_interval: Duration,
 
+    /// Whether failed charges are retried (also switchable at run time: PUT /admin/reliability).
+    #[arg(long, env = "RETRY_ENABLED", default_value = "true", value_parser = switch, action = clap::ArgAction::Set)]
+    pub retry_enabled: bool,
+
+    /// Whether the circuit breaker guards the payment service (also switchable at run time).
+    #[arg(long, env = "BREAKER_ENABLED", default_value = "true", value_parser = switch, action = clap::ArgAction::Set)]
+    pub breaker_enabled: bool,
+
     /// Consecutive payment failures that open the circuit breaker.
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = at_least_one::<u32>)]
     pub breaker_failure_threshold: u32,
@@ -150,6 +186,10 @@ pub struct Config {
     /// How long the breaker stays open before it lets one probe through.
     #[arg(long, env = "BREAKER_OPEN_DURATION", default_value = "30s", value_parser = positive_duration)]
     pub breaker_open_duration: Duration,
+
+    /// Bearer token required by /admin and /debug; when unset they are open.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, value_parser = token)]
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -204,6 +244,9 @@ impl Config {
             failure_rate: self.payment_failure_rate,
             latency_min: self.payment_latency_min,
             latency_max: self.payment_latency_max,
+            ambiguous_rate: self.payment_ambiguous_rate,
+            idempotency: self.payment_idempotency,
+            ..PaymentSettings::default()
         }
     }
 
@@ -213,6 +256,13 @@ impl Config {
             initial_interval: self.retry_initial_interval,
             max_interval: self.retry_max_interval,
             ..RetryPolicy::default()
+        }
+    }
+
+    pub fn switches(&self) -> Switches {
+        Switches {
+            retry_enabled: self.retry_enabled,
+            breaker_enabled: self.breaker_enabled,
         }
     }
 
@@ -247,7 +297,12 @@ fn one_line(err: &clap::Error) -> String {
                 Some((flag, rest)) => (flag.to_owned(), rest.trim_end_matches('>').to_owned()),
                 None => (arg.clone(), arg.clone()),
             };
-            format!("invalid {var} (or {flag}) value {value:?}: {reason}")
+            if matches!(var.as_str(), "ADMIN_TOKEN" | "DATABASE_URL") {
+                // Secrets stay out of the terminal and the logs.
+                format!("invalid {var} (or {flag}): {reason}")
+            } else {
+                format!("invalid {var} (or {flag}) value {value:?}: {reason}")
+            }
         }
         _ => err
             .render()
@@ -285,6 +340,24 @@ mod tests {
         assert_eq!(c.retry_max_interval, Duration::from_secs(2));
         assert_eq!(c.breaker_failure_threshold, 5);
         assert_eq!(c.breaker_open_duration, Duration::from_secs(30));
+        assert_eq!(c.payment_timeout, Duration::from_secs(1));
+        assert_eq!(c.payment_ambiguous_rate, 0.0);
+        assert!(c.payment_idempotency);
+        assert!(c.retry_enabled && c.breaker_enabled);
+    }
+
+    #[test]
+    fn switches_take_on_off_and_booleans() {
+        let c = parse(&["--payment-idempotency", "off", "--breaker-enabled", "false"]).unwrap();
+        assert!(!c.payment_idempotency);
+        assert!(!c.breaker_enabled);
+        let err = parse(&["--retry-enabled", "maybe"]).unwrap_err();
+        assert!(err.contains("RETRY_ENABLED"), "{err}");
+        let err = parse(&["--admin-token", "short"]).unwrap_err();
+        assert!(
+            err.contains("ADMIN_TOKEN") && !err.contains("short\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -364,6 +437,12 @@ mod tests {
             "RETRY_MAX_INTERVAL",
             "BREAKER_FAILURE_THRESHOLD",
             "BREAKER_OPEN_DURATION",
+            "PAYMENT_TIMEOUT",
+            "PAYMENT_AMBIGUOUS_RATE",
+            "PAYMENT_IDEMPOTENCY",
+            "RETRY_ENABLED",
+            "BREAKER_ENABLED",
+            "ADMIN_TOKEN",
         ] {
             assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use reliability_lab::config::Config;
-use reliability_lab::http::{self, AppState};
+use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::{logging, Metrics};
 use reliability_lab::orders::memory::MemoryStore;
@@ -17,7 +17,7 @@ use reliability_lab::orders::postgres::PostgresStore;
 use reliability_lab::orders::{
     OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
 };
-use reliability_lab::payment::Simulator;
+use reliability_lab::payment::{Ledger, MemoryLedger, Simulator};
 use reliability_lab::reliability::{Breaker, Reliability};
 use reliability_lab::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
 use tokio_util::sync::CancellationToken;
@@ -91,27 +91,52 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store = repo.kind();
 
     let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.clone()));
-    let service = Service::new(repo, Arc::new(DispatcherQueue(dispatcher.clone())));
+    let mut service = Service::new(repo, Arc::new(DispatcherQueue(dispatcher.clone())));
+    if let Some(seed) = config.payment_seed {
+        tracing::warn!(
+            seed,
+            "PAYMENT_SEED is set: runs are reproducible, and order ids are drawn from the seed, so they are predictable"
+        );
+        service = service.with_seeded_ids(seed);
+    }
     let breaker = Breaker::new(config.breaker_config(), Some(metrics.clone()));
     let reliability = Reliability::new(config.retry_policy(), breaker, metrics.clone());
+    reliability.set_switches(config.switches());
+    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::default());
     let payment = Arc::new(Simulator::new(
         config.payment_settings(),
         config.payment_seed,
+        ledger,
+        metrics.provider(),
     ));
     dispatcher.start(
         config.worker_count,
         Arc::new(OrderProcessor::new(
             service.clone(),
-            payment,
-            reliability,
+            payment.clone(),
+            reliability.clone(),
             metrics.clone(),
+            config.payment_timeout,
         )),
     );
 
+    if config.admin_token.is_none() {
+        tracing::warn!(
+            "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
+        );
+    }
     let app = http::router(AppState {
         service,
         metrics,
         profiler: Arc::new(Profiler::new()),
+        lab: Arc::new(LabHandles {
+            payment,
+            reliability,
+            queue: dispatcher.clone(),
+            workers: config.worker_count,
+            started: tokio::time::Instant::now(),
+        }),
+        admin_token: config.admin_token.as_deref().map(AdminToken::new),
     });
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await

@@ -3,6 +3,8 @@
 //! Handlers translate between HTTP and the order service; they hold no
 //! business rules. Every answer that is not a success is an `ApiError`.
 
+mod admin;
+mod auth;
 mod debug;
 mod error;
 mod extract;
@@ -10,6 +12,8 @@ mod handlers;
 mod middleware;
 
 use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -19,7 +23,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
 use crate::orders::Service;
+use crate::payment::Simulator;
+use crate::reliability::Reliability;
+use crate::workers::Dispatcher;
 
+pub use auth::AdminToken;
 pub use error::ApiError;
 pub use extract::{JsonBody, BODY_LIMIT};
 
@@ -29,10 +37,47 @@ pub struct AppState {
     pub service: Service,
     pub metrics: Arc<Metrics>,
     pub profiler: Arc<Profiler>,
+    pub lab: Arc<LabHandles>,
+    /// When set, `/admin` and `/debug` need it as a bearer token.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The running lab's moving parts, for the admin API.
+pub struct LabHandles {
+    pub payment: Arc<Simulator>,
+    pub reliability: Reliability,
+    pub queue: Arc<Dispatcher>,
+    pub workers: usize,
+    pub started: Instant,
 }
 
 /// The service's router, with request ids, request logging and metrics.
 pub fn router(state: AppState) -> Router {
+    // Everything the lab's operator uses, behind the admin token when one is set.
+    let operator = Router::new()
+        .route(
+            "/admin/payment",
+            get(admin::get_payment).put(admin::put_payment),
+        )
+        .route("/admin/payment/ledger/{order_id}", get(admin::get_ledger))
+        .route("/admin/breaker", get(admin::get_breaker))
+        .route("/admin/breaker/reset", post(admin::reset_breaker))
+        .route(
+            "/admin/reliability",
+            get(admin::get_reliability).put(admin::put_reliability),
+        )
+        .route("/admin/state", get(admin::get_state))
+        .route("/debug/pprof", get(debug::index))
+        .route("/debug/pprof/", get(debug::index))
+        .route("/debug/pprof/profile", get(debug::profile))
+        .route("/debug/pprof/flamegraph", get(debug::flamegraph))
+        .route("/debug/pprof/heap", get(debug::heap))
+        .route("/debug/pprof/{name}", get(debug::unknown))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
@@ -40,12 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/orders", post(handlers::create_order))
         .route("/orders/{id}", get(handlers::get_order))
-        .route("/debug/pprof", get(debug::index))
-        .route("/debug/pprof/", get(debug::index))
-        .route("/debug/pprof/profile", get(debug::profile))
-        .route("/debug/pprof/flamegraph", get(debug::flamegraph))
-        .route("/debug/pprof/heap", get(debug::heap))
-        .route("/debug/pprof/{name}", get(debug::unknown))
+        .merge(operator)
         // The fallbacks come before the layers, so that unmatched requests are
         // logged and counted too (under one fixed route label).
         .fallback(handlers::not_found)

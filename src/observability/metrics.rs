@@ -25,6 +25,9 @@ pub struct Metrics {
     pub worker_jobs_total: IntCounterVec,
     pub worker_queue_depth: IntGauge,
     pub payment_failures_total: IntCounter,
+    pub payment_timeouts_total: IntCounter,
+    pub payment_charges_total: IntCounter,
+    pub payment_duplicate_charges_total: IntCounter,
     pub retry_attempts_total: IntCounterVec,
     pub circuit_breaker_state_changes_total: IntCounterVec,
     pub circuit_breaker_state: IntGauge,
@@ -43,6 +46,14 @@ impl fmt::Debug for Metrics {
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("unique metric");
@@ -97,14 +108,26 @@ impl Metrics {
             "worker_queue_depth",
             "Jobs waiting in the queue.",
         );
-        let payment_failures_total = IntCounter::new(
+        let payment_failures_total = counter(
+            &registry,
             "payment_failures_total",
             "Charge calls to the payment service that failed.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(payment_failures_total.clone()))
-            .expect("unique metric");
+        );
+        let payment_timeouts_total = counter(
+            &registry,
+            "payment_timeouts_total",
+            "Charge calls that did not answer within PAYMENT_TIMEOUT.",
+        );
+        let payment_charges_total = counter(
+            &registry,
+            "payment_charges_total",
+            "Charges the simulated provider made (money moved).",
+        );
+        let payment_duplicate_charges_total = counter(
+            &registry,
+            "payment_duplicate_charges_total",
+            "Charges made for an order that was already charged.",
+        );
         let retry_attempts_total = counter_vec(
             &registry,
             "retry_attempts_total",
@@ -167,6 +190,9 @@ impl Metrics {
             worker_jobs_total,
             worker_queue_depth,
             payment_failures_total,
+            payment_timeouts_total,
+            payment_charges_total,
+            payment_duplicate_charges_total,
             retry_attempts_total,
             circuit_breaker_state_changes_total,
             circuit_breaker_state,
@@ -175,6 +201,14 @@ impl Metrics {
             tokio_workers,
             tokio_alive_tasks,
             tokio_global_queue_depth,
+        }
+    }
+
+    /// The provider-side counters the payment simulator increments.
+    pub fn provider(&self) -> crate::payment::ProviderMetrics {
+        crate::payment::ProviderMetrics {
+            charges: self.payment_charges_total.clone(),
+            duplicate_charges: self.payment_duplicate_charges_total.clone(),
         }
     }
 

@@ -23,6 +23,11 @@ impl OrderId {
         Self(Uuid::new_v4())
     }
 
+    /// An id made from 16 random bytes (version and variant bits set as v4).
+    pub fn from_random_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+
     pub fn from_uuid(id: Uuid) -> Self {
         Self(id)
     }

@@ -1,8 +1,10 @@
 //! The order service: the operations the API and the workers perform.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use tracing::instrument;
 
@@ -36,11 +38,36 @@ impl CreateOrderRequest {
 pub struct Service {
     repo: Arc<dyn OrderRepository>,
     queue: Arc<dyn ProcessingQueue>,
+    /// Set for reproducible runs: ids come from a seeded generator.
+    seeded_ids: Option<Arc<Mutex<StdRng>>>,
 }
 
 impl Service {
     pub fn new(repo: Arc<dyn OrderRepository>, queue: Arc<dyn ProcessingQueue>) -> Self {
-        Self { repo, queue }
+        Self {
+            repo,
+            queue,
+            seeded_ids: None,
+        }
+    }
+
+    /// Draws order ids from a generator seeded by `seed`, so that the same
+    /// requests in the same order get the same ids. Such ids are predictable.
+    pub fn with_seeded_ids(mut self, seed: u64) -> Self {
+        // A different stream from the payment draws that use the same seed.
+        let rng = StdRng::seed_from_u64(seed ^ 0x5EED_0F0D_E21D_5EED);
+        self.seeded_ids = Some(Arc::new(Mutex::new(rng)));
+        self
+    }
+
+    fn next_id(&self) -> OrderId {
+        match &self.seeded_ids {
+            Some(rng) => {
+                let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+                OrderId::from_random_bytes(rng.random())
+            }
+            None => OrderId::new_random(),
+        }
     }
 
     pub fn repository(&self) -> &Arc<dyn OrderRepository> {
@@ -58,7 +85,7 @@ impl Service {
             QueueError::Full => OrderError::QueueFull,
             QueueError::Closed => OrderError::ShuttingDown,
         })?;
-        let order = Order::new(OrderId::new_random(), new, Utc::now());
+        let order = Order::new(self.next_id(), new, Utc::now());
         tracing::Span::current().record("order_id", tracing::field::display(order.id));
         if !self.repo.insert(&order).await? {
             return Err(OrderError::Duplicate(order.id));
@@ -144,6 +171,26 @@ mod tests {
         assert_eq!(order.currency.as_str(), "USD");
         assert_eq!(service.get_order(order.id).await.unwrap(), order);
         assert_eq!(*queue.submitted.lock().unwrap(), vec![order.id]);
+    }
+
+    #[tokio::test]
+    async fn seeded_ids_repeat_for_the_same_seed_and_are_version_4() {
+        let ids = |seed| async move {
+            let service = Service::new(
+                Arc::new(MemoryStore::new()),
+                Arc::new(RecordingQueue::default()),
+            )
+            .with_seeded_ids(seed);
+            let mut ids = Vec::new();
+            for _ in 0..5 {
+                ids.push(service.create_order(&request()).await.unwrap().id);
+            }
+            ids
+        };
+        let first = ids(1).await;
+        assert_eq!(first, ids(1).await);
+        assert_ne!(first, ids(2).await);
+        assert!(first.iter().all(|id| id.as_uuid().get_version_num() == 4));
     }
 
     #[tokio::test]

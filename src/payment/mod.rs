@@ -1,13 +1,33 @@
-//! The simulated payment service: it fails on purpose.
+//! The simulated payment provider: it fails on purpose, in the ways the lab
+//! asks for, and can be reconfigured while traffic flows.
 //!
-//! Each charge takes a latency drawn uniformly between the configured bounds
-//! and fails with the configured probability. It is cancellation-aware: when
-//! the token fires mid-charge it returns `Cancelled` at once.
+//! Each call draws an outcome and a latency. The failure model:
+//! - `failure_rate`: the share of calls declined (nothing charged);
+//! - `ambiguous_rate`: the share of calls where the charge **is** made but the
+//!   answer is lost, so the caller sees an error and may retry: without
+//!   idempotency, that retry charges twice;
+//! - a `mode`: `normal`; `outage` (every call fails); `brownout` (failure
+//!   rate and latency raised for a while, then back by themselves);
+//!   `blackhole` (calls hang until the caller's timeout).
+//!
+//! The provider keeps a ledger of the charges it made. With idempotency on,
+//! a call whose idempotency key already has a charge returns that charge's
+//! success and charges nothing new. Declined calls charge nothing and record
+//! nothing, so a retry of a decline gets a fresh draw.
+//!
+//! With a seed, each call's draws are a pure function of the seed, the order
+//! id and the attempt number, so racing workers never change an order's draws.
+//! Changes apply to the next call: each call reads the settings once, at its
+//! start.
+
+mod ledger;
+mod settings;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -15,70 +35,134 @@ use tokio_util::sync::CancellationToken;
 use crate::orders::OrderId;
 use crate::reliability::Classify;
 
-/// What the simulator does on each call.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PaymentSettings {
-    /// Share of calls that fail, 0 to 1.
-    pub failure_rate: f64,
-    pub latency_min: Duration,
-    pub latency_max: Duration,
-}
+pub use ledger::{Charge, Ledger, MemoryLedger};
+pub use settings::{Brownout, Mode, PaymentSettings, PaymentUpdate, SettingsError, SettingsView};
 
-impl Default for PaymentSettings {
-    fn default() -> Self {
-        Self {
-            failure_rate: 0.3,
-            latency_min: Duration::from_millis(100),
-            latency_max: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Why a charge did not go through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a charge did not go through, as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PaymentError {
     #[error("payment declined (simulated)")]
     Declined,
+    #[error("payment service unavailable (simulated outage)")]
+    Outage,
+    /// The provider charged, but the answer was lost on the way back.
+    #[error("payment outcome unknown: response lost (simulated)")]
+    Ambiguous,
+    #[error("payment timed out after {0:?}")]
+    Timeout(Duration),
     #[error("payment cancelled: shutting down")]
     Cancelled,
+    #[error("payment ledger error: {0}")]
+    Ledger(String),
 }
 
 impl Classify for PaymentError {
     fn counts_as_failure(&self) -> bool {
-        matches!(self, Self::Declined)
+        !matches!(self, Self::Cancelled)
     }
 
     fn is_retryable(&self) -> bool {
-        matches!(self, Self::Declined)
+        !matches!(self, Self::Cancelled)
     }
 }
 
-/// The simulator. Shared by every worker.
+/// One charge call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    pub order_id: OrderId,
+    /// 1 for the first call for this order, 2 for the next, ...
+    pub attempt: u32,
+    /// Stable across retries of one order.
+    pub idempotency_key: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+impl ChargeRequest {
+    /// The idempotency key of an order's charges: the same on every retry.
+    pub fn key_for(order_id: OrderId) -> String {
+        format!("order-{order_id}")
+    }
+}
+
+/// Provider-side counters.
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    pub charges: IntCounter,
+    pub duplicate_charges: IntCounter,
+}
+
+/// What one call will do, decided at its start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    pub declined: bool,
+    pub ambiguous: bool,
+    pub latency: Duration,
+}
+
+/// Mixes the seed, the order and the attempt into one well-spread number
+/// (splitmix64 steps): the per-call generator's seed.
+fn mix(seed: u64, order_id: OrderId, attempt: u32) -> u64 {
+    fn step(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let (hi, lo) = order_id.as_uuid().as_u64_pair();
+    step(step(step(step(seed) ^ hi) ^ lo) ^ u64::from(attempt))
+}
+
+/// The simulator. Shared by every worker and by the admin API.
 pub struct Simulator {
-    settings: PaymentSettings,
+    settings: RwLock<PaymentSettings>,
+    seed: Option<u64>,
     rng: Mutex<StdRng>,
+    ledger: Arc<dyn Ledger>,
+    metrics: ProviderMetrics,
     calls: AtomicU64,
-    failures: AtomicU64,
 }
 
 impl Simulator {
-    /// A simulator whose draws come from `seed` when given (reproducible
-    /// runs), from the operating system otherwise.
-    pub fn new(settings: PaymentSettings, seed: Option<u64>) -> Self {
-        let rng = match seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
+    pub fn new(
+        settings: PaymentSettings,
+        seed: Option<u64>,
+        ledger: Arc<dyn Ledger>,
+        metrics: ProviderMetrics,
+    ) -> Self {
         Self {
-            settings,
-            rng: Mutex::new(rng),
+            settings: RwLock::new(settings),
+            seed,
+            rng: Mutex::new(StdRng::from_os_rng()),
+            ledger,
+            metrics,
             calls: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
         }
     }
 
-    pub fn settings(&self) -> PaymentSettings {
-        self.settings
+    /// The settings now in force (a brownout that ran out has ended).
+    pub fn view(&self) -> SettingsView {
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        settings.expire(tokio::time::Instant::now());
+        settings.view(tokio::time::Instant::now())
+    }
+
+    /// Validates and applies a change; on error nothing changes.
+    pub fn update(&self, update: PaymentUpdate) -> Result<SettingsView, SettingsError> {
+        let now = tokio::time::Instant::now();
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        let next = settings.apply(update, now)?;
+        *settings = next;
+        tracing::warn!(settings = ?settings.view(now), "payment simulator reconfigured");
+        Ok(settings.view(now))
+    }
+
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
     }
 
     /// Charge calls received so far.
@@ -86,45 +170,93 @@ impl Simulator {
         self.calls.load(Ordering::SeqCst)
     }
 
-    /// Charge calls that failed so far.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::SeqCst)
-    }
-
-    fn draw(&self) -> (bool, Duration) {
-        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        let fails = rng.random_bool(self.settings.failure_rate.clamp(0.0, 1.0));
-        let (lo, hi) = (self.settings.latency_min, self.settings.latency_max);
+    /// The draws for one call under the given effective rates.
+    pub fn draw(&self, order_id: OrderId, attempt: u32, effective: &settings::Effective) -> Draw {
+        let mut seeded;
+        let mut shared;
+        let rng: &mut StdRng = match self.seed {
+            Some(seed) => {
+                seeded = StdRng::seed_from_u64(mix(seed, order_id, attempt));
+                &mut seeded
+            }
+            None => {
+                shared = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+                &mut shared
+            }
+        };
+        // Always draw all three, in this order, so each draw stays a pure
+        // function of (seed, order, attempt) whatever the settings.
+        let declined = rng.random::<f64>() < effective.failure_rate;
+        let ambiguous = rng.random::<f64>() < effective.ambiguous_rate;
+        let (lo, hi) = (effective.latency_min, effective.latency_max);
         let latency = if hi > lo {
             rng.random_range(lo..=hi)
         } else {
             lo
         };
-        (fails, latency)
+        Draw {
+            declined,
+            ambiguous,
+            latency,
+        }
     }
 
-    /// Charges the order: waits the drawn latency, then succeeds or fails.
-    #[tracing::instrument(skip_all, fields(order_id = %order_id))]
+    /// Charges an order. Cancellation-aware: returns `Cancelled` promptly
+    /// when `cancel` fires.
+    #[tracing::instrument(skip_all, fields(order_id = %request.order_id, attempt = request.attempt))]
     pub async fn charge(
         &self,
-        order_id: OrderId,
+        request: &ChargeRequest,
         cancel: &CancellationToken,
     ) -> Result<(), PaymentError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let (fails, latency) = self.draw();
+        let effective = {
+            let now = tokio::time::Instant::now();
+            let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+            settings.expire(now);
+            settings.effective()
+        };
+        let draw = self.draw(request.order_id, request.attempt, &effective);
+        let wait = async {
+            match effective.mode {
+                // Hangs until the caller gives up.
+                Mode::Blackhole => std::future::pending::<()>().await,
+                _ => tokio::time::sleep(draw.latency).await,
+            }
+        };
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(PaymentError::Cancelled),
-            _ = tokio::time::sleep(latency) => {}
+            _ = wait => {}
         }
-        if fails {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            tracing::debug!(latency_ms = latency.as_millis() as u64, "charge declined");
-            Err(PaymentError::Declined)
-        } else {
-            tracing::debug!(latency_ms = latency.as_millis() as u64, "charge accepted");
-            Ok(())
+        if effective.mode == Mode::Outage {
+            return Err(PaymentError::Outage);
         }
+        if draw.declined {
+            return Err(PaymentError::Declined);
+        }
+        let key = effective
+            .idempotency
+            .then_some(request.idempotency_key.as_str());
+        let recorded = self
+            .ledger
+            .record(request, key)
+            .await
+            .map_err(PaymentError::Ledger)?;
+        if recorded.new_charge {
+            self.metrics.charges.inc();
+            if recorded.earlier_charges > 0 {
+                self.metrics.duplicate_charges.inc();
+                tracing::warn!(
+                    earlier = recorded.earlier_charges,
+                    "order charged again: duplicate charge"
+                );
+            }
+        }
+        if draw.ambiguous && recorded.new_charge {
+            return Err(PaymentError::Ambiguous);
+        }
+        Ok(())
     }
 }
 
@@ -132,23 +264,49 @@ impl Simulator {
 mod tests {
     use super::*;
 
-    fn sim(rate: f64, seed: u64) -> Simulator {
-        Simulator::new(
-            PaymentSettings {
-                failure_rate: rate,
-                ..PaymentSettings::default()
-            },
-            Some(seed),
-        )
+    fn metrics() -> ProviderMetrics {
+        ProviderMetrics {
+            charges: IntCounter::new("c", "c").unwrap(),
+            duplicate_charges: IntCounter::new("d", "d").unwrap(),
+        }
+    }
+
+    fn sim(update: PaymentUpdate, seed: Option<u64>) -> Simulator {
+        let s = Simulator::new(
+            PaymentSettings::default(),
+            seed,
+            Arc::new(MemoryLedger::default()),
+            metrics(),
+        );
+        s.update(update).unwrap();
+        s
+    }
+
+    fn request(order_id: OrderId, attempt: u32) -> ChargeRequest {
+        ChargeRequest {
+            order_id,
+            attempt,
+            idempotency_key: ChargeRequest::key_for(order_id),
+            amount: 100,
+            currency: "USD".into(),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn latency_is_within_bounds_on_the_paused_clock() {
-        let s = sim(0.0, 1);
+        let s = sim(
+            PaymentUpdate {
+                failure_rate: Some(0.0),
+                ..Default::default()
+            },
+            Some(1),
+        );
         let token = CancellationToken::new();
-        for _ in 0..50 {
+        for attempt in 1..=50 {
             let start = tokio::time::Instant::now();
-            s.charge(OrderId::new_random(), &token).await.unwrap();
+            s.charge(&request(OrderId::new_random(), attempt), &token)
+                .await
+                .unwrap();
             let took = start.elapsed();
             assert!(
                 took >= Duration::from_millis(100) && took <= Duration::from_millis(501),
@@ -162,11 +320,24 @@ mod tests {
     async fn the_failure_rate_is_honoured_roughly_and_exactly_at_the_ends() {
         let token = CancellationToken::new();
         for (rate, lo, hi) in [(0.0, 0, 0), (1.0, 1000, 1000), (0.3, 240, 360)] {
-            let s = sim(rate, 7);
+            let s = sim(
+                PaymentUpdate {
+                    failure_rate: Some(rate),
+                    latency_min: Some(Duration::ZERO),
+                    latency_max: Some(Duration::ZERO),
+                    ..Default::default()
+                },
+                None,
+            );
+            let mut failed = 0;
             for _ in 0..1000 {
-                let _ = s.charge(OrderId::new_random(), &token).await;
+                if s.charge(&request(OrderId::new_random(), 1), &token)
+                    .await
+                    .is_err()
+                {
+                    failed += 1;
+                }
             }
-            let failed = s.failures();
             assert!(
                 (lo..=hi).contains(&failed),
                 "rate {rate}: {failed} failures"
@@ -174,31 +345,120 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_same_seed_gives_the_same_outcomes() {
-        let token = CancellationToken::new();
-        let mut runs = Vec::new();
-        for seed in [5, 5, 6] {
-            let s = sim(0.5, seed);
-            let mut outcomes = Vec::new();
-            for _ in 0..64 {
-                outcomes.push(s.charge(OrderId::new_random(), &token).await.is_ok());
-            }
-            runs.push(outcomes);
-        }
-        assert_eq!(runs[0], runs[1]);
-        assert_ne!(runs[0], runs[2]);
+    #[test]
+    fn a_seeded_draw_depends_only_on_seed_order_and_attempt() {
+        let s = sim(
+            PaymentUpdate {
+                failure_rate: Some(0.5),
+                ..Default::default()
+            },
+            Some(9),
+        );
+        let effective = s.settings.read().unwrap().effective();
+        let orders: Vec<OrderId> = (0..50).map(|_| OrderId::new_random()).collect();
+        let forward: Vec<Draw> = orders.iter().map(|o| s.draw(*o, 1, &effective)).collect();
+        // Drawn again in reverse order, interleaved with other draws.
+        let mut backward: Vec<Draw> = orders
+            .iter()
+            .rev()
+            .map(|o| {
+                let _ = s.draw(OrderId::new_random(), 2, &effective);
+                s.draw(*o, 1, &effective)
+            })
+            .collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+        assert_ne!(
+            s.draw(orders[0], 1, &effective),
+            s.draw(orders[0], 2, &effective)
+        );
+        let other = sim(
+            PaymentUpdate {
+                failure_rate: Some(0.5),
+                ..Default::default()
+            },
+            Some(10),
+        );
+        let theirs: Vec<Draw> = orders
+            .iter()
+            .map(|o| other.draw(*o, 1, &effective))
+            .collect();
+        assert_ne!(forward, theirs);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_charge_returns_promptly_with_a_cancellation_error() {
-        let s = sim(0.0, 1);
+        let s = sim(PaymentUpdate::default(), Some(1));
         let token = CancellationToken::new();
         let start = tokio::time::Instant::now();
-        let charge = s.charge(OrderId::new_random(), &token);
+        let req = request(OrderId::new_random(), 1);
+        let charge = s.charge(&req, &token);
         token.cancel();
         assert_eq!(charge.await, Err(PaymentError::Cancelled));
         assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(!PaymentError::Cancelled.counts_as_failure());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_failure_charges_and_with_idempotency_a_retry_charges_nothing_new() {
+        for (idempotency, charges_after_retry) in [(true, 1), (false, 2)] {
+            let s = sim(
+                PaymentUpdate {
+                    failure_rate: Some(0.0),
+                    ambiguous_rate: Some(1.0),
+                    idempotency: Some(idempotency),
+                    ..Default::default()
+                },
+                Some(3),
+            );
+            let token = CancellationToken::new();
+            let order = OrderId::new_random();
+            assert_eq!(
+                s.charge(&request(order, 1), &token).await,
+                Err(PaymentError::Ambiguous)
+            );
+            assert_eq!(s.ledger.charges(order).await.unwrap().len(), 1);
+            let retry = s.charge(&request(order, 2), &token).await;
+            assert_eq!(
+                s.ledger.charges(order).await.unwrap().len(),
+                charges_after_retry
+            );
+            if idempotency {
+                assert_eq!(retry, Ok(()), "the first result comes back");
+                assert_eq!(s.metrics.duplicate_charges.get(), 0);
+            } else {
+                assert_eq!(s.metrics.duplicate_charges.get(), 1);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_fails_every_call_and_blackhole_hangs() {
+        let token = CancellationToken::new();
+        let s = sim(
+            PaymentUpdate {
+                mode: Some(Mode::Outage),
+                failure_rate: Some(0.0),
+                ..Default::default()
+            },
+            None,
+        );
+        for attempt in 1..=20 {
+            assert_eq!(
+                s.charge(&request(OrderId::new_random(), attempt), &token)
+                    .await,
+                Err(PaymentError::Outage)
+            );
+        }
+        let s = sim(
+            PaymentUpdate {
+                mode: Some(Mode::Blackhole),
+                ..Default::default()
+            },
+            None,
+        );
+        let req = request(OrderId::new_random(), 1);
+        let hung = tokio::time::timeout(Duration::from_secs(3600), s.charge(&req, &token)).await;
+        assert!(hung.is_err(), "a blackholed call never answers");
     }
 }

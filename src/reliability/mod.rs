@@ -10,6 +10,7 @@ mod retry;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,12 +48,32 @@ pub enum CallError<E> {
     Failed(E),
 }
 
-/// Retry around breaker, shared by every worker. Cheap to clone.
+/// Which of the two patterns are in force; both can be switched at run time
+/// so the same traffic can be run with either, both or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Switches {
+    pub retry_enabled: bool,
+    pub breaker_enabled: bool,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Self {
+            retry_enabled: true,
+            breaker_enabled: true,
+        }
+    }
+}
+
+/// Retry around breaker, shared by every worker. Cheap to clone; clones
+/// share the breaker and the switches.
 #[derive(Clone)]
 pub struct Reliability {
     retry: RetryPolicy,
     breaker: Breaker,
     observer: Arc<dyn RetryObserver>,
+    retry_enabled: Arc<AtomicBool>,
+    breaker_enabled: Arc<AtomicBool>,
 }
 
 impl Reliability {
@@ -61,7 +82,24 @@ impl Reliability {
             retry,
             breaker,
             observer,
+            retry_enabled: Arc::new(AtomicBool::new(true)),
+            breaker_enabled: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    pub fn switches(&self) -> Switches {
+        Switches {
+            retry_enabled: self.retry_enabled.load(Ordering::SeqCst),
+            breaker_enabled: self.breaker_enabled.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Applies to calls that start after it.
+    pub fn set_switches(&self, switches: Switches) {
+        self.retry_enabled
+            .store(switches.retry_enabled, Ordering::SeqCst);
+        self.breaker_enabled
+            .store(switches.breaker_enabled, Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -77,31 +115,61 @@ impl Reliability {
     /// `op` builds a fresh future for each attempt; the future runs only if
     /// the breaker admits it, so work done inside it (counting an attempt)
     /// happens only for calls that reach the downstream.
-    pub async fn call<T, E, F, Fut>(&self, mut op: F) -> Result<T, CallError<E>>
+    pub async fn call<T, E, F, Fut>(&self, op: F) -> Result<T, CallError<E>>
     where
         E: Classify + fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let breaker = &self.breaker;
+        self.call_seeded(None, op).await
+    }
+
+    /// Like `call`, with the retry jitter drawn from `jitter_seed` when given,
+    /// so that a seeded run waits exactly as another run with the same seed.
+    pub async fn call_seeded<T, E, F, Fut>(
+        &self,
+        jitter_seed: Option<u64>,
+        mut op: F,
+    ) -> Result<T, CallError<E>>
+    where
+        E: Classify + fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let switches = self.switches();
+        let policy = RetryPolicy {
+            max_attempts: if switches.retry_enabled {
+                self.retry.max_attempts
+            } else {
+                1
+            },
+            ..self.retry
+        };
+        let breaker = switches.breaker_enabled.then_some(&self.breaker);
         let observer = &self.observer;
-        let max_attempts = self.retry.max_attempts;
+        let max_attempts = policy.max_attempts;
         let mut attempts_made = 0u32;
         backoff::future::retry_notify(
-            self.retry.backoff(),
+            policy.backoff(jitter_seed),
             || {
                 attempts_made += 1;
                 let attempts_left = attempts_made < max_attempts;
                 let attempt = op();
                 async move {
-                    match breaker.call(|| attempt, E::counts_as_failure).await {
+                    let result = match breaker {
+                        Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
+                        None => attempt.await.map_err(BreakerError::Inner),
+                    };
+                    match result {
                         Ok(value) => Ok(value),
                         Err(BreakerError::Rejected(rejection)) => {
                             observer.gave_up_on_rejection(rejection);
                             Err(backoff::Error::permanent(CallError::Rejected(rejection)))
                         }
                         Err(BreakerError::Inner(err)) if err.is_retryable() => {
-                            if attempts_left && breaker.state() != BreakerState::Closed {
+                            if attempts_left
+                                && breaker.is_some_and(|b| b.state() != BreakerState::Closed)
+                            {
                                 // This failure opened the breaker: waiting out a
                                 // backoff against it is pointless. Go straight to
                                 // the next attempt, which the breaker rejects,

@@ -9,6 +9,10 @@
 //! - Its default elapsed-time limit reads the real clock, which tests on a
 //!   paused tokio clock cannot move; it is switched off (`None`).
 //!
+//! - Its jitter draws from `rand::random`, which cannot be seeded. The
+//!   crate computes the un-jittered schedule and `AttemptLimit` applies the
+//!   jitter with a generator it is given, so a seeded run waits the same.
+//!
 //! The crate is listed by RustSec as unmaintained (RUSTSEC-2025-0012). Only
 //! this module touches it, so it can be swapped without touching callers.
 
@@ -16,6 +20,8 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// How the retry loop waits between attempts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,12 +51,14 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The backoff schedule for one retry loop.
-    pub(crate) fn backoff(&self) -> AttemptLimit<ExponentialBackoff> {
+    /// The backoff schedule for one retry loop. `seed` makes its jitter
+    /// reproducible; without one the jitter comes from the thread's generator.
+    pub(crate) fn backoff(&self, seed: Option<u64>) -> AttemptLimit<ExponentialBackoff> {
         let inner = ExponentialBackoff {
             current_interval: self.initial_interval,
             initial_interval: self.initial_interval,
-            randomization_factor: self.randomization_factor,
+            // Jitter is applied by AttemptLimit, from a generator it owns.
+            randomization_factor: 0.0,
             multiplier: self.multiplier,
             max_interval: self.max_interval,
             // The crate's default (15 min) reads the real clock: no elapsed limit.
@@ -62,17 +70,25 @@ impl RetryPolicy {
             max_waits: self.max_attempts.saturating_sub(1),
             waits: 0,
             ceiling: self.max_interval,
+            randomization: self.randomization_factor.clamp(0.0, 1.0),
+            rng: match seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_rng(&mut rand::rng()),
+            },
         }
     }
 }
 
-/// Stops a backoff after `max_attempts - 1` waits and caps every wait.
+/// Stops a backoff after `max_attempts - 1` waits, jitters each wait by
+/// `± randomization` and caps it at `ceiling`.
 #[derive(Debug, Clone)]
 pub(crate) struct AttemptLimit<B> {
     inner: B,
     max_waits: u32,
     waits: u32,
     ceiling: Duration,
+    randomization: f64,
+    rng: StdRng,
 }
 
 impl<B: Backoff> Backoff for AttemptLimit<B> {
@@ -87,8 +103,15 @@ impl<B: Backoff> Backoff for AttemptLimit<B> {
             return None;
         }
         self.waits += 1;
-        // The crate's jitter can push a wait past max_interval; cap it.
-        self.inner.next_backoff().map(|d| d.min(self.ceiling))
+        let base = self.inner.next_backoff()?;
+        let factor = if self.randomization > 0.0 {
+            self.rng
+                .random_range(1.0 - self.randomization..=1.0 + self.randomization)
+        } else {
+            1.0
+        };
+        // Jitter can push a wait past max_interval; cap it.
+        Some(base.mul_f64(factor).min(self.ceiling))
     }
 }
 
@@ -98,7 +121,7 @@ mod tests {
 
     #[test]
     fn three_attempts_give_exactly_two_waits_and_reset_restarts_the_count() {
-        let mut b = RetryPolicy::default().backoff();
+        let mut b = RetryPolicy::default().backoff(None);
         b.reset();
         assert!(b.next_backoff().is_some());
         assert!(b.next_backoff().is_some());
@@ -113,7 +136,7 @@ mod tests {
             max_attempts: 1,
             ..RetryPolicy::default()
         }
-        .backoff();
+        .backoff(None);
         b.reset();
         assert_eq!(b.next_backoff(), None);
     }
@@ -125,12 +148,27 @@ mod tests {
             randomization_factor: 0.0,
             ..RetryPolicy::default()
         }
-        .backoff();
+        .backoff(None);
         b.reset();
         let waits: Vec<u128> = std::iter::from_fn(|| b.next_backoff())
             .map(|d| d.as_millis())
             .collect();
         assert_eq!(waits, [200, 300, 450, 675, 1012, 1518, 2000, 2000, 2000]);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_jitter() {
+        let policy = RetryPolicy {
+            max_attempts: 6,
+            ..RetryPolicy::default()
+        };
+        let waits = |seed| {
+            let mut b = policy.backoff(Some(seed));
+            b.reset();
+            std::iter::from_fn(move || b.next_backoff()).collect::<Vec<_>>()
+        };
+        assert_eq!(waits(3), waits(3));
+        assert_ne!(waits(3), waits(4));
     }
 
     #[test]
@@ -140,7 +178,7 @@ mod tests {
                 max_attempts: 12,
                 ..RetryPolicy::default()
             }
-            .backoff();
+            .backoff(None);
             b.reset();
             let mut base = 200.0_f64;
             while let Some(wait) = b.next_backoff() {

@@ -1,19 +1,23 @@
 //! The job run for each order: pending -> processing, charge the payment
 //! service through retry-around-breaker, then completed or failed.
 //!
-//! If the worker's token fires mid-job (a shutdown that ran out of time), the
-//! order is handed back to pending rather than left processing forever.
+//! Each charge call is bounded by `PAYMENT_TIMEOUT`, inside the breaker's
+//! call, so a timeout counts as a failure for the breaker and is retried like
+//! any transient failure. If the worker's token fires mid-job (a shutdown
+//! that ran out of time), the order is handed back to pending rather than
+//! left processing forever.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::observability::Metrics;
-use crate::orders::{OrderError, OrderId, Service, Status, StatusChange};
-use crate::payment::{PaymentError, Simulator};
+use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
+use crate::payment::{ChargeRequest, PaymentError, Simulator};
 use crate::reliability::{CallError, Classify, Reliability};
 
 use super::{Job, JobHandler};
@@ -32,6 +36,7 @@ pub struct OrderProcessor {
     payment: Arc<Simulator>,
     reliability: Reliability,
     metrics: Arc<Metrics>,
+    timeout: Duration,
 }
 
 impl OrderProcessor {
@@ -40,22 +45,54 @@ impl OrderProcessor {
         payment: Arc<Simulator>,
         reliability: Reliability,
         metrics: Arc<Metrics>,
+        timeout: Duration,
     ) -> Self {
         Self {
             service,
             payment,
             reliability,
             metrics,
+            timeout,
         }
     }
 
+    /// One charge call, bounded by the per-attempt timeout.
+    async fn charge_once(
+        &self,
+        order: &Order,
+        attempt: u32,
+        cancel: &CancellationToken,
+    ) -> Result<(), PaymentError> {
+        let request = ChargeRequest {
+            order_id: order.id,
+            attempt,
+            idempotency_key: ChargeRequest::key_for(order.id),
+            amount: order.amount.value(),
+            currency: order.currency.as_str().to_owned(),
+        };
+        let result =
+            match tokio::time::timeout(self.timeout, self.payment.charge(&request, cancel)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.metrics.payment_timeouts_total.inc();
+                    Err(PaymentError::Timeout(self.timeout))
+                }
+            };
+        if let Err(err) = &result {
+            if err.counts_as_failure() {
+                self.metrics.payment_failures_total.inc();
+            }
+        }
+        result
+    }
+
     async fn process(&self, id: OrderId, cancel: CancellationToken) {
-        match self
+        let order = match self
             .service
             .update_order(id, StatusChange::new(Status::Pending, Status::Processing))
             .await
         {
-            Ok(_) => {}
+            Ok(order) => order,
             Err(err @ (OrderError::NotFound(_) | OrderError::IllegalTransition { .. })) => {
                 // Someone else moved it first; it is not ours to process.
                 tracing::warn!(error = %err, "skipping job");
@@ -65,22 +102,23 @@ impl OrderProcessor {
                 tracing::error!(error = %err, "could not start processing; order stays pending");
                 return;
             }
-        }
+        };
 
-        let attempts = AtomicU32::new(0);
-        let charge = self.reliability.call(|| {
+        let attempts = AtomicU32::new(order.attempts);
+        // With a seed, the retry jitter is drawn from it too: a seeded run
+        // waits exactly as another run with the same seed.
+        let jitter_seed = self.payment.seed().map(|seed| {
+            let (hi, lo) = id.as_uuid().as_u64_pair();
+            seed ^ hi.rotate_left(17) ^ lo
+        });
+        let charge = self.reliability.call_seeded(jitter_seed, || {
             let attempts = &attempts;
             let cancel = &cancel;
+            let order = &order;
             async move {
                 // Runs only when the breaker admitted the call.
-                attempts.fetch_add(1, Ordering::SeqCst);
-                let result = self.payment.charge(id, cancel).await;
-                if let Err(err) = &result {
-                    if err.counts_as_failure() {
-                        self.metrics.payment_failures_total.inc();
-                    }
-                }
-                result
+                let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+                self.charge_once(order, attempt, cancel).await
             }
         });
         let outcome = tokio::select! {
@@ -108,28 +146,25 @@ impl OrderProcessor {
             Outcome::Interrupted => change.with_last_error("interrupted by shutdown; handed back"),
         };
         match self.service.update_order(id, change).await {
-            Ok(order) => {
-                match &outcome {
-                    Outcome::Completed => {
-                        self.metrics
-                            .worker_jobs_total
-                            .with_label_values(&["completed"])
-                            .inc();
-                        tracing::info!(attempts, "order completed");
-                    }
-                    Outcome::Failed(reason) => {
-                        self.metrics
-                            .worker_jobs_total
-                            .with_label_values(&["failed"])
-                            .inc();
-                        tracing::warn!(attempts, reason = %reason, "order failed");
-                    }
-                    Outcome::Interrupted => {
-                        tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
-                    }
+            Ok(_) => match &outcome {
+                Outcome::Completed => {
+                    self.metrics
+                        .worker_jobs_total
+                        .with_label_values(&["completed"])
+                        .inc();
+                    tracing::info!(attempts, "order completed");
                 }
-                debug_assert_eq!(order.attempts, attempts);
-            }
+                Outcome::Failed(reason) => {
+                    self.metrics
+                        .worker_jobs_total
+                        .with_label_values(&["failed"])
+                        .inc();
+                    tracing::warn!(attempts, reason = %reason, "order failed");
+                }
+                Outcome::Interrupted => {
+                    tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
+                }
+            },
             Err(err) => {
                 tracing::error!(error = %err, ?outcome, "could not record the outcome");
             }

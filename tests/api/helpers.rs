@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use reliability_lab::http::{self, AppState};
+use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::Metrics;
 use reliability_lab::orders::memory::MemoryStore;
@@ -19,7 +19,7 @@ use reliability_lab::orders::postgres::{PostgresStore, MIGRATOR};
 use reliability_lab::orders::{
     Order, OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
 };
-use reliability_lab::payment::{PaymentSettings, Simulator};
+use reliability_lab::payment::{MemoryLedger, PaymentSettings, Simulator};
 use reliability_lab::reliability::{Breaker, BreakerConfig, Reliability, RetryPolicy};
 use reliability_lab::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
 use serde_json::Value;
@@ -57,6 +57,9 @@ pub struct LabOptions {
     pub breaker: BreakerConfig,
     pub repo: Option<Arc<dyn OrderRepository>>,
     pub start_workers: bool,
+    pub payment_timeout: Duration,
+    pub admin_token: Option<&'static str>,
+    pub seeded_ids: bool,
 }
 
 impl Default for LabOptions {
@@ -70,6 +73,7 @@ impl Default for LabOptions {
                 failure_rate: 0.0,
                 latency_min: Duration::ZERO,
                 latency_max: Duration::ZERO,
+                ..PaymentSettings::default()
             },
             seed: 42,
             retry: RetryPolicy {
@@ -79,6 +83,9 @@ impl Default for LabOptions {
             breaker: BreakerConfig::default(),
             repo: None,
             start_workers: true,
+            payment_timeout: Duration::from_secs(1),
+            admin_token: None,
+            seeded_ids: false,
         }
     }
 }
@@ -89,6 +96,7 @@ pub struct Lab {
     pub dispatcher: Arc<Dispatcher>,
     pub payment: Arc<Simulator>,
     pub breaker: Breaker,
+    pub reliability: Reliability,
     pub metrics: Arc<Metrics>,
     processor: Arc<OrderProcessor>,
     workers: usize,
@@ -99,15 +107,24 @@ impl Lab {
         let metrics = Arc::new(Metrics::new());
         let repo = options.repo.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let dispatcher = Arc::new(Dispatcher::new(options.capacity, metrics.clone()));
-        let service = Service::new(repo, Arc::new(Queue(dispatcher.clone())));
+        let mut service = Service::new(repo, Arc::new(Queue(dispatcher.clone())));
+        if options.seeded_ids {
+            service = service.with_seeded_ids(options.seed);
+        }
         let breaker = Breaker::new(options.breaker, Some(metrics.clone()));
         let reliability = Reliability::new(options.retry, breaker.clone(), metrics.clone());
-        let payment = Arc::new(Simulator::new(options.payment, Some(options.seed)));
+        let payment = Arc::new(Simulator::new(
+            options.payment,
+            Some(options.seed),
+            Arc::new(MemoryLedger::default()),
+            metrics.provider(),
+        ));
         let processor = Arc::new(OrderProcessor::new(
             service.clone(),
             payment.clone(),
-            reliability,
+            reliability.clone(),
             metrics.clone(),
+            options.payment_timeout,
         ));
         if options.start_workers {
             dispatcher.start(options.workers, processor.clone());
@@ -116,6 +133,14 @@ impl Lab {
             service: service.clone(),
             metrics: metrics.clone(),
             profiler: Arc::new(Profiler::new()),
+            lab: Arc::new(LabHandles {
+                payment: payment.clone(),
+                reliability: reliability.clone(),
+                queue: dispatcher.clone(),
+                workers: options.workers,
+                started: tokio::time::Instant::now(),
+            }),
+            admin_token: options.admin_token.map(AdminToken::new),
         });
         Self {
             router,
@@ -123,6 +148,7 @@ impl Lab {
             dispatcher,
             payment,
             breaker,
+            reliability,
             metrics,
             processor,
             workers: options.workers,

@@ -168,6 +168,7 @@ async fn a_scripted_failure_run_counts_failures_the_trip_and_permanent_failures(
             failure_rate: 1.0,
             latency_min: Duration::from_millis(10),
             latency_max: Duration::from_millis(10),
+            ..PaymentSettings::default()
         },
         breaker: BreakerConfig {
             failure_threshold: 5,

@@ -20,6 +20,7 @@ fn always_failing(latency: Duration) -> PaymentSettings {
         failure_rate: 1.0,
         latency_min: latency,
         latency_max: latency,
+        ..PaymentSettings::default()
     }
 }
 
@@ -247,6 +248,7 @@ async fn stopping_the_dispatcher_drains_every_queued_job() {
             failure_rate: 0.3,
             latency_min: Duration::from_millis(100),
             latency_max: Duration::from_millis(500),
+            ..PaymentSettings::default()
         },
         workers: 5,
         start_workers: false,
@@ -274,6 +276,7 @@ async fn a_cancelled_charge_hands_the_order_back_to_pending() {
             failure_rate: 0.0,
             latency_min: Duration::from_secs(10),
             latency_max: Duration::from_secs(10),
+            ..PaymentSettings::default()
         },
         ..LabOptions::default()
     });

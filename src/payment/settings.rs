@@ -1,0 +1,383 @@
+//! The simulator's settings, their validation, and how they read as JSON.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::time::Instant;
+
+/// How the provider behaves beyond its rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Normal,
+    /// Every call fails.
+    Outage,
+    /// Failure rate and latency raised for a while, then back by themselves.
+    Brownout,
+    /// Calls hang until the caller's timeout.
+    Blackhole,
+}
+
+/// A running brownout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Brownout {
+    pub failure_rate: f64,
+    pub latency_min: Duration,
+    pub latency_max: Duration,
+    pub duration: Duration,
+    pub until: Instant,
+}
+
+/// Everything that shapes a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PaymentSettings {
+    pub failure_rate: f64,
+    pub latency_min: Duration,
+    pub latency_max: Duration,
+    pub ambiguous_rate: f64,
+    pub idempotency: bool,
+    pub mode: Mode,
+    pub brownout: Option<Brownout>,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            failure_rate: 0.3,
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(500),
+            ambiguous_rate: 0.0,
+            idempotency: true,
+            mode: Mode::Normal,
+            brownout: None,
+        }
+    }
+}
+
+/// What one call runs with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Effective {
+    pub mode: Mode,
+    pub failure_rate: f64,
+    pub latency_min: Duration,
+    pub latency_max: Duration,
+    pub ambiguous_rate: f64,
+    pub idempotency: bool,
+}
+
+/// A bad setting, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct SettingsError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn check_rate(field: &'static str, rate: f64) -> Result<f64, SettingsError> {
+    if rate.is_finite() && (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(invalid(field, "must be a number from 0 to 1"))
+    }
+}
+
+/// A partial change, as `PUT /admin/payment` takes it. Unknown fields are refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentUpdate {
+    pub failure_rate: Option<f64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub latency_min: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub latency_max: Option<Duration>,
+    pub ambiguous_rate: Option<f64>,
+    #[serde(default, deserialize_with = "de_switch")]
+    pub idempotency: Option<bool>,
+    pub mode: Option<Mode>,
+    /// Required with `mode: brownout`.
+    pub brownout: Option<BrownoutRequest>,
+}
+
+/// The brownout's raised values and how long it lasts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrownoutRequest {
+    pub failure_rate: f64,
+    #[serde(deserialize_with = "de_duration_required")]
+    pub latency_min: Duration,
+    #[serde(deserialize_with = "de_duration_required")]
+    pub latency_max: Duration,
+    #[serde(deserialize_with = "de_duration_required")]
+    pub duration: Duration,
+}
+
+fn parse_duration<E: serde::de::Error>(raw: &str) -> Result<Duration, E> {
+    humantime::parse_duration(raw.trim()).map_err(|_| {
+        E::custom(format!(
+            "expected a duration such as 200ms, 2s or 1m, got {raw:?}"
+        ))
+    })
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let raw = String::deserialize(d)?;
+    parse_duration(&raw).map(Some)
+}
+
+fn de_duration_required<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = String::deserialize(d)?;
+    parse_duration(&raw)
+}
+
+/// `true`/`false`, or `"on"`/`"off"` as the environment variable takes it.
+fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Switch {
+        Bool(bool),
+        Word(String),
+    }
+    match Switch::deserialize(d)? {
+        Switch::Bool(b) => Ok(Some(b)),
+        Switch::Word(w) => match w.to_ascii_lowercase().as_str() {
+            "on" => Ok(Some(true)),
+            "off" => Ok(Some(false)),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected true, false, \"on\" or \"off\", got {w:?}"
+            ))),
+        },
+    }
+}
+
+impl PaymentSettings {
+    /// Ends a brownout whose time is up.
+    pub fn expire(&mut self, now: Instant) {
+        if self.mode == Mode::Brownout && self.brownout.is_none_or(|b| now >= b.until) {
+            self.mode = Mode::Normal;
+            self.brownout = None;
+            tracing::warn!("brownout over: payment simulator back to normal");
+        }
+    }
+
+    pub fn effective(&self) -> Effective {
+        let (failure_rate, latency_min, latency_max) = match (self.mode, self.brownout) {
+            (Mode::Brownout, Some(b)) => (b.failure_rate, b.latency_min, b.latency_max),
+            (Mode::Outage, _) => (1.0, self.latency_min, self.latency_max),
+            _ => (self.failure_rate, self.latency_min, self.latency_max),
+        };
+        Effective {
+            mode: self.mode,
+            failure_rate,
+            latency_min,
+            latency_max,
+            ambiguous_rate: self.ambiguous_rate,
+            idempotency: self.idempotency,
+        }
+    }
+
+    /// The settings after `update`, or the first bad field. `self` is untouched.
+    pub fn apply(&self, update: PaymentUpdate, now: Instant) -> Result<Self, SettingsError> {
+        let mut next = *self;
+        if let Some(rate) = update.failure_rate {
+            next.failure_rate = check_rate("failure_rate", rate)?;
+        }
+        if let Some(rate) = update.ambiguous_rate {
+            next.ambiguous_rate = check_rate("ambiguous_rate", rate)?;
+        }
+        if let Some(d) = update.latency_min {
+            next.latency_min = d;
+        }
+        if let Some(d) = update.latency_max {
+            next.latency_max = d;
+        }
+        if next.latency_min > next.latency_max {
+            let field = if update.latency_min.is_some() {
+                "latency_min"
+            } else {
+                "latency_max"
+            };
+            return Err(invalid(field, "latency_min must not be above latency_max"));
+        }
+        if let Some(on) = update.idempotency {
+            next.idempotency = on;
+        }
+        match (update.mode, update.brownout) {
+            (Some(Mode::Brownout), Some(b)) => {
+                let failure_rate = check_rate("brownout.failure_rate", b.failure_rate)?;
+                if b.latency_min > b.latency_max {
+                    return Err(invalid("brownout.latency_min", "must not be above brownout.latency_max"));
+                }
+                if b.duration.is_zero() {
+                    return Err(invalid("brownout.duration", "must be above zero"));
+                }
+                next.mode = Mode::Brownout;
+                next.brownout = Some(Brownout {
+                    failure_rate,
+                    latency_min: b.latency_min,
+                    latency_max: b.latency_max,
+                    duration: b.duration,
+                    until: now + b.duration,
+                });
+            }
+            (Some(Mode::Brownout), None) => {
+                return Err(invalid(
+                    "brownout",
+                    "mode brownout needs {\"failure_rate\", \"latency_min\", \"latency_max\", \"duration\"}",
+                ))
+            }
+            (_, Some(_)) => return Err(invalid("brownout", "only goes with \"mode\": \"brownout\"")),
+            (Some(mode), None) => {
+                next.mode = mode;
+                next.brownout = None;
+            }
+            (None, None) => {}
+        }
+        Ok(next)
+    }
+
+    pub fn view(&self, now: Instant) -> SettingsView {
+        SettingsView {
+            mode: self.mode,
+            failure_rate: self.failure_rate,
+            latency_min: HumanDuration(self.latency_min),
+            latency_max: HumanDuration(self.latency_max),
+            ambiguous_rate: self.ambiguous_rate,
+            idempotency: self.idempotency,
+            brownout: self.brownout.map(|b| BrownoutView {
+                failure_rate: b.failure_rate,
+                latency_min: HumanDuration(b.latency_min),
+                latency_max: HumanDuration(b.latency_max),
+                duration: HumanDuration(b.duration),
+                remaining: HumanDuration(b.until.saturating_duration_since(now)),
+            }),
+        }
+    }
+}
+
+/// A duration shown as `200ms`, `1m 30s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Whole milliseconds: sub-millisecond noise helps nobody reading it.
+        let ms = Duration::from_millis(self.0.as_millis() as u64);
+        s.serialize_str(&humantime::format_duration(ms).to_string())
+    }
+}
+
+/// The settings as the admin API shows them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SettingsView {
+    pub mode: Mode,
+    pub failure_rate: f64,
+    pub latency_min: HumanDuration,
+    pub latency_max: HumanDuration,
+    pub ambiguous_rate: f64,
+    pub idempotency: bool,
+    pub brownout: Option<BrownoutView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrownoutView {
+    pub failure_rate: f64,
+    pub latency_min: HumanDuration,
+    pub latency_max: HumanDuration,
+    pub duration: HumanDuration,
+    pub remaining: HumanDuration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(json: &str) -> PaymentUpdate {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_value_names_its_field_and_changes_nothing() {
+        let now = Instant::now();
+        let base = PaymentSettings::default();
+        for (json, field) in [
+            (r#"{"failure_rate": 1.5}"#, "failure_rate"),
+            (r#"{"failure_rate": -0.1}"#, "failure_rate"),
+            (r#"{"ambiguous_rate": 2}"#, "ambiguous_rate"),
+            (
+                r#"{"latency_min": "2s", "latency_max": "1s"}"#,
+                "latency_min",
+            ),
+            (r#"{"latency_max": "50ms"}"#, "latency_max"),
+            (r#"{"mode": "brownout"}"#, "brownout"),
+            (
+                r#"{"brownout": {"failure_rate": 0.5, "latency_min": "1s", "latency_max": "2s", "duration": "1m"}}"#,
+                "brownout",
+            ),
+            (
+                r#"{"mode": "brownout", "brownout": {"failure_rate": 5, "latency_min": "1s", "latency_max": "2s", "duration": "1m"}}"#,
+                "brownout.failure_rate",
+            ),
+            (
+                r#"{"mode": "brownout", "brownout": {"failure_rate": 0.5, "latency_min": "1s", "latency_max": "2s", "duration": "0s"}}"#,
+                "brownout.duration",
+            ),
+        ] {
+            let err = base.apply(update(json), now).unwrap_err();
+            assert_eq!(err.field, field, "{json}");
+        }
+    }
+
+    #[test]
+    fn malformed_updates_are_refused_by_the_parser() {
+        for json in [
+            r#"{"mode": "chaos"}"#,
+            r#"{"latency_min": "-5ms"}"#,
+            r#"{"latency_min": 100}"#,
+            r#"{"idempotency": "maybe"}"#,
+            r#"{"colour": "red"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<PaymentUpdate>(json).is_err(),
+                "{json}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_brownout_raises_the_rates_then_ends_by_itself() {
+        let now = Instant::now();
+        let mut s = PaymentSettings::default()
+            .apply(
+                update(r#"{"mode": "brownout", "brownout": {"failure_rate": 0.9, "latency_min": "1s", "latency_max": "2s", "duration": "1m"}}"#),
+                now,
+            )
+            .unwrap();
+        assert_eq!(s.effective().failure_rate, 0.9);
+        assert_eq!(s.effective().latency_min, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        s.expire(Instant::now());
+        assert_eq!(s.mode, Mode::Brownout);
+        assert_eq!(
+            s.view(Instant::now()).brownout.unwrap().remaining,
+            HumanDuration(Duration::from_secs(1))
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        s.expire(Instant::now());
+        assert_eq!(s.mode, Mode::Normal);
+        assert_eq!(s.effective().failure_rate, 0.3);
+        assert_eq!(s.effective().latency_max, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn idempotency_takes_on_off_or_booleans() {
+        assert_eq!(update(r#"{"idempotency": "off"}"#).idempotency, Some(false));
+        assert_eq!(update(r#"{"idempotency": true}"#).idempotency, Some(true));
+    }
+}
