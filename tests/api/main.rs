@@ -4,6 +4,7 @@ mod binary;
 mod contract;
 mod helpers;
 mod http_api;
+mod lab_controls;
 mod metrics;
 mod pipeline;
 mod profiling;

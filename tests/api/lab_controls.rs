@@ -1,0 +1,391 @@
+//! The lab's controls, driven through the admin API while orders flow, on
+//! tokio's paused clock.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use reliability_lab::orders::{Order, Status};
+use reliability_lab::payment::PaymentSettings;
+use reliability_lab::reliability::{BreakerConfig, BreakerState, RetryPolicy};
+use serde_json::{json, Value};
+
+use crate::helpers::{error_code, get, send, Lab, LabOptions};
+use crate::metrics::{scrape, value};
+
+fn put(uri: &str, body: Value) -> Request<Body> {
+    Request::put(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn admin(lab: &Lab, request: Request<Body>) -> Value {
+    let (status, _, body) = send(&lab.router, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn run_orders(lab: &Lab, n: usize) -> Vec<Order> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(lab.post_order().await.id);
+    }
+    let mut done = Vec::new();
+    for id in ids {
+        done.push(lab.settle(id).await);
+    }
+    done
+}
+
+fn quick_payments() -> PaymentSettings {
+    PaymentSettings {
+        failure_rate: 0.0,
+        latency_min: Duration::from_millis(10),
+        latency_max: Duration::from_millis(10),
+        ..PaymentSettings::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_trips_the_breaker_and_after_it_one_probe_closes_it() {
+    let lab = Lab::new(LabOptions {
+        payment: quick_payments(),
+        ..LabOptions::default()
+    });
+    assert!(run_orders(&lab, 3)
+        .await
+        .iter()
+        .all(|o| o.status == Status::Completed));
+
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    let during = run_orders(&lab, 4).await;
+    assert_eq!(lab.breaker.state(), BreakerState::Open);
+    assert!(during.iter().all(|o| o.status == Status::Failed));
+    // Later orders fail fast: no call reached the payment service.
+    let calls = lab.payment.calls();
+    let late = run_orders(&lab, 3).await;
+    assert_eq!(lab.payment.calls(), calls);
+    assert!(late
+        .iter()
+        .all(|o| o.last_error.as_deref() == Some("circuit open") && o.attempts == 0));
+
+    let breaker = admin(&lab, get("/admin/breaker")).await;
+    assert_eq!(breaker["state"], "open");
+    assert!(breaker["until_half_open"].as_f64().unwrap() > 0.0);
+
+    admin(&lab, put("/admin/payment", json!({"mode": "normal"}))).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let after = run_orders(&lab, 3).await;
+    assert!(
+        after.iter().all(|o| o.status == Status::Completed),
+        "{after:?}"
+    );
+    assert_eq!(lab.payment.calls(), calls + 3, "one probe, then closed");
+    assert_eq!(lab.breaker.state(), BreakerState::Closed);
+    let scrape = scrape(&lab).await;
+    for (from, to) in [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ] {
+        assert_eq!(
+            value(
+                &scrape,
+                "circuit_breaker_state_changes_total",
+                &[("from", from), ("to", to)]
+            ),
+            1.0
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_brownout_ends_by_itself_after_its_duration() {
+    let lab = Lab::new(LabOptions::default());
+    let view = admin(
+        &lab,
+        put(
+            "/admin/payment",
+            json!({"mode": "brownout", "brownout": {
+                "failure_rate": 0.9, "latency_min": "1s", "latency_max": "2s", "duration": "10s"}}),
+        ),
+    )
+    .await;
+    assert_eq!(view["mode"], "brownout");
+    assert_eq!(view["brownout"]["remaining"], "10s");
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(admin(&lab, get("/admin/payment")).await["mode"], "brownout");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let view = admin(&lab, get("/admin/payment")).await;
+    assert_eq!(view["mode"], "normal");
+    assert!(view["brownout"].is_null());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blackhole_times_out_each_attempt_and_counts_it_as_a_failure() {
+    let lab = Lab::new(LabOptions {
+        payment: quick_payments(),
+        payment_timeout: Duration::from_millis(300),
+        ..LabOptions::default()
+    });
+    admin(&lab, put("/admin/payment", json!({"mode": "blackhole"}))).await;
+    let order = run_orders(&lab, 1).await.remove(0);
+    assert_eq!(order.status, Status::Failed);
+    assert_eq!(order.attempts, 3, "timeouts are retried");
+    assert_eq!(
+        order.last_error.as_deref(),
+        Some("payment timed out after 300ms")
+    );
+    let scrape = scrape(&lab).await;
+    assert_eq!(value(&scrape, "payment_timeouts_total", &[]), 3.0);
+    assert_eq!(value(&scrape, "payment_failures_total", &[]), 3.0);
+    assert_eq!(lab.breaker.snapshot().consecutive_failures, 3);
+}
+
+async fn duplicates_with(idempotency: bool, orders: usize) -> (f64, f64) {
+    let lab = Lab::new(LabOptions {
+        payment: PaymentSettings {
+            failure_rate: 0.0,
+            ambiguous_rate: 0.5,
+            idempotency,
+            latency_min: Duration::from_millis(1),
+            latency_max: Duration::from_millis(5),
+            ..PaymentSettings::default()
+        },
+        workers: 5,
+        capacity: orders,
+        // Keep the breaker out of the way: this is about the provider.
+        breaker: BreakerConfig {
+            failure_threshold: 1000,
+            ..BreakerConfig::default()
+        },
+        ..LabOptions::default()
+    });
+    let done = run_orders(&lab, orders).await;
+    assert!(done.iter().all(|o| o.status.is_terminal()));
+    for order in done.iter().take(20) {
+        let ledger = admin(&lab, get(&format!("/admin/payment/ledger/{}", order.id))).await;
+        let charges = ledger["charges"].as_array().unwrap().len();
+        if idempotency {
+            assert!(charges <= 1, "{ledger}");
+        }
+    }
+    let scrape = scrape(&lab).await;
+    (
+        value(&scrape, "payment_charges_total", &[]),
+        value(&scrape, "payment_duplicate_charges_total", &[]),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_answers_double_charge_without_idempotency_and_never_with_it() {
+    let (_, duplicates) = duplicates_with(false, 200).await;
+    assert!(duplicates > 0.0, "idempotency off: duplicates appear");
+    let (charges, duplicates) = duplicates_with(true, 500).await;
+    assert_eq!(duplicates, 0.0, "idempotency on: none across 500 orders");
+    assert!(charges > 400.0, "{charges} charges");
+}
+
+async fn seeded_run(seed: u64) -> Vec<(String, Status, u32, Option<String>)> {
+    let lab = Lab::new(LabOptions {
+        payment: PaymentSettings {
+            failure_rate: 0.5,
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(500),
+            ..PaymentSettings::default()
+        },
+        retry: RetryPolicy::default(),
+        breaker: BreakerConfig {
+            failure_threshold: 5,
+            open_duration: Duration::from_secs(2),
+        },
+        seed,
+        seeded_ids: true,
+        ..LabOptions::default()
+    });
+    run_orders(&lab, 40)
+        .await
+        .into_iter()
+        .map(|o| (o.id.to_string(), o.status, o.attempts, o.last_error))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_seed_reproduces_every_order_and_another_seed_does_not() {
+    let first = seeded_run(7).await;
+    assert_eq!(first, seeded_run(7).await);
+    let other = seeded_run(8).await;
+    assert_ne!(
+        first.iter().map(|o| (&o.1, o.2)).collect::<Vec<_>>(),
+        other.iter().map(|o| (&o.1, o.2)).collect::<Vec<_>>()
+    );
+    assert_ne!(first[0].0, other[0].0, "ids follow the seed too");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_breaker_every_order_retries_to_the_end() {
+    let lab = Lab::new(LabOptions {
+        payment: PaymentSettings {
+            failure_rate: 1.0,
+            ..quick_payments()
+        },
+        ..LabOptions::default()
+    });
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"breaker_enabled": false})),
+    )
+    .await;
+    assert_eq!(
+        switches,
+        json!({"retry_enabled": true, "breaker_enabled": false})
+    );
+    let orders = run_orders(&lab, 6).await;
+    assert!(orders.iter().all(|o| o.attempts == 3), "a retry storm");
+    assert_eq!(lab.payment.calls(), 18);
+    assert_eq!(
+        lab.breaker.state(),
+        BreakerState::Closed,
+        "the breaker heard nothing"
+    );
+
+    admin(
+        &lab,
+        put(
+            "/admin/reliability",
+            json!({"retry_enabled": false, "breaker_enabled": true}),
+        ),
+    )
+    .await;
+    let orders = run_orders(&lab, 2).await;
+    assert!(orders.iter().all(|o| o.attempts == 1), "no retries");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_state_snapshot_shows_the_whole_pipeline() {
+    let lab = Lab::new(LabOptions::default());
+    run_orders(&lab, 2).await;
+    let state = admin(&lab, get("/admin/state")).await;
+    assert_eq!(state["queue"]["capacity"], 100);
+    assert_eq!(state["queue"]["depth"], 0);
+    assert_eq!(state["workers"]["count"], 1);
+    assert_eq!(state["workers"]["busy"], 0);
+    assert_eq!(state["breaker"]["state"], "closed");
+    assert_eq!(state["orders"]["completed"], 2);
+    assert_eq!(state["orders"]["pending"], 0);
+    assert_eq!(state["payment"]["mode"], "normal");
+    assert_eq!(state["reliability"]["retry_enabled"], true);
+    assert!(state["uptime_seconds"].as_f64().is_some());
+
+    let reset = send(
+        &lab.router,
+        Request::post("/admin/breaker/reset")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reset.0, StatusCode::OK);
+    assert_eq!(reset.2["state"], "closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_admin_input_is_validated_and_a_refusal_changes_nothing() {
+    let lab = Lab::new(LabOptions::default());
+    let before = admin(&lab, get("/admin/payment")).await;
+    for (body, field) in [
+        (json!({"failure_rate": 1.5}), "failure_rate"),
+        (json!({"failure_rate": -0.5}), "failure_rate"),
+        (json!({"ambiguous_rate": 7}), "ambiguous_rate"),
+        (json!({"latency_min": "-5ms"}), "latency_min"),
+        (
+            json!({"latency_min": "3s", "latency_max": "1s"}),
+            "latency_min",
+        ),
+        (json!({"latency_max": 100}), "latency_max"),
+        (json!({"mode": "chaos"}), "mode"),
+        (json!({"mode": "brownout"}), "brownout"),
+        (json!({"failure_rate": 0.1, "colour": "red"}), "colour"),
+        (json!({"idempotency": "maybe"}), "idempotency"),
+    ] {
+        let (status, _, response) = send(&lab.router, put("/admin/payment", body.clone())).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {response}"
+        );
+        assert_eq!(error_code(&response), "invalid_field");
+        assert_eq!(response["error"]["field"], field, "{body}: {response}");
+    }
+    assert_eq!(
+        admin(&lab, get("/admin/payment")).await,
+        before,
+        "nothing changed"
+    );
+
+    let (status, _, response) = send(
+        &lab.router,
+        put("/admin/reliability", json!({"retry": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(response["error"]["field"], "retry");
+    let (status, _, _) = send(&lab.router, get("/admin/payment/ledger/nope")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn with_a_token_admin_and_debug_need_it() {
+    let lab = Lab::new(LabOptions {
+        admin_token: Some("lab-token-123"),
+        start_workers: false,
+        ..LabOptions::default()
+    });
+    for path in [
+        "/admin/state",
+        "/admin/payment",
+        "/admin/breaker",
+        "/debug/pprof/",
+        "/debug/pprof/heap",
+        "/debug/pprof/nothing",
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong-token"),
+            Some("lab-token-123"),
+            Some("Basic lab-token-123"),
+        ] {
+            let mut req = Request::get(path);
+            if let Some(auth) = auth {
+                req = req.header("authorization", auth);
+            }
+            let (status, headers, body) = send(&lab.router, req.body(Body::empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} with {auth:?}");
+            assert_eq!(error_code(&body), "unauthorized");
+            assert_eq!(headers["www-authenticate"], "Bearer");
+        }
+    }
+    for path in ["/admin/state", "/admin/payment", "/debug/pprof/"] {
+        let req = Request::get(path)
+            .header("authorization", "Bearer lab-token-123")
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, _) = send(&lab.router, req).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    // The public API stays public.
+    let (status, _, _) = send(&lab.router, get("/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&lab.router, get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_token_admin_is_open() {
+    let lab = Lab::new(LabOptions {
+        start_workers: false,
+        ..LabOptions::default()
+    });
+    let (status, _, _) = send(&lab.router, get("/admin/state")).await;
+    assert_eq!(status, StatusCode::OK);
+}
