@@ -105,6 +105,14 @@ pub struct Config {
     #[arg(long, env = "DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub database_startup_timeout: Duration,
 
+    /// With Postgres: how long a replica's claim on a queued or processing order lasts without renewal.
+    #[arg(long, env = "JOB_LEASE", default_value = "30s", value_parser = positive_duration)]
+    pub job_lease: Duration,
+
+    /// With Postgres: how often to look for orders whose lease expired and take them over.
+    #[arg(long, env = "RECOVERY_INTERVAL", default_value = "5s", value_parser = positive_duration)]
+    pub recovery_interval: Duration,
+
     /// Log line format.
     #[arg(
         long,
@@ -443,6 +451,8 @@ mod tests {
             "RETRY_ENABLED",
             "BREAKER_ENABLED",
             "ADMIN_TOKEN",
+            "JOB_LEASE",
+            "RECOVERY_INTERVAL",
         ] {
             assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
         }

@@ -13,14 +13,15 @@ use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::{logging, Metrics};
 use reliability_lab::orders::memory::MemoryStore;
-use reliability_lab::orders::postgres::PostgresStore;
+use reliability_lab::orders::postgres::{Lease, PostgresStore};
 use reliability_lab::orders::{
     OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
 };
-use reliability_lab::payment::{Ledger, MemoryLedger, Simulator};
+use reliability_lab::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
 use reliability_lab::reliability::{Breaker, Reliability};
 use reliability_lab::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long cancelled workers get to hand their orders back before exit.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -74,20 +75,31 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
 
-    let repo: Arc<dyn OrderRepository> = match &config.database_url {
-        Some(url) => Arc::new(
-            PostgresStore::connect(
+    let (repo, ledger): (Arc<dyn OrderRepository>, Arc<dyn Ledger>) = match &config.database_url {
+        Some(url) => {
+            let lease = Lease::for_new_replica(config.job_lease);
+            tracing::info!(replica = %lease.owner, job_lease = ?config.job_lease, "replica id for order leases");
+            let store = PostgresStore::connect(
                 url,
                 config.database_max_connections,
                 config.database_startup_timeout,
+                lease,
             )
-            .await?,
-        ),
+            .await?;
+            // The simulated provider keeps its ledger in the same database,
+            // so every replica sees one provider, as with a real payment API.
+            let ledger = PostgresLedger::new(store.pool().clone());
+            (Arc::new(store), Arc::new(ledger))
+        }
         None => {
             tracing::info!("DATABASE_URL is unset: orders are kept in memory and lost on restart");
-            Arc::new(MemoryStore::new())
+            (
+                Arc::new(MemoryStore::new()),
+                Arc::new(MemoryLedger::default()),
+            )
         }
     };
+    let durable = repo.durability() == "durable";
     let store = repo.kind();
 
     let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.clone()));
@@ -102,7 +114,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let breaker = Breaker::new(config.breaker_config(), Some(metrics.clone()));
     let reliability = Reliability::new(config.retry_policy(), breaker, metrics.clone());
     reliability.set_switches(config.switches());
-    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::default());
     let payment = Arc::new(Simulator::new(
         config.payment_settings(),
         config.payment_seed,
@@ -120,13 +131,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )),
     );
 
+    // With leases: take over what dead replicas left, once before serving
+    // (so /readyz is not ready before it), then on an interval; and keep this
+    // replica's own leases alive.
+    let background = TaskTracker::new();
+    let stop_recovery = CancellationToken::new();
+    let stop_heartbeat = CancellationToken::new();
+    if durable {
+        recover(&service, &metrics, config.queue_capacity).await;
+        background.spawn(recovery_loop(
+            service.clone(),
+            metrics.clone(),
+            config.recovery_interval,
+            config.queue_capacity,
+            stop_recovery.clone(),
+        ));
+        background.spawn(heartbeat_loop(
+            service.clone(),
+            config.job_lease / 3,
+            stop_heartbeat.clone(),
+        ));
+    }
+    background.close();
+
     if config.admin_token.is_none() {
         tracing::warn!(
             "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
         );
     }
     let app = http::router(AppState {
-        service,
+        service: service.clone(),
         metrics,
         profiler: Arc::new(Profiler::new()),
         lab: Arc::new(LabHandles {
@@ -165,7 +199,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
 
-    // 1. The HTTP server stops accepting and finishes in-flight requests.
+    // 1. The HTTP server stops accepting and finishes in-flight requests;
+    //    recovery stops taking new work.
+    stop_recovery.cancel();
     stop_accepting.cancel();
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(Ok(()))) => {}
@@ -202,8 +238,64 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::error!("workers did not stop after cancellation");
         }
     }
+    // 4. Leases: stop renewing, and let go of what is left (orders queued but
+    //    never started, orders handed back) so another replica takes them at
+    //    once instead of waiting out the lease.
+    stop_heartbeat.cancel();
+    background.wait().await;
+    if durable {
+        match service.release_leases().await {
+            Ok(n) => tracing::info!(released = n, "released this replica's leases"),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release leases; they expire by themselves")
+            }
+        }
+    }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// One recovery pass: take over expired leases, as many as the queue has room for.
+async fn recover(service: &Service, metrics: &Metrics, capacity: usize) {
+    match service.recover_expired(capacity).await {
+        Ok(n) => metrics.orders_recovered_total.inc_by(n as u64),
+        Err(err) => tracing::warn!(error = %err, "recovery pass failed; will try again"),
+    }
+}
+
+async fn recovery_loop(
+    service: Service,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    capacity: usize,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        recover(&service, &metrics, capacity).await;
+        if let Err(err) = service.purge_old_keys().await {
+            tracing::warn!(error = %err, "purging old idempotency keys failed");
+        }
+    }
+}
+
+async fn heartbeat_loop(service: Service, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = service.renew_leases().await {
+            tracing::warn!(error = %err, "renewing leases failed; another replica may take our orders over");
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, naming which.

@@ -77,9 +77,17 @@ impl From<OrderError> for ApiError {
                 format!("{field} {reason}"),
             )
             .with_field(*field),
-            OrderError::IllegalTransition { .. } | OrderError::Duplicate(_) => {
+            OrderError::IllegalTransition { .. }
+            | OrderError::Duplicate(_)
+            | OrderError::LeaseHeldElsewhere(_) => {
                 Self::new(StatusCode::CONFLICT, "conflict", err.to_string())
             }
+            OrderError::IdempotencyKeyReused => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body",
+            )
+            .with_field("Idempotency-Key"),
             OrderError::QueueFull => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
 use super::{ApiError, AppState, JsonBody};
-use crate::orders::{CreateOrderRequest, OrderId};
+use crate::orders::{CreateOrderRequest, Creation, OrderId};
 
 /// How long `/readyz` waits for the store before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(4);
@@ -68,18 +68,44 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The longest Idempotency-Key accepted.
+const MAX_KEY_LEN: usize = 255;
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match raw.to_str() {
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= MAX_KEY_LEN
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+        .with_field("Idempotency-Key")),
+    }
+}
+
 pub async fn create_order(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<CreateOrderRequest>,
 ) -> Result<Response, ApiError> {
-    let order = state.service.create_order(&request).await?;
+    let key = idempotency_key(&headers)?;
+    let (status, order) = match state.service.create_order(&request, key).await? {
+        Creation::Created(order) => (StatusCode::CREATED, order),
+        // The same key with the same request: the original order, as it is now.
+        Creation::Replayed(order) => (StatusCode::OK, order),
+    };
     let location = format!("/orders/{}", order.id);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(order),
-    )
-        .into_response())
+    Ok((status, [(header::LOCATION, location)], Json(order)).into_response())
 }
 
 pub async fn get_order(

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub circuit_breaker_state: IntGauge,
     pub circuit_breaker_rejections_total: IntCounterVec,
     pub workers_busy: IntGauge,
+    pub orders_recovered_total: IntCounter,
     tokio_workers: IntGauge,
     tokio_alive_tasks: IntGauge,
     tokio_global_queue_depth: IntGauge,
@@ -162,6 +163,11 @@ impl Metrics {
             "worker_busy_workers",
             "Workers currently processing a job.",
         );
+        let orders_recovered_total = counter(
+            &registry,
+            "orders_recovered_total",
+            "Orders taken over after their lease expired (their replica died or was stopped hard).",
+        );
         let tokio_workers = gauge(
             &registry,
             "tokio_runtime_workers",
@@ -198,6 +204,7 @@ impl Metrics {
             circuit_breaker_state,
             circuit_breaker_rejections_total,
             workers_busy,
+            orders_recovered_total,
             tokio_workers,
             tokio_alive_tasks,
             tokio_global_queue_depth,

@@ -33,6 +33,14 @@ pub enum OrderError {
     #[error("an order with id {0} already exists")]
     Duplicate(OrderId),
 
+    /// Another replica holds the order's lease: it is not ours to move.
+    #[error("order {0} is leased to another replica")]
+    LeaseHeldElsewhere(OrderId),
+
+    /// The idempotency key was used before with a different request.
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+
     /// The processing queue has no room; nothing was stored.
     #[error("the processing queue is full")]
     QueueFull,

@@ -15,5 +15,5 @@ mod service;
 pub use error::{OrderError, StoreError};
 pub use model::{Amount, Currency, CustomerId, NewOrder, Order, OrderId, Status, StatusChange};
 pub use queue::{ProcessingQueue, QueueError, QueueSlot};
-pub use repository::{OrderRepository, StatusCounts};
-pub use service::{CreateOrderRequest, Service};
+pub use repository::{KeyedInsert, OrderRepository, StatusCounts, UpdateOutcome};
+pub use service::{CreateOrderRequest, Creation, Service, IDEMPOTENCY_KEY_TTL};

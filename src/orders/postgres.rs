@@ -2,6 +2,13 @@
 //!
 //! Migrations under `migrations/` are embedded in the binary and applied at
 //! startup. Status updates are conditional on the expected current status.
+//!
+//! Leases: every order that is queued or processing carries an owner (this
+//! replica's id) and a deadline. This replica stores its new orders under its
+//! own lease, renews all its leases on a heartbeat, moves an order to
+//! processing only if the lease is its own or has expired (one conditional
+//! UPDATE), and completes or fails it only while it still owns it. Postgres's
+//! clock (`now()`) is the only clock leases are compared against.
 
 use std::time::Duration;
 
@@ -12,8 +19,8 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    Amount, Currency, CustomerId, Order, OrderId, OrderRepository, Status, StatusChange,
-    StatusCounts, StoreError,
+    Amount, Currency, CustomerId, KeyedInsert, Order, OrderId, OrderRepository, Status,
+    StatusChange, StatusCounts, StoreError, UpdateOutcome,
 };
 
 /// The migrations, embedded at build time.
@@ -25,9 +32,27 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// that long. A few seconds keeps failures fast.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Who this replica is and how long its leases last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub duration: Duration,
+}
+
+impl Lease {
+    /// A lease for a replica with a fresh random id.
+    pub fn for_new_replica(duration: Duration) -> Self {
+        Self {
+            owner: Uuid::new_v4().simple().to_string(),
+            duration,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    lease: Lease,
 }
 
 /// Maps sqlx errors to the domain's: connection trouble is "unavailable"
@@ -53,8 +78,16 @@ pub fn map_err(err: sqlx::Error) -> StoreError {
 
 impl PostgresStore {
     /// Wraps an existing pool (tests build their own).
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn from_pool(pool: PgPool, lease: Lease) -> Self {
+        Self { pool, lease }
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease.duration.as_secs_f64()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -68,6 +101,7 @@ impl PostgresStore {
         url: &str,
         max_connections: u32,
         startup_timeout: Duration,
+        lease: Lease,
     ) -> anyhow::Result<Self> {
         let options: PgConnectOptions = url
             .parse()
@@ -103,7 +137,7 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("applying database migrations failed: {e}"))?;
-        Ok(Self { pool })
+        Ok(Self { pool, lease })
     }
 }
 
@@ -143,6 +177,8 @@ fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
 
 const COLUMNS: &str =
     "id, customer_id, amount, currency, status, attempts, last_error, created_at, updated_at";
+const QUALIFIED: &str = "o.id, o.customer_id, o.amount, o.currency, o.status, o.attempts, \
+     o.last_error, o.created_at, o.updated_at";
 
 #[async_trait]
 impl OrderRepository for PostgresStore {
@@ -163,24 +199,57 @@ impl OrderRepository for PostgresStore {
     }
 
     async fn insert(&self, order: &Order) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO orders (id, customer_id, amount, currency, status, attempts, last_error, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (id) DO NOTHING",
+        let result = insert_order(order, &self.lease.owner, self.lease_secs())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn insert_with_key(
+        &self,
+        order: &Order,
+        key: &str,
+        request_digest: &str,
+    ) -> Result<KeyedInsert, StoreError> {
+        // One transaction: the order, then the key. Of two racing requests
+        // with one key, the second waits on the unique index until the first
+        // commits, then finds the key taken and rolls its order back.
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_order(order, &self.lease.owner, self.lease_secs())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_digest, order_id)
+             VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO NOTHING",
         )
+        .bind(key)
+        .bind(request_digest)
         .bind(order.id.as_uuid())
-        .bind(order.customer_id.as_str())
-        .bind(order.amount.value())
-        .bind(order.currency.as_str())
-        .bind(order.status.as_str())
-        .bind(i32::try_from(order.attempts).unwrap_or(i32::MAX))
-        .bind(order.last_error.as_deref())
-        .bind(order.created_at)
-        .bind(order.updated_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        Ok(result.rows_affected() == 1)
+        if claimed.rows_affected() == 1 {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(KeyedInsert::Created);
+        }
+        tx.rollback().await.map_err(map_err)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT k.request_digest, {QUALIFIED}
+               FROM idempotency_keys k JOIN orders o ON o.id = k.order_id
+              WHERE k.key = $1"
+        )))
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let digest: String = row.try_get("request_digest").map_err(map_err)?;
+        Ok(KeyedInsert::Existing {
+            order: row_to_order(&row)?,
+            same_request: digest == request_digest,
+        })
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -198,38 +267,62 @@ impl OrderRepository for PostgresStore {
         &self,
         id: OrderId,
         change: &StatusChange,
-    ) -> Result<Option<Result<Order, Status>>, StoreError> {
-        // One statement: the WHERE on the expected status makes the move
-        // conditional, so two writers cannot both move the order.
-        let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE orders
-                SET status = $3,
-                    attempts = COALESCE($4, attempts),
-                    last_error = COALESCE($5, last_error),
-                    updated_at = $6
-              WHERE id = $1 AND status = $2
-          RETURNING {COLUMNS}"
+    ) -> Result<UpdateOutcome, StoreError> {
+        // One statement moves the order, if it is in the expected status and
+        // the lease allows it, and keeps the lease history in step:
+        // - pending -> processing: the lease must be ours, free or expired;
+        //   it becomes ours and a history row opens;
+        // - processing -> anything: the lease must be ours; the history row
+        //   closes; a terminal status or a hand-back frees the lease.
+        let moved = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH moved AS (
+                UPDATE orders
+                   SET status = $3,
+                       attempts = COALESCE($4, attempts),
+                       last_error = COALESCE($5, last_error),
+                       updated_at = $6,
+                       lease_owner = CASE WHEN $3 = 'processing' THEN $7 ELSE
+                                     CASE WHEN $2 = 'processing' THEN NULL ELSE lease_owner END END,
+                       lease_expires_at = CASE WHEN $3 = 'processing' THEN now() + make_interval(secs => $8) ELSE
+                                          CASE WHEN $2 = 'processing' THEN NULL ELSE lease_expires_at END END
+                 WHERE id = $1 AND status = $2
+                   AND (CASE WHEN $2 = 'processing' THEN lease_owner = $7
+                             ELSE (lease_owner IS NULL OR lease_owner = $7
+                                   OR lease_expires_at IS NULL OR lease_expires_at < now()) END)
+             RETURNING {COLUMNS}
+             ),
+             opened AS (
+                INSERT INTO order_lease_history (order_id, owner)
+                SELECT id, $7 FROM moved WHERE $3 = 'processing'
+             ),
+             closed AS (
+                UPDATE order_lease_history SET ended_at = clock_timestamp(), outcome = $3
+                 WHERE $2 = 'processing' AND order_id = $1 AND owner = $7 AND ended_at IS NULL
+                   AND EXISTS (SELECT 1 FROM moved)
+             )
+             SELECT {COLUMNS} FROM moved"
         )))
         .bind(id.as_uuid())
         .bind(change.from.as_str())
         .bind(change.to.as_str())
-        .bind(
-            change
-                .attempts
-                .map(|a| i32::try_from(a).unwrap_or(i32::MAX)),
-        )
+        .bind(change.attempts.map(|a| i32::try_from(a).unwrap_or(i32::MAX)))
         .bind(change.last_error.as_deref())
         .bind(Utc::now().trunc_subsecs(6))
+        .bind(&self.lease.owner)
+        .bind(self.lease_secs())
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
-        if let Some(row) = updated {
-            return Ok(Some(Ok(row_to_order(&row)?)));
+        if let Some(row) = moved {
+            return Ok(UpdateOutcome::Updated(row_to_order(&row)?));
         }
-        // Nothing moved: tell "no such order" from "it is elsewhere".
+        // Nothing moved: say why.
         match self.get(id).await? {
-            None => Ok(None),
-            Some(order) => Ok(Some(Err(order.status))),
+            None => Ok(UpdateOutcome::NotFound),
+            Some(order) if order.status != change.from => {
+                Ok(UpdateOutcome::WrongStatus(order.status))
+            }
+            Some(_) => Ok(UpdateOutcome::LeaseHeldElsewhere),
         }
     }
 
@@ -248,4 +341,122 @@ impl OrderRepository for PostgresStore {
         }
         Ok(counts)
     }
+
+    async fn renew_leases(&self) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "UPDATE orders SET lease_expires_at = now() + make_interval(secs => $2)
+              WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+        )
+        .bind(&self.lease.owner)
+        .bind(self.lease_secs())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(result.rows_affected())
+    }
+
+    async fn count_expired(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orders
+              WHERE status IN ('pending', 'processing')
+                AND (lease_expires_at IS NULL OR lease_expires_at < now())",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn take_over_expired(&self, limit: usize) -> Result<Vec<OrderId>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // SKIP LOCKED: replicas recovering at the same moment split the work
+        // instead of waiting on each other's rows.
+        let rows = sqlx::query(
+            "WITH expired AS (
+                SELECT id FROM orders
+                 WHERE status IN ('pending', 'processing')
+                   AND (lease_expires_at IS NULL OR lease_expires_at < now())
+                 ORDER BY created_at
+                 LIMIT $1
+                   FOR UPDATE SKIP LOCKED
+             ),
+             closed AS (
+                UPDATE order_lease_history h
+                   SET ended_at = clock_timestamp(), outcome = 'lease expired'
+                  FROM expired
+                 WHERE h.order_id = expired.id AND h.ended_at IS NULL
+             )
+             UPDATE orders o
+                SET status = 'pending',
+                    lease_owner = $2,
+                    lease_expires_at = now() + make_interval(secs => $3),
+                    updated_at = now()
+               FROM expired
+              WHERE o.id = expired.id
+          RETURNING o.id",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(&self.lease.owner)
+        .bind(self.lease_secs())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                row.try_get::<Uuid, _>("id")
+                    .map(OrderId::from_uuid)
+                    .map_err(map_err)
+            })
+            .collect()
+    }
+
+    async fn release_leases(&self) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "UPDATE orders SET lease_expires_at = now()
+              WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+        )
+        .bind(&self.lease.owner)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(result.rows_affected())
+    }
+
+    async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+        )
+        .bind(age.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// The INSERT of a new order under `owner`'s lease.
+fn insert_order<'q>(
+    order: &'q Order,
+    owner: &'q str,
+    lease_secs: f64,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, amount, currency, status, attempts, last_error,
+                             created_at, updated_at, lease_owner, lease_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(order.id.as_uuid())
+    .bind(order.customer_id.as_str())
+    .bind(order.amount.value())
+    .bind(order.currency.as_str())
+    .bind(order.status.as_str())
+    .bind(i32::try_from(order.attempts).unwrap_or(i32::MAX))
+    .bind(order.last_error.as_deref())
+    .bind(order.created_at)
+    .bind(order.updated_at)
+    .bind(owner)
+    .bind(lease_secs)
 }

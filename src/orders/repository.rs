@@ -1,6 +1,7 @@
 //! The storage interface the order service needs.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -9,8 +10,33 @@ use super::{Order, OrderId, Status, StatusChange, StoreError};
 /// How many orders are in each status.
 pub type StatusCounts = BTreeMap<Status, u64>;
 
+/// What a conditional status change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    Updated(Order),
+    NotFound,
+    /// The order is in another status than the change expected.
+    WrongStatus(Status),
+    /// The order's lease belongs to another replica (durable stores only).
+    LeaseHeldElsewhere,
+}
+
+/// What storing an order under an idempotency key did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyedInsert {
+    /// The key was new: the order is stored.
+    Created,
+    /// The key was taken: nothing was stored. `same_request` says whether it
+    /// came with the same request (a replay) or another (a conflict).
+    Existing { order: Order, same_request: bool },
+}
+
 /// Where orders live. Implemented by the in-memory and the Postgres stores;
 /// one contract test suite runs against both.
+///
+/// Durable stores also keep **leases**: an order that is queued or processing
+/// belongs to one replica until its lease expires. The lease methods have
+/// defaults for stores without leases (one process, nothing to recover).
 #[async_trait]
 pub trait OrderRepository: Send + Sync {
     /// A short name for logs and `/readyz`: `memory` or `postgres`.
@@ -22,21 +48,54 @@ pub trait OrderRepository: Send + Sync {
     /// Answers when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Stores a new order. Returns `Ok(false)` if the id is already taken.
+    /// Stores a new order (under this replica's lease, where there are
+    /// leases). Returns `Ok(false)` if the id is already taken.
     async fn insert(&self, order: &Order) -> Result<bool, StoreError>;
+
+    /// Stores a new order unless `key` already names one, in one atomic step:
+    /// of two racing requests with the same key, exactly one creates.
+    async fn insert_with_key(
+        &self,
+        order: &Order,
+        key: &str,
+        request_digest: &str,
+    ) -> Result<KeyedInsert, StoreError>;
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
 
-    /// Applies `change` only if the order is currently in `change.from`.
-    ///
-    /// Returns the updated order, `Ok(None)` when no order has this id, and
-    /// `Err(actual_status)` inside `Ok(Err(..))` when the order is in another
-    /// status, so that two writers can never both move the same order.
+    /// Applies `change` only if the order is currently in `change.from` (and,
+    /// with leases, only while this replica may hold its lease), so two
+    /// writers can never both move one order.
     async fn update_status(
         &self,
         id: OrderId,
         change: &StatusChange,
-    ) -> Result<Option<Result<Order, Status>>, StoreError>;
+    ) -> Result<UpdateOutcome, StoreError>;
 
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError>;
+
+    /// Extends every lease this replica holds. Returns how many.
+    async fn renew_leases(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// How many open orders have an expired lease, waiting to be taken over.
+    async fn count_expired(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Takes over at most `limit` open orders whose lease expired, moves them
+    /// to pending under this replica, and returns their ids to queue.
+    async fn take_over_expired(&self, _limit: usize) -> Result<Vec<OrderId>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Lets go of this replica's leases at once (clean shutdown), so another
+    /// replica can take its unfinished orders without waiting out the lease.
+    async fn release_leases(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Forgets idempotency keys older than `age`.
+    async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError>;
 }

@@ -1,6 +1,7 @@
 //! The order service: the operations the API and the workers perform.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::Utc;
 use rand::rngs::StdRng;
@@ -8,10 +9,49 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use tracing::instrument;
 
+use sha2::{Digest, Sha256};
+
 use super::{
-    Amount, Currency, CustomerId, NewOrder, Order, OrderError, OrderId, OrderRepository,
-    ProcessingQueue, QueueError, StatusChange, StatusCounts,
+    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderError, OrderId,
+    OrderRepository, ProcessingQueue, QueueError, StatusChange, StatusCounts, StoreError,
+    UpdateOutcome,
 };
+
+/// How long an Idempotency-Key is remembered, at least.
+pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// What `create_order` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creation {
+    /// A new order, stored and queued.
+    Created(Order),
+    /// The idempotency key was seen before with the same request: the
+    /// original order, and nothing new stored or queued.
+    Replayed(Order),
+}
+
+impl Creation {
+    pub fn order(&self) -> &Order {
+        match self {
+            Creation::Created(o) | Creation::Replayed(o) => o,
+        }
+    }
+}
+
+/// A digest of what the request asks for (after parsing, so `usd` and `USD`
+/// are the same request).
+fn digest(new: &NewOrder) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(new.customer_id.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(new.amount.value().to_be_bytes());
+    hasher.update(new.currency.as_str().as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The body of `POST /orders`, as the client sent it. Unknown fields are refused.
 #[derive(Debug, Clone, Deserialize)]
@@ -77,22 +117,46 @@ impl Service {
     /// Validates, reserves a queue slot, stores the order, then queues it.
     ///
     /// The slot comes first: when the queue is full the request is refused and
-    /// nothing is stored. If storing fails, the dropped slot frees its room.
+    /// nothing is stored. If storing fails, or the idempotency key names an
+    /// earlier order, the dropped slot frees its room.
     #[instrument(skip_all, fields(order_id))]
-    pub async fn create_order(&self, request: &CreateOrderRequest) -> Result<Order, OrderError> {
+    pub async fn create_order(
+        &self,
+        request: &CreateOrderRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Creation, OrderError> {
         let new = request.parse()?;
         let slot = self.queue.try_reserve().map_err(|e| match e {
             QueueError::Full => OrderError::QueueFull,
             QueueError::Closed => OrderError::ShuttingDown,
         })?;
+        let request_digest = idempotency_key.map(|_| digest(&new));
         let order = Order::new(self.next_id(), new, Utc::now());
         tracing::Span::current().record("order_id", tracing::field::display(order.id));
-        if !self.repo.insert(&order).await? {
-            return Err(OrderError::Duplicate(order.id));
+        match (idempotency_key, request_digest) {
+            (Some(key), Some(request_digest)) => {
+                match self
+                    .repo
+                    .insert_with_key(&order, key, &request_digest)
+                    .await?
+                {
+                    KeyedInsert::Created => {}
+                    KeyedInsert::Existing {
+                        order,
+                        same_request: true,
+                    } => return Ok(Creation::Replayed(order)),
+                    KeyedInsert::Existing { .. } => return Err(OrderError::IdempotencyKeyReused),
+                }
+            }
+            _ => {
+                if !self.repo.insert(&order).await? {
+                    return Err(OrderError::Duplicate(order.id));
+                }
+            }
         }
         slot.submit(order.id);
         tracing::debug!("order accepted and queued");
-        Ok(order)
+        Ok(Creation::Created(order))
     }
 
     pub async fn get_order(&self, id: OrderId) -> Result<Order, OrderError> {
@@ -109,13 +173,60 @@ impl Service {
     ) -> Result<Order, OrderError> {
         change.from.check_move(change.to)?;
         match self.repo.update_status(id, &change).await? {
-            None => Err(OrderError::NotFound(id)),
-            Some(Ok(order)) => Ok(order),
-            Some(Err(actual)) => Err(OrderError::IllegalTransition {
+            UpdateOutcome::Updated(order) => Ok(order),
+            UpdateOutcome::NotFound => Err(OrderError::NotFound(id)),
+            UpdateOutcome::WrongStatus(actual) => Err(OrderError::IllegalTransition {
                 from: actual,
                 to: change.to,
             }),
+            UpdateOutcome::LeaseHeldElsewhere => Err(OrderError::LeaseHeldElsewhere(id)),
         }
+    }
+
+    /// Takes over orders whose lease expired (their replica died or was
+    /// stopped hard) and queues them, taking no more than the queue has room
+    /// for. Returns how many.
+    pub async fn recover_expired(&self, max: usize) -> Result<usize, OrderError> {
+        // Reserve only as much room as there is work, so that recovery never
+        // holds the queue's room away from new orders for nothing.
+        let waiting = usize::try_from(self.repo.count_expired().await?).unwrap_or(usize::MAX);
+        let wanted = waiting.min(max);
+        let mut slots = Vec::new();
+        while slots.len() < wanted {
+            match self.queue.try_reserve() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let ids = self.repo.take_over_expired(slots.len()).await?;
+        for (slot, id) in slots.into_iter().zip(&ids) {
+            slot.submit(*id);
+        }
+        if !ids.is_empty() {
+            tracing::warn!(
+                recovered = ids.len(),
+                "took over orders whose lease expired"
+            );
+        }
+        Ok(ids.len())
+    }
+
+    /// Extends this replica's leases.
+    pub async fn renew_leases(&self) -> Result<u64, StoreError> {
+        self.repo.renew_leases().await
+    }
+
+    /// Lets go of this replica's leases (clean shutdown).
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        self.repo.release_leases().await
+    }
+
+    /// Forgets idempotency keys past their time.
+    pub async fn purge_old_keys(&self) -> Result<u64, StoreError> {
+        self.repo.purge_keys_older_than(IDEMPOTENCY_KEY_TTL).await
     }
 
     pub async fn count_by_status(&self) -> Result<StatusCounts, OrderError> {
@@ -166,7 +277,12 @@ mod tests {
     async fn a_created_order_is_stored_pending_and_queued() {
         let queue = Arc::new(RecordingQueue::default());
         let service = Service::new(Arc::new(MemoryStore::new()), queue.clone());
-        let order = service.create_order(&request()).await.unwrap();
+        let order = service
+            .create_order(&request(), None)
+            .await
+            .unwrap()
+            .order()
+            .clone();
         assert_eq!(order.status, Status::Pending);
         assert_eq!(order.currency.as_str(), "USD");
         assert_eq!(service.get_order(order.id).await.unwrap(), order);
@@ -183,7 +299,15 @@ mod tests {
             .with_seeded_ids(seed);
             let mut ids = Vec::new();
             for _ in 0..5 {
-                ids.push(service.create_order(&request()).await.unwrap().id);
+                ids.push(
+                    service
+                        .create_order(&request(), None)
+                        .await
+                        .unwrap()
+                        .order()
+                        .clone()
+                        .id,
+                );
             }
             ids
         };
@@ -206,7 +330,7 @@ mod tests {
             });
             let service = Service::new(store.clone(), queue);
             assert_eq!(
-                service.create_order(&request()).await.unwrap_err(),
+                service.create_order(&request(), None).await.unwrap_err(),
                 expected
             );
             assert!(store
@@ -225,7 +349,7 @@ mod tests {
         let mut bad = request();
         bad.amount = 0;
         assert_eq!(
-            service.create_order(&bad).await.unwrap_err().field(),
+            service.create_order(&bad, None).await.unwrap_err().field(),
             Some("amount")
         );
         assert!(queue.submitted.lock().unwrap().is_empty());
@@ -237,7 +361,12 @@ mod tests {
             Arc::new(MemoryStore::new()),
             Arc::new(RecordingQueue::default()),
         );
-        let order = service.create_order(&request()).await.unwrap();
+        let order = service
+            .create_order(&request(), None)
+            .await
+            .unwrap()
+            .order()
+            .clone();
         let err = service
             .update_order(
                 order.id,

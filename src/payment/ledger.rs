@@ -103,3 +103,77 @@ impl Ledger for MemoryLedger {
         Ok(inner.by_order.get(&order_id).cloned().unwrap_or_default())
     }
 }
+
+/// The ledger in Postgres: one provider shared by every replica. The unique
+/// idempotency key makes "charge unless this key has a charge" one atomic
+/// INSERT, whichever replica asks.
+pub struct PostgresLedger {
+    pool: sqlx::PgPool,
+}
+
+impl PostgresLedger {
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    async fn record(&self, request: &ChargeRequest, key: Option<&str>) -> Result<Recorded, String> {
+        use sqlx::Row;
+        let c = charge(request, key);
+        let row = sqlx::query(
+            "WITH earlier AS (SELECT count(*) AS n FROM payment_ledger WHERE order_id = $2),
+                  made AS (
+                     INSERT INTO payment_ledger
+                        (charge_id, order_id, attempt, idempotency_key, amount, currency, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (idempotency_key) DO NOTHING
+                     RETURNING 1
+                  )
+             SELECT (SELECT n FROM earlier) AS earlier, (SELECT count(*) FROM made) AS made",
+        )
+        .bind(c.charge_id)
+        .bind(c.order_id.as_uuid())
+        .bind(i32::try_from(c.attempt).unwrap_or(i32::MAX))
+        .bind(c.idempotency_key.as_deref())
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(c.created_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let earlier: i64 = row.try_get("earlier").map_err(|e| e.to_string())?;
+        let made: i64 = row.try_get("made").map_err(|e| e.to_string())?;
+        Ok(Recorded {
+            new_charge: made == 1,
+            earlier_charges: usize::try_from(earlier).unwrap_or(0),
+        })
+    }
+
+    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, String> {
+        use sqlx::Row;
+        let rows = sqlx::query(
+            "SELECT charge_id, order_id, attempt, idempotency_key, amount, currency, created_at
+               FROM payment_ledger WHERE order_id = $1 ORDER BY created_at, charge_id",
+        )
+        .bind(order_id.as_uuid())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        rows.iter()
+            .map(|row| -> Result<Charge, sqlx::Error> {
+                Ok(Charge {
+                    charge_id: row.try_get("charge_id")?,
+                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                    attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    amount: row.try_get("amount")?,
+                    currency: row.try_get("currency")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())
+    }
+}

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::orders::OrderId;
 use crate::reliability::Classify;
 
-pub use ledger::{Charge, Ledger, MemoryLedger};
+pub use ledger::{Charge, Ledger, MemoryLedger, PostgresLedger};
 pub use settings::{Brownout, Mode, PaymentSettings, PaymentUpdate, SettingsError, SettingsView};
 
 /// Why a charge did not go through, as the caller sees it.

@@ -6,8 +6,17 @@ use std::sync::Arc;
 use chrono::Utc;
 use reliability_lab::orders::memory::MemoryStore;
 use reliability_lab::orders::{
-    Amount, Currency, CustomerId, NewOrder, Order, OrderId, OrderRepository, Status, StatusChange,
+    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderId, OrderRepository, Status,
+    StatusChange, UpdateOutcome,
 };
+
+/// The order a change produced, or a failed test.
+fn updated(outcome: UpdateOutcome) -> Order {
+    match outcome {
+        UpdateOutcome::Updated(order) => order,
+        other => panic!("expected the order to move, got {other:?}"),
+    }
+}
 
 use crate::helpers::TestDb;
 
@@ -43,28 +52,18 @@ async fn a_status_change_applies_only_from_the_expected_status(repo: Arc<dyn Ord
     let o = order();
     repo.insert(&o).await.unwrap();
     let start = StatusChange::new(Status::Pending, Status::Processing);
-    let moved = repo
-        .update_status(o.id, &start)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let moved = updated(repo.update_status(o.id, &start).await.unwrap());
     assert_eq!(moved.status, Status::Processing);
     assert!(moved.updated_at >= o.updated_at);
     // The same change again finds the order elsewhere.
     assert_eq!(
         repo.update_status(o.id, &start).await.unwrap(),
-        Some(Err(Status::Processing))
+        UpdateOutcome::WrongStatus(Status::Processing)
     );
     let finish = StatusChange::new(Status::Processing, Status::Failed)
         .with_attempts(3)
         .with_last_error("payment declined (simulated)");
-    let done = repo
-        .update_status(o.id, &finish)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let done = updated(repo.update_status(o.id, &finish).await.unwrap());
     assert_eq!(done.status, Status::Failed);
     assert_eq!(done.attempts, 3);
     assert_eq!(
@@ -95,15 +94,16 @@ async fn a_change_without_a_reason_keeps_the_last_error(repo: Arc<dyn OrderRepos
     )
     .await
     .unwrap();
-    let done = repo
+    let UpdateOutcome::Updated(done) = repo
         .update_status(
             o.id,
             &StatusChange::new(Status::Processing, Status::Completed).with_attempts(1),
         )
         .await
         .unwrap()
-        .unwrap()
-        .unwrap();
+    else {
+        panic!("not moved")
+    };
     assert_eq!(done.last_error.as_deref(), Some("interrupted"));
     assert_eq!(done.attempts, 1);
 }
@@ -114,7 +114,7 @@ async fn updating_an_unknown_id_is_none(repo: Arc<dyn OrderRepository>) {
         repo.update_status(OrderId::new_random(), &change)
             .await
             .unwrap(),
-        None
+        UpdateOutcome::NotFound
     );
 }
 
@@ -127,9 +127,9 @@ async fn two_racing_writers_cannot_both_move_an_order(repo: Arc<dyn OrderReposit
             repo.update_status(o.id, &change),
             repo.update_status(o.id, &change)
         );
-        let wins = [a.unwrap().unwrap(), b.unwrap().unwrap()]
+        let wins = [a.unwrap(), b.unwrap()]
             .iter()
-            .filter(|r| r.is_ok())
+            .filter(|r| matches!(r, UpdateOutcome::Updated(_)))
             .count();
         assert_eq!(wins, 1);
     }
@@ -153,6 +153,75 @@ async fn counts_cover_every_status(repo: Arc<dyn OrderRepository>) {
     assert_eq!(counts[&Status::Completed], 0);
     assert_eq!(counts[&Status::Failed], 0);
     repo.ping().await.unwrap();
+}
+
+async fn a_new_key_creates_and_the_same_key_returns_the_first_order(
+    repo: Arc<dyn OrderRepository>,
+) {
+    let first = order();
+    assert_eq!(
+        repo.insert_with_key(&first, "key-1", "digest-a")
+            .await
+            .unwrap(),
+        KeyedInsert::Created
+    );
+    let again = order();
+    assert_eq!(
+        repo.insert_with_key(&again, "key-1", "digest-a")
+            .await
+            .unwrap(),
+        KeyedInsert::Existing {
+            order: first.clone(),
+            same_request: true
+        }
+    );
+    assert_eq!(
+        repo.insert_with_key(&order(), "key-1", "digest-b")
+            .await
+            .unwrap(),
+        KeyedInsert::Existing {
+            order: first.clone(),
+            same_request: false
+        }
+    );
+    // Nothing else was stored.
+    assert_eq!(repo.get(again.id).await.unwrap(), None);
+    // Keys are kept a day: a purge of day-old keys leaves this one.
+    repo.purge_keys_older_than(std::time::Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    assert!(matches!(
+        repo.insert_with_key(&order(), "key-1", "digest-a")
+            .await
+            .unwrap(),
+        KeyedInsert::Existing { .. }
+    ));
+}
+
+async fn two_racing_requests_with_one_key_create_one_order(repo: Arc<dyn OrderRepository>) {
+    for round in 0..10 {
+        let key = format!("race-{round}");
+        let (a, b) = (order(), order());
+        let (ra, rb) = tokio::join!(
+            repo.insert_with_key(&a, &key, "same"),
+            repo.insert_with_key(&b, &key, "same")
+        );
+        let results = [ra.unwrap(), rb.unwrap()];
+        let created = results
+            .iter()
+            .filter(|r| **r == KeyedInsert::Created)
+            .count();
+        assert_eq!(created, 1, "{results:?}");
+        let winner = if results[0] == KeyedInsert::Created {
+            &a
+        } else {
+            &b
+        };
+        assert!(results.iter().any(|r| matches!(r,
+            KeyedInsert::Existing { order, same_request: true } if order.id == winner.id)));
+    }
+    let counts = repo.count_by_status().await.unwrap();
+    assert_eq!(counts[&Status::Pending], 10);
 }
 
 macro_rules! contract {
@@ -187,4 +256,6 @@ contract!(
     updating_an_unknown_id_is_none,
     two_racing_writers_cannot_both_move_an_order,
     counts_cover_every_status,
+    a_new_key_creates_and_the_same_key_returns_the_first_order,
+    two_racing_requests_with_one_key_create_one_order,
 );

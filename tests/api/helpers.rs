@@ -15,7 +15,7 @@ use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::Metrics;
 use reliability_lab::orders::memory::MemoryStore;
-use reliability_lab::orders::postgres::{PostgresStore, MIGRATOR};
+use reliability_lab::orders::postgres::{Lease, PostgresStore, MIGRATOR};
 use reliability_lab::orders::{
     Order, OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
 };
@@ -300,8 +300,13 @@ impl TestDb {
         })
     }
 
+    /// A store acting as one replica with a fresh id.
     pub fn store(&self) -> Arc<dyn OrderRepository> {
-        Arc::new(PostgresStore::from_pool(self.pool.clone()))
+        Arc::new(self.replica(Duration::from_secs(30)))
+    }
+
+    pub fn replica(&self, lease: Duration) -> PostgresStore {
+        PostgresStore::from_pool(self.pool.clone(), Lease::for_new_replica(lease))
     }
 
     /// Drops the database (a failed test leaves it for inspection).

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use reliability_lab::orders::postgres::PostgresStore;
+use reliability_lab::orders::postgres::{Lease, PostgresStore};
 use reliability_lab::orders::OrderRepository;
 use sqlx::postgres::PgPoolOptions;
 use std::future::IntoFuture;
@@ -44,7 +44,10 @@ async fn readyz_is_503_with_a_reason_when_postgres_cannot_be_reached() {
         .acquire_timeout(Duration::from_millis(500))
         .connect_lazy("postgres://nobody@127.0.0.1:1/none")
         .unwrap();
-    let repo: Arc<dyn OrderRepository> = Arc::new(PostgresStore::from_pool(pool));
+    let repo: Arc<dyn OrderRepository> = Arc::new(PostgresStore::from_pool(
+        pool,
+        Lease::for_new_replica(Duration::from_secs(30)),
+    ));
     let lab = Lab::new(LabOptions {
         repo: Some(repo),
         start_workers: false,
