@@ -542,6 +542,11 @@ impl Running {
         format!("http://{}{path}", self.addr)
     }
 
+    /// SIGKILL: the process dies at whatever instruction it was on.
+    pub async fn kill_hard(mut self) {
+        self.child.kill().await.expect("SIGKILL delivered");
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("still running");

@@ -2,6 +2,7 @@
 
 mod binary;
 mod contract;
+mod crash;
 mod durability;
 mod helpers;
 mod http_api;

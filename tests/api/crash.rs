@@ -1,0 +1,208 @@
+//! Crashes and replicas, with the real binary on a real Postgres: SIGKILL
+//! mid-flight, a restart, two replicas on one database with one killed.
+//! Leases and recovery run on short durations so the tests take seconds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use crate::helpers::{spawn_binary, Running, TestDb};
+
+const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
+
+fn env<'a>(db: &'a TestDb, latency_min: &'a str, latency_max: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("DATABASE_URL", db.url.as_str()),
+        ("PAYMENT_LATENCY_MIN", latency_min),
+        ("PAYMENT_LATENCY_MAX", latency_max),
+        ("RETRY_INITIAL_INTERVAL", "20ms"),
+        ("RETRY_MAX_INTERVAL", "100ms"),
+        ("BREAKER_OPEN_DURATION", "500ms"),
+        ("JOB_LEASE", "2s"),
+        ("RECOVERY_INTERVAL", "300ms"),
+        ("WORKER_COUNT", "20"),
+        ("QUEUE_CAPACITY", "1000"),
+    ]
+}
+
+async fn post_orders(service: &Running, n: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let response = client
+            .post(service.url("/orders"))
+            .header("content-type", "application/json")
+            .body(ORDER)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let body: serde_json::Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+async fn open_orders(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status IN ('pending', 'processing')")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until no order is open, or fails after `limit`.
+async fn wait_until_settled(pool: &PgPool, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if open_orders(pool).await == 0 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} orders still open after {limit:?}",
+            open_orders(pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn assert_no_order_charged_twice(pool: &PgPool) {
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT order_id FROM payment_ledger GROUP BY order_id HAVING count(*) > 1) t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "orders charged more than once");
+}
+
+async fn assert_terminal(pool: &PgPool, expected: usize) {
+    let terminal: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status IN ('completed', 'failed')")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(terminal as usize, expected);
+}
+
+#[tokio::test]
+async fn after_a_sigkill_a_restart_finishes_every_accepted_order_charging_each_at_most_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let env = env(&db, "100ms", "300ms");
+
+    let first = spawn_binary(&env).await;
+    let ids = post_orders(&first, 100).await;
+    first.kill_hard().await;
+    assert!(
+        open_orders(&db.pool).await > 0,
+        "orders were in flight at the kill"
+    );
+
+    let second = spawn_binary(&env).await;
+    // Bound: JOB_LEASE + RECOVERY_INTERVAL + the processing time.
+    let took = wait_until_settled(&db.pool, Duration::from_secs(30)).await;
+    assert_terminal(&db.pool, ids.len()).await;
+    assert_no_order_charged_twice(&db.pool).await;
+    let recovered: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT order_id) FROM order_lease_history WHERE outcome = 'lease expired'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    eprintln!("settled {took:?} after the restart; {recovered} orders were mid-charge at the kill");
+    assert!(second.terminate().await.success());
+    db.destroy().await;
+}
+
+#[tokio::test]
+async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let env = env(&db, "20ms", "80ms");
+    let a = spawn_binary(&env).await;
+    let b = spawn_binary(&env).await;
+
+    // 500 orders spread across both, four clients at a time.
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let target = if i % 2 == 0 {
+            a.url("/orders")
+        } else {
+            b.url("/orders")
+        };
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for _ in 0..125 {
+                let r = client
+                    .post(&target)
+                    .header("content-type", "application/json")
+                    .body(ORDER)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    a.kill_hard().await;
+    let killed_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    wait_until_settled(&db.pool, Duration::from_secs(30)).await;
+    assert_terminal(&db.pool, 500).await;
+    assert_no_order_charged_twice(&db.pool).await;
+
+    // No order was processing in two replicas at once: per order, each lease
+    // ends before the next begins.
+    let rows = sqlx::query(
+        "SELECT order_id, owner, started_at, ended_at FROM order_lease_history ORDER BY order_id, started_at",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut by_order: HashMap<uuid::Uuid, Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)>> =
+        HashMap::new();
+    for row in rows {
+        by_order.entry(row.get("order_id")).or_default().push((
+            row.get("owner"),
+            row.get("started_at"),
+            row.get("ended_at"),
+        ));
+    }
+    let mut handed_over = 0;
+    for (order, leases) in &by_order {
+        for pair in leases.windows(2) {
+            let (ref owner, _, ended) = pair[0];
+            let (ref next_owner, next_start, _) = pair[1];
+            let ended = ended.unwrap_or_else(|| panic!("{order}: lease of {owner} never closed"));
+            assert!(
+                ended <= next_start,
+                "{order}: {owner} until {ended}, {next_owner} from {next_start}"
+            );
+            if owner != next_owner {
+                handed_over += 1;
+                assert!(
+                    next_start >= killed_at,
+                    "{order}: taken over before the kill"
+                );
+            }
+        }
+        assert!(
+            leases.last().unwrap().2.is_some(),
+            "{order}: last lease open"
+        );
+    }
+    eprintln!("{handed_over} orders moved from the killed replica to the survivor mid-charge");
+    assert!(b.terminate().await.success());
+    db.destroy().await;
+}
