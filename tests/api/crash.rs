@@ -10,6 +10,9 @@ use sqlx::{PgPool, Row};
 
 use crate::helpers::{spawn_binary, Running, TestDb};
 
+/// One lease from the history: owner, start, end.
+type LeaseSpan = (String, DateTime<Utc>, Option<DateTime<Utc>>);
+
 const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
 
 fn env<'a>(db: &'a TestDb, latency_min: &'a str, latency_max: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -170,8 +173,7 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let mut by_order: HashMap<uuid::Uuid, Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)>> =
-        HashMap::new();
+    let mut by_order: HashMap<uuid::Uuid, Vec<LeaseSpan>> = HashMap::new();
     for row in rows {
         by_order.entry(row.get("order_id")).or_default().push((
             row.get("owner"),
