@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use reliability_lab::config::Config;
-use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
+use reliability_lab::http::{self, AdminToken, AppParts, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::{logging, Metrics};
 use reliability_lab::orders::memory::MemoryStore;
@@ -56,10 +56,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(err) = logging::init(config.log_format, &config.rust_log) {
-        eprintln!("reliability-lab: cannot start logging: {err}");
-        return ExitCode::from(2);
-    }
+    // Held until exit: dropping it flushes the log lines still buffered.
+    let _log_guard = match logging::init(config.log_format, &config.rust_log) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("reliability-lab: cannot start logging: {err}");
+            return ExitCode::from(2);
+        }
+    };
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -159,19 +163,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
         );
     }
-    let app = http::router(AppState {
+    let app = http::router(AppState::new(AppParts {
         service: service.clone(),
         metrics,
-        profiler: Arc::new(Profiler::new()),
-        lab: Arc::new(LabHandles {
+        profiler: Profiler::new(),
+        lab: LabHandles {
             payment,
             reliability,
             queue: dispatcher.clone(),
             workers: config.worker_count,
             started: tokio::time::Instant::now(),
-        }),
+        },
         admin_token: config.admin_token.as_deref().map(AdminToken::new),
-    });
+    }));
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

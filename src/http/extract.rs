@@ -71,23 +71,34 @@ where
                 )
             }
         })?;
-        // Syntax first (400), then shape (422): a body with a syntax error
-        // anywhere is malformed, whatever its fields.
-        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
+        // One parse on the happy path. On a shape error, check the syntax of
+        // the whole body: a syntax error anywhere makes it malformed (400),
+        // whatever its fields; otherwise it is a field problem (422).
+        let malformed = |err: serde_json::Error| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
                 format!("the body is not valid JSON: {err}"),
             )
-        })?;
-        let value = serde_path_to_error::deserialize::<_, T>(json).map_err(|err| {
-            let path = err.path().to_string();
-            let message = err.into_inner().to_string();
-            let mut api =
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &message);
-            api.field = field_of(&path, &message);
-            api
-        })?;
+        };
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Ok(value) => {
+                de.end().map_err(malformed)?;
+                value
+            }
+            Err(err) => {
+                if let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                    return Err(malformed(syntax));
+                }
+                let path = err.path().to_string();
+                let message = err.into_inner().to_string();
+                let mut api =
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &message);
+                api.field = field_of(&path, &message);
+                return Err(api);
+            }
+        };
         Ok(JsonBody(value))
     }
 }

@@ -6,10 +6,12 @@
 //! the number of series stays bounded whatever clients send.
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use rand::Rng;
 use tokio::time::Instant;
+use tower_http::request_id::{MakeRequestId, RequestId};
 
 use super::AppState;
 use crate::observability::metrics::UNMATCHED_ROUTE;
@@ -62,4 +64,19 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         "request"
     );
     response
+}
+
+/// Request ids for requests that come without one: UUID-shaped, from the
+/// thread's fast generator rather than a system call per request (the ids
+/// only need to be unique, not secret).
+#[derive(Clone, Copy, Default)]
+pub struct MakeRequestUuidFast;
+
+impl MakeRequestId for MakeRequestUuidFast {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = id.hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
 }

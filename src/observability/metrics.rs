@@ -23,6 +23,12 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     pub http_request_duration_seconds: HistogramVec,
     pub worker_jobs_total: IntCounterVec,
+    /// `worker_jobs_total` by status, resolved once: these are counted for
+    /// every order, and a label lookup hashes and locks each time.
+    pub jobs_submitted: IntCounter,
+    pub jobs_completed: IntCounter,
+    pub jobs_failed: IntCounter,
+    pub jobs_rejected: IntCounter,
     pub worker_queue_depth: IntGauge,
     pub payment_failures_total: IntCounter,
     pub payment_timeouts_total: IntCounter,
@@ -101,9 +107,10 @@ impl Metrics {
             "Jobs by outcome: submitted, completed, failed, rejected (queue full).",
             &["status"],
         );
-        for status in ["submitted", "completed", "failed", "rejected"] {
-            worker_jobs_total.with_label_values(&[status]);
-        }
+        let jobs_submitted = worker_jobs_total.with_label_values(&["submitted"]);
+        let jobs_completed = worker_jobs_total.with_label_values(&["completed"]);
+        let jobs_failed = worker_jobs_total.with_label_values(&["failed"]);
+        let jobs_rejected = worker_jobs_total.with_label_values(&["rejected"]);
         let worker_queue_depth = gauge(
             &registry,
             "worker_queue_depth",
@@ -194,6 +201,10 @@ impl Metrics {
             http_requests_total,
             http_request_duration_seconds,
             worker_jobs_total,
+            jobs_submitted,
+            jobs_completed,
+            jobs_failed,
+            jobs_rejected,
             worker_queue_depth,
             payment_failures_total,
             payment_timeouts_total,

@@ -22,7 +22,9 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    orders: HashMap<OrderId, Order>,
+    /// Boxed: the table grows in powers of two, so its empty slots cost the
+    /// size of an entry; a box keeps entries small (measured per order).
+    orders: HashMap<OrderId, Box<Order>>,
     /// Idempotency key -> (request digest, order, when stored).
     keys: HashMap<String, (String, OrderId, DateTime<Utc>)>,
 }
@@ -56,7 +58,7 @@ impl OrderRepository for MemoryStore {
         if inner.orders.contains_key(&order.id) {
             return Ok(false);
         }
-        inner.orders.insert(order.id, order.clone());
+        inner.orders.insert(order.id, Box::new(order.clone()));
         Ok(true)
     }
 
@@ -69,10 +71,11 @@ impl OrderRepository for MemoryStore {
         let mut inner = self.inner.write().map_err(|_| poisoned())?;
         if let Some((digest, existing, _)) = inner.keys.get(key) {
             let same_request = digest == request_digest;
-            let order =
-                inner.orders.get(existing).cloned().ok_or_else(|| {
-                    StoreError::Other("idempotency key names a missing order".into())
-                })?;
+            let order = inner
+                .orders
+                .get(existing)
+                .map(|o| Order::clone(o))
+                .ok_or_else(|| StoreError::Other("idempotency key names a missing order".into()))?;
             return Ok(KeyedInsert::Existing {
                 order,
                 same_request,
@@ -84,7 +87,7 @@ impl OrderRepository for MemoryStore {
                 order.id
             )));
         }
-        inner.orders.insert(order.id, order.clone());
+        inner.orders.insert(order.id, Box::new(order.clone()));
         inner.keys.insert(
             key.to_owned(),
             (request_digest.to_owned(), order.id, Utc::now()),
@@ -99,7 +102,7 @@ impl OrderRepository for MemoryStore {
             .map_err(|_| poisoned())?
             .orders
             .get(&id)
-            .cloned())
+            .map(|o| Order::clone(o)))
     }
 
     async fn update_status(
@@ -122,7 +125,7 @@ impl OrderRepository for MemoryStore {
             order.last_error = Some(reason.clone());
         }
         order.updated_at = Utc::now().trunc_subsecs(6);
-        Ok(UpdateOutcome::Updated(order.clone()))
+        Ok(UpdateOutcome::Updated(Order::clone(order)))
     }
 
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {

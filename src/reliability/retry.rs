@@ -71,10 +71,8 @@ impl RetryPolicy {
             waits: 0,
             ceiling: self.max_interval,
             randomization: self.randomization_factor.clamp(0.0, 1.0),
-            rng: match seed {
-                Some(seed) => StdRng::seed_from_u64(seed),
-                None => StdRng::from_rng(&mut rand::rng()),
-            },
+            seed,
+            rng: None,
         }
     }
 }
@@ -88,7 +86,9 @@ pub(crate) struct AttemptLimit<B> {
     waits: u32,
     ceiling: Duration,
     randomization: f64,
-    rng: StdRng,
+    seed: Option<u64>,
+    /// Made on the first wait: most calls succeed at once and never need it.
+    rng: Option<StdRng>,
 }
 
 impl<B: Backoff> Backoff for AttemptLimit<B> {
@@ -105,8 +105,12 @@ impl<B: Backoff> Backoff for AttemptLimit<B> {
         self.waits += 1;
         let base = self.inner.next_backoff()?;
         let factor = if self.randomization > 0.0 {
-            self.rng
-                .random_range(1.0 - self.randomization..=1.0 + self.randomization)
+            let seed = self.seed;
+            let rng = self.rng.get_or_insert_with(|| match seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_rng(&mut rand::rng()),
+            });
+            rng.random_range(1.0 - self.randomization..=1.0 + self.randomization)
         } else {
             1.0
         };

@@ -51,11 +51,7 @@ impl Reservation {
         // Count before sending so a fast worker never drives the gauge negative.
         let depth = self.shared.depth.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.metrics.worker_queue_depth.set(depth as i64);
-        self.shared
-            .metrics
-            .worker_jobs_total
-            .with_label_values(&["submitted"])
-            .inc();
+        self.shared.metrics.jobs_submitted.inc();
         self.permit.send(job);
     }
 }
@@ -142,11 +138,7 @@ impl Dispatcher {
                 shared: self.shared.clone(),
             }),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared
-                    .metrics
-                    .worker_jobs_total
-                    .with_label_values(&["rejected"])
-                    .inc();
+                self.shared.metrics.jobs_rejected.inc();
                 Err(ReserveError::Full)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(ReserveError::Closed),

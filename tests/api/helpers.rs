@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use reliability_lab::http::{self, AdminToken, AppState, LabHandles};
+use reliability_lab::http::{self, AdminToken, AppParts, AppState, LabHandles};
 use reliability_lab::observability::profiling::Profiler;
 use reliability_lab::observability::Metrics;
 use reliability_lab::orders::memory::MemoryStore;
@@ -129,19 +129,19 @@ impl Lab {
         if options.start_workers {
             dispatcher.start(options.workers, processor.clone());
         }
-        let router = http::router(AppState {
+        let router = http::router(AppState::new(AppParts {
             service: service.clone(),
             metrics: metrics.clone(),
-            profiler: Arc::new(Profiler::new()),
-            lab: Arc::new(LabHandles {
+            profiler: Profiler::new(),
+            lab: LabHandles {
                 payment: payment.clone(),
                 reliability: reliability.clone(),
                 queue: dispatcher.clone(),
                 workers: options.workers,
                 started: tokio::time::Instant::now(),
-            }),
+            },
             admin_token: options.admin_token.map(AdminToken::new),
-        });
+        }));
         Self {
             router,
             service,

@@ -1,0 +1,177 @@
+//! The load client: keep-alive HTTP/1.1 connections on hyper, each sending
+//! one request at a time, recording every latency.
+//!
+//! Closed loop (`rate: None`): each connection sends as fast as answers come,
+//! which measures the maximum rate. Open loop (`rate: Some(r)`): requests are
+//! scheduled at `r` per second in all, and latency is counted from the
+//! scheduled time, so a slow answer that delays the next request is charged
+//! to the server (no coordinated omission).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+pub const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Post,
+    Get,
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    latencies_us: Vec<u32>,
+    /// Locations of created orders (POST), for a later GET phase.
+    pub locations: Vec<String>,
+}
+
+impl Outcome {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The p-th percentile latency in milliseconds.
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p / 100.0) * (self.latencies_us.len() - 1) as f64).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+pub struct Phase {
+    pub addr: SocketAddr,
+    pub kind: Kind,
+    pub connections: usize,
+    pub duration: Duration,
+    /// Requests per second in all, or None for as fast as possible.
+    pub rate: Option<f64>,
+    /// Paths to GET, cycled through.
+    pub targets: Arc<Vec<String>>,
+}
+
+async fn connection(
+    phase: Arc<Phase>,
+    index: usize,
+    start: Instant,
+) -> (u64, u64, Vec<u32>, Vec<String>) {
+    let stream = tokio::net::TcpStream::connect(phase.addr)
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).ok();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let deadline = start + phase.duration;
+    let interval = phase
+        .rate
+        .map(|r| Duration::from_secs_f64(phase.connections as f64 / r));
+    // Spread the open-loop schedules so connections do not fire together.
+    let mut next = start
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(index as f64 / phase.connections as f64)
+        });
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut latencies = Vec::with_capacity(4096);
+    let mut locations = Vec::new();
+    let mut cursor = index;
+    loop {
+        let scheduled = match interval {
+            Some(interval) => {
+                tokio::time::sleep_until(next.into()).await;
+                let at = next;
+                next += interval;
+                at
+            }
+            None => Instant::now(),
+        };
+        if scheduled >= deadline {
+            break;
+        }
+        let request = match phase.kind {
+            Kind::Post => Request::post("/orders")
+                .header("host", "bench")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(ORDER.as_bytes())))
+                .unwrap(),
+            Kind::Get => {
+                let path = &phase.targets[cursor % phase.targets.len()];
+                cursor += phase.connections;
+                Request::get(path.as_str())
+                    .header("host", "bench")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()
+            }
+        };
+        if sender.ready().await.is_err() {
+            errors += 1;
+            break;
+        }
+        match sender.send_request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let _ = response.into_body().collect().await;
+                let took = scheduled.elapsed();
+                if status.is_success() {
+                    ok += 1;
+                    latencies.push(took.as_micros().min(u32::MAX as u128) as u32);
+                    if let (Kind::Post, Some(location)) = (phase.kind, location) {
+                        if locations.len() < 20_000 {
+                            locations.push(location);
+                        }
+                    }
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    (ok, errors, latencies, locations)
+}
+
+/// Runs one phase and gathers what every connection measured.
+pub async fn run(phase: Phase) -> Outcome {
+    let phase = Arc::new(phase);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..phase.connections)
+        .map(|i| tokio::spawn(connection(phase.clone(), i, start)))
+        .collect();
+    let mut outcome = Outcome {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+        locations: Vec::new(),
+    };
+    for task in tasks {
+        let (ok, errors, latencies, locations) = task.await.expect("connection task");
+        outcome.requests += ok;
+        outcome.errors += errors;
+        outcome.latencies_us.extend(latencies);
+        outcome.locations.extend(locations);
+    }
+    outcome.elapsed = start.elapsed();
+    outcome.latencies_us.sort_unstable();
+    outcome
+}

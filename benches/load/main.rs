@@ -1,0 +1,581 @@
+//! `make bench`: the service under load, measured against references that do
+//! not move, in the same run with the same client:
+//!
+//! - `POST /orders` and `GET /orders/{id}` against a minimal axum server
+//!   (`reference.rs`), alternating, several rounds, medians;
+//! - p99 at half of the measured maximum rate (open loop);
+//! - the pipeline: orders per second from POST to completed, against the
+//!   admission rate;
+//! - the retry + breaker wrapper's cost per call, against a bare call;
+//! - memory: peak RSS, and bytes per order after many orders in memory;
+//! - with Postgres: `POST /orders` against Postgres's own single-row INSERT
+//!   ceiling measured with pgbench at the same concurrency.
+//!
+//! Knobs (environment): BENCH_SECONDS (5), BENCH_CONNECTIONS (32),
+//! BENCH_ROUNDS (3), BENCH_MEMORY_ORDERS (1000000), BENCH_DATABASE_URL,
+//! PGBENCH. Results: a table on stdout, and JSON in bench/.
+
+mod client;
+mod reference;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client::{Kind, Outcome, Phase};
+use serde_json::json;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().unwrap()
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A child process that is killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn wait_healthy(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server on {addr} never came up");
+}
+
+async fn start_service(extra: &[(&str, &str)]) -> Server {
+    let binary = repo_root().join("target/release/reliability-lab");
+    assert!(
+        binary.exists(),
+        "build it first: cargo build --release (make bench does)"
+    );
+    let addr = free_addr();
+    let child = Command::new(binary)
+        .env_clear()
+        .env("LISTEN_ADDR", addr.to_string())
+        .env("PAYMENT_LATENCY_MIN", "0ms")
+        .env("PAYMENT_LATENCY_MAX", "0ms")
+        .env("PAYMENT_FAILURE_RATE", "0")
+        .env("QUEUE_CAPACITY", "2000000")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the service");
+    wait_healthy(addr).await;
+    Server { child, addr }
+}
+
+async fn start_reference() -> Server {
+    let addr = free_addr();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--serve-reference", &addr.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the reference server");
+    wait_healthy(addr).await;
+    Server { child, addr }
+}
+
+async fn phase(
+    addr: SocketAddr,
+    kind: Kind,
+    rate: Option<f64>,
+    targets: Arc<Vec<String>>,
+) -> Outcome {
+    client::run(Phase {
+        addr,
+        kind,
+        connections: env_or("BENCH_CONNECTIONS", 32),
+        duration: Duration::from_secs(env_or("BENCH_SECONDS", 5)),
+        rate,
+        targets,
+    })
+    .await
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// A GET of the admin state, as JSON.
+async fn admin_state(addr: SocketAddr) -> serde_json::Value {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/admin/state")
+        .header("host", "bench")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn finished(state: &serde_json::Value) -> u64 {
+    state["orders"]["completed"].as_u64().unwrap_or(0)
+        + state["orders"]["failed"].as_u64().unwrap_or(0)
+}
+
+async fn wait_drained(addr: SocketAddr) {
+    loop {
+        let state = admin_state(addr).await;
+        if state["queue"]["depth"] == 0 && state["workers"]["busy"] == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One row of the table.
+struct Row {
+    figure: String,
+    value: f64,
+    unit: &'static str,
+    reference: Option<(String, f64)>,
+    /// (description, met)
+    target: Option<(String, bool)>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        self.reference.as_ref().map(|(_, r)| self.value / r)
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<44} {:>14} {:>34} {:>8}  {}",
+        "figure", "value", "reference", "ratio", "target"
+    );
+    println!("{}", "-".repeat(130));
+    for row in rows {
+        let reference = row
+            .reference
+            .as_ref()
+            .map(|(name, v)| format!("{name} {v:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let ratio = row
+            .ratio()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_else(|| "-".into());
+        let target = row
+            .target
+            .as_ref()
+            .map(|(what, met)| format!("{what}: {}", if *met { "met" } else { "MISSED" }))
+            .unwrap_or_default();
+        println!(
+            "{:<44} {:>10.1} {:<3} {:>34} {:>8}  {}",
+            row.figure, row.value, row.unit, reference, ratio, target
+        );
+    }
+    println!();
+}
+
+/// Average cost of one call through retry + breaker, against the bare call.
+fn wrapper_cost_ns() -> (f64, f64) {
+    use reliability_lab::reliability::{
+        Breaker, BreakerConfig, Classify, Rejection, Reliability, RetryObserver, RetryPolicy,
+    };
+    #[derive(Debug)]
+    struct Never;
+    impl std::fmt::Display for Never {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("never")
+        }
+    }
+    impl Classify for Never {
+        fn counts_as_failure(&self) -> bool {
+            true
+        }
+        fn is_retryable(&self) -> bool {
+            true
+        }
+    }
+    struct Quiet;
+    impl RetryObserver for Quiet {
+        fn retrying(&self, _: &dyn std::fmt::Display, _: Duration) {}
+        fn gave_up_on_rejection(&self, _: Rejection) {}
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reliability = Reliability::new(
+        RetryPolicy::default(),
+        Breaker::new(BreakerConfig::default(), None),
+        Arc::new(Quiet),
+    );
+    const N: u32 = 1_000_000;
+    runtime.block_on(async {
+        let start = Instant::now();
+        for i in 0..N {
+            let r: Result<u32, Never> = async { Ok(std::hint::black_box(i)) }.await;
+            std::hint::black_box(r.ok());
+        }
+        let bare = start.elapsed().as_nanos() as f64 / f64::from(N);
+        let start = Instant::now();
+        for i in 0..N {
+            let r = reliability
+                .call(|| async move { Ok::<u32, Never>(std::hint::black_box(i)) })
+                .await;
+            std::hint::black_box(r.ok());
+        }
+        let wrapped = start.elapsed().as_nanos() as f64 / f64::from(N);
+        (wrapped, bare)
+    })
+}
+
+/// pgbench's single-row INSERT into the same table, at `clients` concurrency.
+fn postgres_ceiling(pgbench: &str, url: &str, clients: usize, seconds: u64) -> Option<f64> {
+    let script = std::env::temp_dir().join("reliability-lab-insert.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO orders (id, customer_id, amount, currency, status, attempts, created_at, updated_at, lease_owner, lease_expires_at) \
+         VALUES (gen_random_uuid(), 'cust-42', 1999, 'USD', 'pending', 0, now(), now(), 'pgbench', now() + interval '30 seconds');\n",
+    )
+    .ok()?;
+    let out = Command::new(pgbench)
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn fresh_database(admin_url: &str, name: &str) -> String {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("connect to Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+async fn bench() {
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let connections: usize = env_or("BENCH_CONNECTIONS", 32);
+    let seconds: u64 = env_or("BENCH_SECONDS", 5);
+    let mut rows = Vec::new();
+
+    let service = start_service(&[]).await;
+    let reference = start_reference().await;
+    let mut post = (Vec::new(), Vec::new(), Vec::new(), Vec::new()); // rate, p50, p99 (service) ; rate (reference)
+    let mut ref_post = (Vec::new(), Vec::new(), Vec::new());
+    let mut get = (Vec::new(), Vec::new(), Vec::new());
+    let mut ref_get = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: POST and GET, service then reference");
+        let s = phase(service.addr, Kind::Post, None, Arc::default()).await;
+        let r = phase(reference.addr, Kind::Post, None, Arc::default()).await;
+        post.0.push(s.rate());
+        post.1.push(s.percentile_ms(50.0));
+        post.2.push(s.percentile_ms(99.0));
+        post.3.push(s.errors as f64);
+        ref_post.0.push(r.rate());
+        ref_post.1.push(r.percentile_ms(50.0));
+        ref_post.2.push(r.percentile_ms(99.0));
+        let s_get = phase(service.addr, Kind::Get, None, Arc::new(s.locations.clone())).await;
+        let r_get = phase(
+            reference.addr,
+            Kind::Get,
+            None,
+            Arc::new(r.locations.clone()),
+        )
+        .await;
+        get.0.push(s_get.rate());
+        get.1.push(s_get.percentile_ms(50.0));
+        get.2.push(s_get.percentile_ms(99.0));
+        ref_get.0.push(r_get.rate());
+        ref_get.1.push(r_get.percentile_ms(50.0));
+        ref_get.2.push(r_get.percentile_ms(99.0));
+    }
+    let (post_rate, ref_post_rate) = (median(post.0.clone()), median(ref_post.0.clone()));
+    let (get_rate, ref_get_rate) = (median(get.0.clone()), median(ref_get.0.clone()));
+    rows.push(Row {
+        figure: "POST /orders throughput".into(),
+        value: post_rate,
+        unit: "r/s",
+        reference: Some(("reference".into(), ref_post_rate)),
+        target: Some((">= 0.60".into(), post_rate / ref_post_rate >= 0.60)),
+    });
+    rows.push(Row {
+        figure: "POST /orders p50 (max rate)".into(),
+        value: median(post.1.clone()),
+        unit: "ms",
+        reference: Some(("reference".into(), median(ref_post.1.clone()))),
+        target: None,
+    });
+    rows.push(Row {
+        figure: "POST /orders p99 (max rate)".into(),
+        value: median(post.2.clone()),
+        unit: "ms",
+        reference: Some(("reference".into(), median(ref_post.2.clone()))),
+        target: None,
+    });
+    rows.push(Row {
+        figure: "GET /orders/{id} throughput".into(),
+        value: get_rate,
+        unit: "r/s",
+        reference: Some(("reference".into(), ref_get_rate)),
+        target: Some((">= 0.75".into(), get_rate / ref_get_rate >= 0.75)),
+    });
+    rows.push(Row {
+        figure: "GET /orders/{id} p50 (max rate)".into(),
+        value: median(get.1.clone()),
+        unit: "ms",
+        reference: Some(("reference".into(), median(ref_get.1.clone()))),
+        target: None,
+    });
+    rows.push(Row {
+        figure: "GET /orders/{id} p99 (max rate)".into(),
+        value: median(get.2.clone()),
+        unit: "ms",
+        reference: Some(("reference".into(), median(ref_get.2.clone()))),
+        target: None,
+    });
+
+    // p99 at half of the maximum rate, open loop.
+    eprintln!("p99 at half the maximum rate");
+    let half_post = phase(
+        service.addr,
+        Kind::Post,
+        Some(post_rate / 2.0),
+        Arc::default(),
+    )
+    .await;
+    rows.push(Row {
+        figure: format!("POST p99 at {:.0} r/s (half max)", post_rate / 2.0),
+        value: half_post.percentile_ms(99.0),
+        unit: "ms",
+        reference: None,
+        target: Some(("< 10 ms".into(), half_post.percentile_ms(99.0) < 10.0)),
+    });
+    let half_get = phase(
+        service.addr,
+        Kind::Get,
+        Some(get_rate / 2.0),
+        Arc::new(half_post.locations.clone()),
+    )
+    .await;
+    rows.push(Row {
+        figure: format!("GET p99 at {:.0} r/s (half max)", get_rate / 2.0),
+        value: half_get.percentile_ms(99.0),
+        unit: "ms",
+        reference: None,
+        target: Some(("< 10 ms".into(), half_get.percentile_ms(99.0) < 10.0)),
+    });
+
+    // The pipeline: POST to completed, against the admission rate.
+    eprintln!("pipeline: POST to completed");
+    wait_drained(service.addr).await;
+    let before = finished(&admin_state(service.addr).await);
+    let start = Instant::now();
+    let burst = phase(service.addr, Kind::Post, None, Arc::default()).await;
+    let target = before + burst.requests;
+    while finished(&admin_state(service.addr).await) < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pipeline = burst.requests as f64 / start.elapsed().as_secs_f64();
+    rows.push(Row {
+        figure: "pipeline: orders/s POST to completed".into(),
+        value: pipeline,
+        unit: "o/s",
+        reference: Some(("POST rate".into(), post_rate)),
+        target: None,
+    });
+    let peak_mib = service.rss_kib("VmHWM") as f64 / 1024.0;
+    rows.push(Row {
+        figure: "peak RSS during the run".into(),
+        value: peak_mib,
+        unit: "MiB",
+        reference: Some((
+            "reference".into(),
+            reference.rss_kib("VmHWM") as f64 / 1024.0,
+        )),
+        target: None,
+    });
+    drop(reference);
+    drop(service);
+
+    // The wrapper's cost per call.
+    let (wrapped, bare) = tokio::task::spawn_blocking(wrapper_cost_ns).await.unwrap();
+    rows.push(Row {
+        figure: "retry + breaker around a no-op call".into(),
+        value: wrapped,
+        unit: "ns",
+        reference: Some(("bare call".into(), bare)),
+        target: Some(("adds < 1 us".into(), wrapped - bare < 1000.0)),
+    });
+
+    // Memory per order: a fresh service, many orders, all processed.
+    let orders: u64 = env_or("BENCH_MEMORY_ORDERS", 1_000_000);
+    if orders > 0 {
+        eprintln!("memory: {orders} orders into a fresh in-memory service");
+        let service = start_service(&[("RUST_LOG", "warn")]).await;
+        let base = service.rss_kib("VmRSS");
+        let mut sent = 0;
+        while sent < orders {
+            let remaining = orders - sent;
+            let outcome = client::run(Phase {
+                addr: service.addr,
+                kind: Kind::Post,
+                connections,
+                duration: Duration::from_secs(2),
+                rate: None,
+                targets: Arc::default(),
+            })
+            .await;
+            sent += outcome.requests;
+            eprintln!("  {sent} orders ({remaining} were left)");
+        }
+        wait_drained(service.addr).await;
+        let after = service.rss_kib("VmRSS");
+        let per_order = (after.saturating_sub(base) as f64 * 1024.0) / sent as f64;
+        rows.push(Row {
+            figure: format!("memory per order ({sent} orders, store + ledger)"),
+            value: per_order,
+            unit: "B",
+            reference: Some(("1 KiB".into(), 1024.0)),
+            target: Some(("< 1 KiB".into(), per_order < 1024.0)),
+        });
+    }
+
+    // Postgres: POST /orders against pgbench's INSERT ceiling.
+    match (
+        std::env::var("BENCH_DATABASE_URL"),
+        std::env::var("PGBENCH"),
+    ) {
+        (Ok(admin_url), pgbench) => {
+            let pgbench = pgbench.unwrap_or_else(|_| "pgbench".into());
+            eprintln!("Postgres: POST /orders, then pgbench's INSERT ceiling");
+            let url = fresh_database(&admin_url, "reliability_lab_bench").await;
+            let service = start_service(&[("DATABASE_URL", url.as_str())]).await;
+            let pg_post = phase(service.addr, Kind::Post, None, Arc::default()).await;
+            drop(service);
+            match postgres_ceiling(&pgbench, &url, connections, seconds) {
+                Some(ceiling) => rows.push(Row {
+                    figure: "POST /orders with Postgres".into(),
+                    value: pg_post.rate(),
+                    unit: "r/s",
+                    reference: Some(("pgbench INSERT tps".into(), ceiling)),
+                    target: Some((">= 0.70".into(), pg_post.rate() / ceiling >= 0.70)),
+                }),
+                None => eprintln!("pgbench did not run: the Postgres ceiling is skipped"),
+            }
+        }
+        _ => eprintln!("BENCH_DATABASE_URL unset: the Postgres figures are skipped"),
+    }
+
+    print_table(&rows);
+    let machine = json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())),
+        "connections": connections,
+        "seconds_per_phase": seconds,
+        "rounds": rounds,
+    });
+    let results = json!({
+        "machine": machine,
+        "rows": rows.iter().map(|r| json!({
+            "figure": r.figure,
+            "value": r.value,
+            "unit": r.unit,
+            "reference": r.reference.as_ref().map(|(n, v)| json!({"name": n, "value": v})),
+            "ratio": r.ratio(),
+            "target": r.target.as_ref().map(|(t, met)| json!({"target": t, "met": met})),
+        })).collect::<Vec<_>>(),
+    });
+    let dir = repo_root().join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("latest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-reference") {
+        reference::serve(&args[i + 1]);
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        // Not started by `cargo bench`: nothing to do here.
+        eprintln!("the load benchmark runs with `make bench`");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(bench());
+}

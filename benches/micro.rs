@@ -1,0 +1,120 @@
+//! Micro-benchmarks of the hot paths: the retry + breaker wrapper around a
+//! call that always succeeds, the HTTP metrics middleware's work per request,
+//! and the in-memory store's insert and get.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, Criterion};
+use reliability_lab::observability::Metrics;
+use reliability_lab::orders::memory::MemoryStore;
+use reliability_lab::orders::{
+    Amount, Currency, CustomerId, NewOrder, Order, OrderId, OrderRepository,
+};
+use reliability_lab::reliability::{Breaker, BreakerConfig, Classify, Reliability, RetryPolicy};
+
+#[derive(Debug)]
+struct Never;
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("never")
+    }
+}
+
+impl Classify for Never {
+    fn counts_as_failure(&self) -> bool {
+        true
+    }
+    fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+fn order() -> Order {
+    Order::new(
+        OrderId::new_random(),
+        NewOrder {
+            customer_id: CustomerId::parse("cust-42").unwrap(),
+            amount: Amount::parse(1999).unwrap(),
+            currency: Currency::parse("USD").unwrap(),
+        },
+        Utc::now(),
+    )
+}
+
+fn wrapper(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let reliability = Reliability::new(
+        RetryPolicy::default(),
+        Breaker::new(BreakerConfig::default(), Some(metrics.clone())),
+        metrics,
+    );
+    c.bench_function("retry+breaker around an always-succeeding call", |b| {
+        b.to_async(&runtime).iter(|| async {
+            reliability
+                .call(|| async { Ok::<u32, Never>(std::hint::black_box(7)) })
+                .await
+                .ok()
+        })
+    });
+    c.bench_function("the same call, bare", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { std::hint::black_box(Ok::<u32, Never>(std::hint::black_box(7))).ok() })
+    });
+}
+
+fn http_metrics(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    c.bench_function("HTTP metrics per request (counter + histogram)", |b| {
+        b.iter(|| {
+            metrics.observe_request(
+                std::hint::black_box("GET"),
+                std::hint::black_box("/orders/{id}"),
+                200,
+                Duration::from_micros(250),
+            )
+        })
+    });
+}
+
+fn memory_store(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = MemoryStore::new();
+    let orders: Vec<Order> = (0..100_000).map(|_| order()).collect();
+    runtime.block_on(async {
+        for o in &orders {
+            store.insert(o).await.unwrap();
+        }
+    });
+    let mut i = 0;
+    c.bench_function("memory store get (100k orders)", |b| {
+        b.to_async(&runtime).iter(|| {
+            i = (i + 1) % orders.len();
+            let id = orders[i].id;
+            let store = &store;
+            async move { store.get(id).await.unwrap() }
+        })
+    });
+    c.bench_function("memory store insert", |b| {
+        b.to_async(&runtime).iter_batched(
+            order,
+            |o| {
+                let store = &store;
+                async move { store.insert(&o).await.unwrap() }
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, wrapper, http_metrics, memory_store);
+criterion_main!(benches);
