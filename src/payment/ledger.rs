@@ -46,7 +46,9 @@ pub trait Ledger: Send + Sync {
 
 fn charge(request: &ChargeRequest, key: Option<&str>) -> Charge {
     Charge {
-        charge_id: Uuid::new_v4(),
+        // The simulated provider's ids need to be unique, not secret: the
+        // thread's generator, not a system call per charge.
+        charge_id: uuid::Builder::from_random_bytes(rand::Rng::random(&mut rand::rng())).into_uuid(),
         order_id: request.order_id,
         attempt: request.attempt,
         idempotency_key: key.map(str::to_owned),
