@@ -190,8 +190,8 @@ impl Row {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<44} {:>14} {:>34} {:>8}  {}",
-        "figure", "value", "reference", "ratio", "target"
+        "{:<44} {:>14} {:>34} {:>8}  target",
+        "figure", "value", "reference", "ratio"
     );
     println!("{}", "-".repeat(130));
     for row in rows {

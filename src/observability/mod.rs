@@ -1,5 +1,6 @@
 //! Logs and metrics: how every failure mode stays visible.
 
+mod batched;
 pub mod logging;
 pub mod metrics;
 pub mod profiling;
