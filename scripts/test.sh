@@ -19,4 +19,5 @@ if [ -z "${DATABASE_URL:-}" ]; then
     fi
 fi
 
-cargo test --all-targets "$@"
+# Benchmarks are built (and linted) by `make lint`; they run with `make bench`.
+cargo test --lib --bins --tests "$@"

@@ -40,14 +40,9 @@ pub async fn get_ledger(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let order_id: OrderId = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_order_id",
-            format!("{id:?} is not an order id; expected a UUID"),
-        )
-        .with_field("order_id")
-    })?;
+    let order_id: OrderId = id
+        .parse()
+        .map_err(|_| ApiError::invalid_order_id(&id, "order_id"))?;
     let charges = state
         .lab
         .payment

@@ -58,6 +58,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// A path segment that should have been an order id (400, naming `field`).
+    pub fn invalid_order_id(raw: &str, field: &'static str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+            format!("{raw:?} is not an order id; expected a UUID"),
+        )
+        .with_field(field)
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -112,14 +112,9 @@ pub async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id: OrderId = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_order_id",
-            format!("{id:?} is not an order id; expected a UUID"),
-        )
-        .with_field("id")
-    })?;
+    let id: OrderId = id
+        .parse()
+        .map_err(|_| ApiError::invalid_order_id(&id, "id"))?;
     let order = state.service.get_order(id).await?;
     Ok(Json(order).into_response())
 }

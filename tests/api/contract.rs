@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use reliability_lab::orders::memory::MemoryStore;
 use reliability_lab::orders::{
-    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderId, OrderRepository, Status,
-    StatusChange, UpdateOutcome,
+    KeyedInsert, Order, OrderId, OrderRepository, Status, StatusChange, UpdateOutcome,
 };
 
 /// The order a change produced, or a failed test.
@@ -21,15 +19,7 @@ fn updated(outcome: UpdateOutcome) -> Order {
 use crate::helpers::TestDb;
 
 fn order() -> Order {
-    Order::new(
-        OrderId::new_random(),
-        NewOrder {
-            customer_id: CustomerId::parse("cust-42").unwrap(),
-            amount: Amount::parse(1999).unwrap(),
-            currency: Currency::parse("usd").unwrap(),
-        },
-        Utc::now(),
-    )
+    crate::helpers::new_order()
 }
 
 async fn insert_then_get_returns_the_same_order(repo: Arc<dyn OrderRepository>) {

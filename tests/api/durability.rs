@@ -9,8 +9,7 @@ use axum::http::StatusCode;
 use chrono::Utc;
 use reliability_lab::orders::postgres::PostgresStore;
 use reliability_lab::orders::{
-    Amount, Currency, CustomerId, NewOrder, Order, OrderId, OrderRepository, Status, StatusChange,
-    UpdateOutcome,
+    Order, OrderId, OrderRepository, Status, StatusChange, UpdateOutcome,
 };
 use reliability_lab::payment::{ChargeRequest, Ledger, PostgresLedger};
 use sqlx::Row;
@@ -18,15 +17,7 @@ use sqlx::Row;
 use crate::helpers::{error_code, send, Lab, LabOptions, TestDb};
 
 fn order() -> Order {
-    Order::new(
-        OrderId::new_random(),
-        NewOrder {
-            customer_id: CustomerId::parse("cust-42").unwrap(),
-            amount: Amount::parse(1999).unwrap(),
-            currency: Currency::parse("usd").unwrap(),
-        },
-        Utc::now(),
-    )
+    crate::helpers::new_order()
 }
 
 async fn expire(db: &TestDb, id: OrderId) {

@@ -187,6 +187,20 @@ impl Lab {
     }
 }
 
+/// A valid pending order, not yet stored.
+pub fn new_order() -> Order {
+    use reliability_lab::orders::{Amount, Currency, CustomerId, NewOrder};
+    Order::new(
+        OrderId::new_random(),
+        NewOrder {
+            customer_id: CustomerId::parse("cust-42").unwrap(),
+            amount: Amount::parse(1999).unwrap(),
+            currency: Currency::parse("usd").unwrap(),
+        },
+        chrono::Utc::now(),
+    )
+}
+
 // --- HTTP ----------------------------------------------------------------------
 
 pub fn post_json(uri: &str, body: &str) -> Request<Body> {
