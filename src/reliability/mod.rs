@@ -106,10 +106,6 @@ impl Reliability {
         &self.breaker
     }
 
-    pub fn retry_policy(&self) -> &RetryPolicy {
-        &self.retry
-    }
-
     /// Calls `op` through the breaker, retrying transient failures.
     ///
     /// `op` builds a fresh future for each attempt; the future runs only if
