@@ -12,25 +12,10 @@ use reliability_lab::orders::memory::MemoryStore;
 use reliability_lab::orders::{
     Amount, Currency, CustomerId, NewOrder, Order, OrderId, OrderRepository,
 };
-use reliability_lab::reliability::{Breaker, BreakerConfig, Classify, Reliability, RetryPolicy};
+use reliability_lab::reliability::{Breaker, BreakerConfig, Reliability, RetryPolicy};
 
-#[derive(Debug)]
-struct Never;
-
-impl std::fmt::Display for Never {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("never")
-    }
-}
-
-impl Classify for Never {
-    fn counts_as_failure(&self) -> bool {
-        true
-    }
-    fn is_retryable(&self) -> bool {
-        true
-    }
-}
+mod common;
+use common::Never;
 
 fn order() -> Order {
     Order::new(
@@ -76,7 +61,7 @@ fn http_metrics(c: &mut Criterion) {
             metrics.observe_request(
                 std::hint::black_box("GET"),
                 std::hint::black_box("/orders/{id}"),
-                200,
+                axum::http::StatusCode::OK,
                 Duration::from_micros(250),
             )
         })

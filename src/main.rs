@@ -23,6 +23,9 @@ use reliability_lab::workers::{Dispatcher, Job, OrderProcessor, Reservation, Res
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How often expired Idempotency-Keys are forgotten.
+const KEY_PURGE_EVERY: Duration = Duration::from_secs(60 * 60);
+
 /// How long cancelled workers get to hand their orders back before exit.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
@@ -276,14 +279,18 @@ async fn recovery_loop(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Keys are kept a day: forgetting them hourly is often enough.
+    let mut purge = tokio::time::interval(KEY_PURGE_EVERY);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        recover(&service, &metrics, capacity).await;
-        if let Err(err) = service.purge_old_keys().await {
-            tracing::warn!(error = %err, "purging old idempotency keys failed");
+            _ = tick.tick() => recover(&service, &metrics, capacity).await,
+            _ = purge.tick() => {
+                if let Err(err) = service.purge_old_keys().await {
+                    tracing::warn!(error = %err, "purging old idempotency keys failed");
+                }
+            }
         }
     }
 }

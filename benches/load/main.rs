@@ -16,6 +16,8 @@
 //! PGBENCH. Results: a table on stdout, and JSON in bench/.
 
 mod client;
+#[path = "../common/mod.rs"]
+mod common;
 mod reference;
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{Kind, Outcome, Phase};
+use common::Never;
 use serde_json::json;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -220,23 +223,8 @@ fn print_table(rows: &[Row]) {
 /// Average cost of one call through retry + breaker, against the bare call.
 fn wrapper_cost_ns() -> (f64, f64) {
     use reliability_lab::reliability::{
-        Breaker, BreakerConfig, Classify, Rejection, Reliability, RetryObserver, RetryPolicy,
+        Breaker, BreakerConfig, Rejection, Reliability, RetryObserver, RetryPolicy,
     };
-    #[derive(Debug)]
-    struct Never;
-    impl std::fmt::Display for Never {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("never")
-        }
-    }
-    impl Classify for Never {
-        fn counts_as_failure(&self) -> bool {
-            true
-        }
-        fn is_retryable(&self) -> bool {
-            true
-        }
-    }
     struct Quiet;
     impl RetryObserver for Quiet {
         fn retrying(&self, _: &dyn std::fmt::Display, _: Duration) {}

@@ -16,13 +16,17 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 pub struct JsonBody<T>(pub T);
 
 fn is_json(content_type: &str) -> bool {
-    let mime = content_type.split(';').next().unwrap_or("").trim();
-    mime.eq_ignore_ascii_case("application/json")
-        || (mime.len() > 5
-            && mime[..mime.len() - 5]
-                .to_ascii_lowercase()
-                .starts_with("application/")
-            && mime.to_ascii_lowercase().ends_with("+json"))
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .as_bytes();
+    let (prefix, suffix) = (b"application/".as_slice(), b"+json".as_slice());
+    mime.eq_ignore_ascii_case(b"application/json")
+        || (mime.len() > prefix.len() + suffix.len()
+            && mime[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && mime[mime.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
 }
 
 /// The field a serde error is about: the path when there is one, else the

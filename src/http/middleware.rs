@@ -48,7 +48,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     let response = next.run(request).await;
 
     let latency = start.elapsed();
-    let status = response.status().as_u16();
+    let status = response.status();
     let route = route.as_deref().unwrap_or(UNMATCHED_ROUTE);
     state
         .metrics
@@ -61,7 +61,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         method,
         path = path.as_str(),
         route,
-        status,
+        status = status.as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request"
     );

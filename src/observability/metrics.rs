@@ -235,8 +235,14 @@ impl Metrics {
     }
 
     /// Records one finished HTTP request.
-    pub fn observe_request(&self, method: &str, route: &str, status: u16, latency: Duration) {
-        let status = status.to_string();
+    pub fn observe_request(
+        &self,
+        method: &str,
+        route: &str,
+        status: axum::http::StatusCode,
+        latency: Duration,
+    ) {
+        // `as_str` is static text: no number formatting per request.
         let labels = [method, route, status.as_str()];
         self.http_requests_total.with_label_values(&labels).inc();
         self.http_request_duration_seconds

@@ -247,13 +247,7 @@ mod tests {
     use super::*;
 
     fn request(order_id: OrderId, attempt: u32) -> ChargeRequest {
-        ChargeRequest {
-            order_id,
-            attempt,
-            idempotency_key: ChargeRequest::key_for(order_id),
-            amount: 100,
-            currency: "USD".into(),
-        }
+        ChargeRequest::for_order(order_id, attempt, 100, "USD")
     }
 
     #[tokio::test]

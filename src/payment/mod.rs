@@ -79,6 +79,17 @@ pub struct ChargeRequest {
 }
 
 impl ChargeRequest {
+    /// One attempt to charge an order, under the order's idempotency key.
+    pub fn for_order(order_id: OrderId, attempt: u32, amount: i64, currency: &str) -> Self {
+        Self {
+            order_id,
+            attempt,
+            idempotency_key: Self::key_for(order_id),
+            amount,
+            currency: currency.to_owned(),
+        }
+    }
+
     /// The idempotency key of an order's charges: the same on every retry.
     pub fn key_for(order_id: OrderId) -> String {
         format!("order-{order_id}")
@@ -140,11 +151,23 @@ impl Simulator {
         }
     }
 
+    /// The settings in force now. A brownout whose time is up is ended here,
+    /// under the write lock; every other read shares the read lock, so charges
+    /// from many workers do not queue behind each other.
+    fn current(&self) -> PaymentSettings {
+        let now = tokio::time::Instant::now();
+        let settings = *self.settings.read().unwrap_or_else(|p| p.into_inner());
+        if !settings.is_expired(now) {
+            return settings;
+        }
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        settings.expire(now);
+        *settings
+    }
+
     /// The settings now in force (a brownout that ran out has ended).
     pub fn view(&self) -> SettingsView {
-        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        settings.expire(tokio::time::Instant::now());
-        settings.view(tokio::time::Instant::now())
+        self.current().view(tokio::time::Instant::now())
     }
 
     /// Validates and applies a change; on error nothing changes.
@@ -210,12 +233,7 @@ impl Simulator {
         cancel: &CancellationToken,
     ) -> Result<(), PaymentError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let effective = {
-            let now = tokio::time::Instant::now();
-            let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
-            settings.expire(now);
-            settings.effective()
-        };
+        let effective = self.current().effective();
         let draw = self.draw(request.order_id, request.attempt, &effective);
         let wait = async {
             match effective.mode {
@@ -287,13 +305,7 @@ mod tests {
     }
 
     fn request(order_id: OrderId, attempt: u32) -> ChargeRequest {
-        ChargeRequest {
-            order_id,
-            attempt,
-            idempotency_key: ChargeRequest::key_for(order_id),
-            amount: 100,
-            currency: "USD".into(),
-        }
+        ChargeRequest::for_order(order_id, attempt, 100, "USD")
     }
 
     #[tokio::test(start_paused = true)]

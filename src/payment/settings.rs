@@ -157,9 +157,14 @@ fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> 
 }
 
 impl PaymentSettings {
+    /// Whether a brownout's time is up and `expire` has work to do.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.mode == Mode::Brownout && self.brownout.is_none_or(|b| now >= b.until)
+    }
+
     /// Ends a brownout whose time is up.
     pub fn expire(&mut self, now: Instant) {
-        if self.mode == Mode::Brownout && self.brownout.is_none_or(|b| now >= b.until) {
+        if self.is_expired(now) {
             self.mode = Mode::Normal;
             self.brownout = None;
             tracing::warn!("brownout over: payment simulator back to normal");

@@ -63,13 +63,12 @@ impl OrderProcessor {
         attempt: u32,
         cancel: &CancellationToken,
     ) -> Result<(), PaymentError> {
-        let request = ChargeRequest {
-            order_id: order.id,
+        let request = ChargeRequest::for_order(
+            order.id,
             attempt,
-            idempotency_key: ChargeRequest::key_for(order.id),
-            amount: order.amount.value(),
-            currency: order.currency.as_str().to_owned(),
-        };
+            order.amount.value(),
+            order.currency.as_str(),
+        );
         let result =
             match tokio::time::timeout(self.timeout, self.payment.charge(&request, cancel)).await {
                 Ok(result) => result,

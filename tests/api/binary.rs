@@ -9,8 +9,6 @@ use sqlx::Row;
 
 use crate::helpers::{spawn_binary, PgCluster, TestDb};
 
-const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
-
 async fn run_to_exit(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_reliability-lab"))
         .env_clear()
@@ -74,14 +72,7 @@ async fn sigterm_under_load_finishes_every_accepted_order_before_exit() {
     let client = reqwest::Client::new();
     let mut accepted = 0;
     for _ in 0..40 {
-        let response = client
-            .post(service.url("/orders"))
-            .header("content-type", "application/json")
-            .body(ORDER)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        service.post_order(&client).await;
         accepted += 1;
     }
     let logs = service.logs.clone();
@@ -121,16 +112,7 @@ async fn orders_outlive_a_restart_and_readyz_follows_postgres_down_and_up() {
     let client = reqwest::Client::new();
 
     let first = spawn_binary(&env).await;
-    let created: serde_json::Value = client
-        .post(first.url("/orders"))
-        .header("content-type", "application/json")
-        .body(ORDER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = first.post_order(&client).await;
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(first.terminate().await.success());
 

@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
-use crate::helpers::{spawn_binary, Running, TestDb};
+use crate::helpers::{spawn_binary, Running, TestDb, ORDER_BODY};
 
 /// One lease from the history: owner, start, end.
 type LeaseSpan = (String, DateTime<Utc>, Option<DateTime<Utc>>);
-
-const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
 
 fn env<'a>(db: &'a TestDb, latency_min: &'a str, latency_max: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
@@ -34,15 +32,7 @@ async fn post_orders(service: &Running, n: usize) -> Vec<String> {
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for _ in 0..n {
-        let response = client
-            .post(service.url("/orders"))
-            .header("content-type", "application/json")
-            .body(ORDER)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let body: serde_json::Value = response.json().await.unwrap();
+        let body = service.post_order(&client).await;
         ids.push(body["id"].as_str().unwrap().to_owned());
     }
     ids
@@ -144,7 +134,7 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
                 let r = client
                     .post(&target)
                     .header("content-type", "application/json")
-                    .body(ORDER)
+                    .body(ORDER_BODY)
                     .send()
                     .await
                     .unwrap();

@@ -153,13 +153,7 @@ async fn the_shared_ledger_charges_a_key_once_whichever_replica_asks() {
     let a = PostgresLedger::new(db.pool.clone());
     let b = PostgresLedger::new(db.pool.clone());
     let o = order();
-    let request = |attempt| ChargeRequest {
-        order_id: o.id,
-        attempt,
-        idempotency_key: ChargeRequest::key_for(o.id),
-        amount: 1999,
-        currency: "USD".into(),
-    };
+    let request = |attempt| ChargeRequest::for_order(o.id, attempt, 1999, "USD");
     let key = ChargeRequest::key_for(o.id);
     let (first, second) = (request(1), request(2));
     let (ra, rb) = tokio::join!(a.record(&first, Some(&key)), b.record(&second, Some(&key)));

@@ -551,9 +551,25 @@ pub async fn spawn_binary(env: &[(&str, &str)]) -> Running {
     }
 }
 
+/// A valid `POST /orders` body.
+pub const ORDER_BODY: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
+
 impl Running {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Creates an order over HTTP, asserting 201, and returns its JSON.
+    pub async fn post_order(&self, client: &reqwest::Client) -> Value {
+        let response = client
+            .post(self.url("/orders"))
+            .header("content-type", "application/json")
+            .body(ORDER_BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
     }
 
     /// SIGKILL: the process dies at whatever instruction it was on.

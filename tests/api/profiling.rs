@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use pprof::protos::{Message, Profile};
 
-use crate::helpers::{spawn_binary, Running};
-
-const ORDER: &str = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
+use crate::helpers::{spawn_binary, Running, ORDER_BODY};
 
 /// Keeps the service busy so a CPU profile has samples.
 fn load(service: &Running, for_how_long: Duration) -> tokio::task::JoinHandle<()> {
@@ -21,7 +19,7 @@ fn load(service: &Running, for_how_long: Duration) -> tokio::task::JoinHandle<()
             let _ = client
                 .post(&url)
                 .header("content-type", "application/json")
-                .body(ORDER)
+                .body(ORDER_BODY)
                 .send()
                 .await;
         }
