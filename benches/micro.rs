@@ -34,11 +34,11 @@ fn wrapper(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let metrics = Arc::new(Metrics::new());
+    let observer = Arc::new(Metrics::new().reliability());
     let reliability = Reliability::new(
         RetryPolicy::default(),
-        Breaker::new(BreakerConfig::default(), Some(metrics.clone())),
-        metrics,
+        Breaker::new(BreakerConfig::default(), Some(observer.clone())),
+        observer,
     );
     c.bench_function("retry+breaker around an always-succeeding call", |b| {
         b.to_async(&runtime).iter(|| async {
@@ -55,10 +55,10 @@ fn wrapper(c: &mut Criterion) {
 }
 
 fn http_metrics(c: &mut Criterion) {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new().http();
     c.bench_function("HTTP metrics per request (counter + histogram)", |b| {
         b.iter(|| {
-            metrics.observe_request(
+            metrics.observe(
                 std::hint::black_box("GET"),
                 std::hint::black_box("/orders/{id}"),
                 axum::http::StatusCode::OK,

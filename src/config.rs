@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::payment::PaymentSettings;
 use crate::reliability::{BreakerConfig, RetryPolicy, Switches};
+use crate::units::{parse_duration, parse_switch};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,8 +25,7 @@ pub enum LogFormat {
 }
 
 fn duration(raw: &str) -> Result<Duration, String> {
-    humantime::parse_duration(raw.trim())
-        .map_err(|_| "expected a duration such as 200ms, 2s or 1m".to_owned())
+    parse_duration(raw)
 }
 
 fn positive_duration(raw: &str) -> Result<Duration, String> {
@@ -64,11 +64,7 @@ fn env_filter(raw: &str) -> Result<String, String> {
 }
 
 fn switch(raw: &str) -> Result<bool, String> {
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "on" | "true" | "1" | "yes" => Ok(true),
-        "off" | "false" | "0" | "no" => Ok(false),
-        _ => Err("expected on or off (or true or false)".into()),
-    }
+    parse_switch(raw)
 }
 
 fn token(raw: &str) -> Result<String, String> {
@@ -175,6 +171,10 @@ pub struct Config {
     #[arg(long, env = "RETRY_INITIAL_INTERVAL", default_value = "200ms", value_parser = duration)]
     pub retry_initial_interval: Duration,
 
+    /// Jitter: each wait is drawn from its base times 1 ± this (0 for exact waits).
+    #[arg(long, env = "RETRY_JITTER", default_value = "0.5", value_parser = rate)]
+    pub retry_jitter: f64,
+
     /// Longest wait between attempts (jitter included).
     #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = duration)]
     pub retry_max_interval: Duration,
@@ -205,6 +205,17 @@ impl Config {
     /// `--version` print and exit here; any other problem is one line.
     pub fn load() -> Result<Self, String> {
         Self::load_from(std::env::args_os())
+    }
+
+    /// Every knob at its documented default, whatever the environment holds:
+    /// for services built in-process (tests, benchmarks, experiments).
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(["reliability-lab"])
+            .expect("the defaults parse");
+        Self::from_arg_matches(&matches).expect("the defaults parse")
     }
 
     pub fn load_from<I, T>(args: I) -> Result<Self, String>
@@ -263,6 +274,7 @@ impl Config {
             max_attempts: self.retry_max_attempts,
             initial_interval: self.retry_initial_interval,
             max_interval: self.retry_max_interval,
+            randomization_factor: self.retry_jitter,
             ..RetryPolicy::default()
         }
     }
@@ -352,6 +364,23 @@ mod tests {
         assert_eq!(c.payment_ambiguous_rate, 0.0);
         assert!(c.payment_idempotency);
         assert!(c.retry_enabled && c.breaker_enabled);
+        assert_eq!(c.retry_jitter, 0.5);
+    }
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        // The process environment may hold DATABASE_URL (make test sets it);
+        // the in-process defaults never read it.
+        let d = Config::defaults();
+        assert_eq!(d.database_url, None);
+        assert_eq!(d.admin_token, None);
+        assert_eq!(d.rust_log, "info");
+        let parsed = parse(&[]).unwrap();
+        assert_eq!(d.worker_count, parsed.worker_count);
+        assert_eq!(d.queue_capacity, parsed.queue_capacity);
+        assert_eq!(d.retry_policy(), parsed.retry_policy());
+        assert_eq!(d.breaker_config(), parsed.breaker_config());
+        assert_eq!(d.payment_settings(), parsed.payment_settings());
     }
 
     #[test]
@@ -443,6 +472,7 @@ mod tests {
             "RETRY_MAX_ATTEMPTS",
             "RETRY_INITIAL_INTERVAL",
             "RETRY_MAX_INTERVAL",
+            "RETRY_JITTER",
             "BREAKER_FAILURE_THRESHOLD",
             "BREAKER_OPEN_DURATION",
             "PAYMENT_TIMEOUT",

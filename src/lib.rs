@@ -3,10 +3,12 @@
 //! The library holds every part; `main.rs` only composes them. See
 //! ARCHITECTURE.md for the flow and who depends on whom.
 
+pub mod app;
 pub mod config;
 pub mod http;
 pub mod observability;
 pub mod orders;
 pub mod payment;
 pub mod reliability;
+pub mod units;
 pub mod workers;

@@ -6,6 +6,11 @@
 //! scheduled at `r` per second in all, and latency is counted from the
 //! scheduled time, so a slow answer that delays the next request is charged
 //! to the server (no coordinated omission).
+//!
+//! Every failure is counted: a non-2xx answer, a send that failed (the
+//! connection is then opened again and the phase goes on), and a connect
+//! that failed (tried again after a short pause). A phase never panics on the
+//! server's behaviour.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,19 +66,29 @@ pub struct Phase {
     pub targets: Arc<Vec<String>>,
 }
 
-async fn connection(
-    phase: Arc<Phase>,
-    index: usize,
-    start: Instant,
-) -> (u64, u64, Vec<u32>, Vec<String>) {
-    let stream = tokio::net::TcpStream::connect(phase.addr)
-        .await
-        .expect("connect");
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Opens one keep-alive connection.
+async fn connect(addr: SocketAddr) -> Option<Sender> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream.set_nodelay(true).ok();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .ok()?;
     tokio::spawn(conn);
+    Some(sender)
+}
+
+/// What one connection measured.
+#[derive(Default)]
+struct Measured {
+    ok: u64,
+    errors: u64,
+    latencies: Vec<u32>,
+    locations: Vec<String>,
+}
+
+async fn connection(phase: Arc<Phase>, index: usize, start: Instant) -> Measured {
     let deadline = start + phase.duration;
     let interval = phase
         .rate
@@ -83,9 +98,11 @@ async fn connection(
         + interval.map_or(Duration::ZERO, |i| {
             i.mul_f64(index as f64 / phase.connections as f64)
         });
-    let (mut ok, mut errors) = (0u64, 0u64);
-    let mut latencies = Vec::with_capacity(4096);
-    let mut locations = Vec::new();
+    let mut measured = Measured {
+        latencies: Vec::with_capacity(4096),
+        ..Measured::default()
+    };
+    let mut sender: Option<Sender> = None;
     let mut cursor = index;
     loop {
         let scheduled = match interval {
@@ -99,6 +116,19 @@ async fn connection(
         };
         if scheduled >= deadline {
             break;
+        }
+        let ready = match sender.as_mut() {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !ready {
+            sender = connect(phase.addr).await;
+            if sender.is_none() {
+                // The server refused or dropped us: an error, then try again.
+                measured.errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         }
         let request = match phase.kind {
             Kind::Post => Request::post("/orders")
@@ -115,11 +145,8 @@ async fn connection(
                     .unwrap()
             }
         };
-        if sender.ready().await.is_err() {
-            errors += 1;
-            break;
-        }
-        match sender.send_request(request).await {
+        let Some(s) = sender.as_mut() else { continue };
+        match s.send_request(request).await {
             Ok(response) => {
                 let status = response.status();
                 let location = response
@@ -127,27 +154,30 @@ async fn connection(
                     .get("location")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let _ = response.into_body().collect().await;
+                let body = response.into_body().collect().await;
                 let took = scheduled.elapsed();
-                if status.is_success() {
-                    ok += 1;
-                    latencies.push(took.as_micros().min(u32::MAX as u128) as u32);
+                if status.is_success() && body.is_ok() {
+                    measured.ok += 1;
+                    measured
+                        .latencies
+                        .push(took.as_micros().min(u32::MAX as u128) as u32);
                     if let (Kind::Post, Some(location)) = (phase.kind, location) {
-                        if locations.len() < 20_000 {
-                            locations.push(location);
+                        if measured.locations.len() < 20_000 {
+                            measured.locations.push(location);
                         }
                     }
                 } else {
-                    errors += 1;
+                    measured.errors += 1;
                 }
             }
             Err(_) => {
-                errors += 1;
-                break;
+                // The connection broke: count it, reconnect on the next turn.
+                measured.errors += 1;
+                sender = None;
             }
         }
     }
-    (ok, errors, latencies, locations)
+    measured
 }
 
 /// Runs one phase and gathers what every connection measured.
@@ -165,11 +195,11 @@ pub async fn run(phase: Phase) -> Outcome {
         locations: Vec::new(),
     };
     for task in tasks {
-        let (ok, errors, latencies, locations) = task.await.expect("connection task");
-        outcome.requests += ok;
-        outcome.errors += errors;
-        outcome.latencies_us.extend(latencies);
-        outcome.locations.extend(locations);
+        let measured = task.await.expect("connection task");
+        outcome.requests += measured.ok;
+        outcome.errors += measured.errors;
+        outcome.latencies_us.extend(measured.latencies);
+        outcome.locations.extend(measured.locations);
     }
     outcome.elapsed = start.elapsed();
     outcome.latencies_us.sort_unstable();

@@ -182,6 +182,40 @@ struct Row {
     reference: Option<(String, f64)>,
     /// (description, met)
     target: Option<(String, bool)>,
+    /// Failed requests (non-2xx answers, transport errors) in the phases
+    /// behind the figure, service and reference together; None for figures
+    /// that sent no request.
+    errors: Option<u64>,
+}
+
+/// One load figure over the rounds: a value per round, medians reported.
+#[derive(Default)]
+struct Series {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    errors: u64,
+}
+
+impl Series {
+    fn add(&mut self, outcome: &Outcome) {
+        self.rate.push(outcome.rate());
+        self.p50.push(outcome.percentile_ms(50.0));
+        self.p99.push(outcome.percentile_ms(99.0));
+        self.errors += outcome.errors;
+    }
+
+    fn rate(&self) -> f64 {
+        median(self.rate.clone())
+    }
+
+    fn p50(&self) -> f64 {
+        median(self.p50.clone())
+    }
+
+    fn p99(&self) -> f64 {
+        median(self.p99.clone())
+    }
 }
 
 impl Row {
@@ -193,10 +227,10 @@ impl Row {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<44} {:>14} {:>34} {:>8}  target",
-        "figure", "value", "reference", "ratio"
+        "{:<44} {:>14} {:>34} {:>8} {:>7}  target",
+        "figure", "value", "reference", "ratio", "errors"
     );
-    println!("{}", "-".repeat(130));
+    println!("{}", "-".repeat(138));
     for row in rows {
         let reference = row
             .reference
@@ -212,9 +246,13 @@ fn print_table(rows: &[Row]) {
             .as_ref()
             .map(|(what, met)| format!("{what}: {}", if *met { "met" } else { "MISSED" }))
             .unwrap_or_default();
+        let errors = row
+            .errors
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<44} {:>10.1} {:<3} {:>34} {:>8}  {}",
-            row.figure, row.value, row.unit, reference, ratio, target
+            "{:<44} {:>10.1} {:<3} {:>34} {:>8} {:>7}  {}",
+            row.figure, row.value, row.unit, reference, ratio, errors, target
         );
     }
     println!();
@@ -317,21 +355,14 @@ async fn bench() {
 
     let service = start_service(&[]).await;
     let reference = start_reference().await;
-    let mut post = (Vec::new(), Vec::new(), Vec::new(), Vec::new()); // rate, p50, p99 (service) ; rate (reference)
-    let mut ref_post = (Vec::new(), Vec::new(), Vec::new());
-    let mut get = (Vec::new(), Vec::new(), Vec::new());
-    let mut ref_get = (Vec::new(), Vec::new(), Vec::new());
+    let (mut post, mut ref_post) = (Series::default(), Series::default());
+    let (mut get, mut ref_get) = (Series::default(), Series::default());
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: POST and GET, service then reference");
         let s = phase(service.addr, Kind::Post, None, Arc::default()).await;
         let r = phase(reference.addr, Kind::Post, None, Arc::default()).await;
-        post.0.push(s.rate());
-        post.1.push(s.percentile_ms(50.0));
-        post.2.push(s.percentile_ms(99.0));
-        post.3.push(s.errors as f64);
-        ref_post.0.push(r.rate());
-        ref_post.1.push(r.percentile_ms(50.0));
-        ref_post.2.push(r.percentile_ms(99.0));
+        post.add(&s);
+        ref_post.add(&r);
         let s_get = phase(service.addr, Kind::Get, None, Arc::new(s.locations.clone())).await;
         let r_get = phase(
             reference.addr,
@@ -340,35 +371,36 @@ async fn bench() {
             Arc::new(r.locations.clone()),
         )
         .await;
-        get.0.push(s_get.rate());
-        get.1.push(s_get.percentile_ms(50.0));
-        get.2.push(s_get.percentile_ms(99.0));
-        ref_get.0.push(r_get.rate());
-        ref_get.1.push(r_get.percentile_ms(50.0));
-        ref_get.2.push(r_get.percentile_ms(99.0));
+        get.add(&s_get);
+        ref_get.add(&r_get);
     }
-    let (post_rate, ref_post_rate) = (median(post.0.clone()), median(ref_post.0.clone()));
-    let (get_rate, ref_get_rate) = (median(get.0.clone()), median(ref_get.0.clone()));
+    let (post_rate, ref_post_rate) = (post.rate(), ref_post.rate());
+    let (get_rate, ref_get_rate) = (get.rate(), ref_get.rate());
+    let post_errors = Some(post.errors + ref_post.errors);
+    let get_errors = Some(get.errors + ref_get.errors);
     rows.push(Row {
         figure: "POST /orders throughput".into(),
         value: post_rate,
         unit: "r/s",
         reference: Some(("reference".into(), ref_post_rate)),
         target: Some((">= 0.60".into(), post_rate / ref_post_rate >= 0.60)),
+        errors: post_errors,
     });
     rows.push(Row {
         figure: "POST /orders p50 (max rate)".into(),
-        value: median(post.1.clone()),
+        value: post.p50(),
         unit: "ms",
-        reference: Some(("reference".into(), median(ref_post.1.clone()))),
+        reference: Some(("reference".into(), ref_post.p50())),
         target: None,
+        errors: post_errors,
     });
     rows.push(Row {
         figure: "POST /orders p99 (max rate)".into(),
-        value: median(post.2.clone()),
+        value: post.p99(),
         unit: "ms",
-        reference: Some(("reference".into(), median(ref_post.2.clone()))),
+        reference: Some(("reference".into(), ref_post.p99())),
         target: None,
+        errors: post_errors,
     });
     rows.push(Row {
         figure: "GET /orders/{id} throughput".into(),
@@ -376,20 +408,23 @@ async fn bench() {
         unit: "r/s",
         reference: Some(("reference".into(), ref_get_rate)),
         target: Some((">= 0.75".into(), get_rate / ref_get_rate >= 0.75)),
+        errors: get_errors,
     });
     rows.push(Row {
         figure: "GET /orders/{id} p50 (max rate)".into(),
-        value: median(get.1.clone()),
+        value: get.p50(),
         unit: "ms",
-        reference: Some(("reference".into(), median(ref_get.1.clone()))),
+        reference: Some(("reference".into(), ref_get.p50())),
         target: None,
+        errors: get_errors,
     });
     rows.push(Row {
         figure: "GET /orders/{id} p99 (max rate)".into(),
-        value: median(get.2.clone()),
+        value: get.p99(),
         unit: "ms",
-        reference: Some(("reference".into(), median(ref_get.2.clone()))),
+        reference: Some(("reference".into(), ref_get.p99())),
         target: None,
+        errors: get_errors,
     });
 
     // Diagnostics: what the request log line costs (no lines at warn), and
@@ -419,6 +454,7 @@ async fn bench() {
         unit: "r/s",
         reference: Some(("reference".into(), ref_post_rate)),
         target: None,
+        errors: Some(quiet_post.errors),
     });
     rows.push(Row {
         figure: "  diag: GET, request lines off (warn)".into(),
@@ -426,6 +462,7 @@ async fn bench() {
         unit: "r/s",
         reference: Some(("reference".into(), ref_get_rate)),
         target: None,
+        errors: Some(quiet_get.errors),
     });
     rows.push(Row {
         figure: "  diag: POST, pipeline idle".into(),
@@ -433,6 +470,7 @@ async fn bench() {
         unit: "r/s",
         reference: Some(("reference".into(), ref_post_rate)),
         target: None,
+        errors: Some(idle_post.errors),
     });
 
     // p99 at half of the maximum rate, open loop, from a drained queue: the
@@ -452,6 +490,7 @@ async fn bench() {
         unit: "ms",
         reference: None,
         target: Some(("< 10 ms".into(), half_post.percentile_ms(99.0) < 10.0)),
+        errors: Some(half_post.errors),
     });
     let half_get = phase(
         service.addr,
@@ -466,6 +505,7 @@ async fn bench() {
         unit: "ms",
         reference: None,
         target: Some(("< 10 ms".into(), half_get.percentile_ms(99.0) < 10.0)),
+        errors: Some(half_get.errors),
     });
 
     // The pipeline: POST to completed, against the admission rate.
@@ -485,6 +525,7 @@ async fn bench() {
         unit: "o/s",
         reference: Some(("POST rate".into(), post_rate)),
         target: None,
+        errors: Some(burst.errors),
     });
     let peak_mib = service.rss_kib("VmHWM") as f64 / 1024.0;
     rows.push(Row {
@@ -496,6 +537,7 @@ async fn bench() {
             reference.rss_kib("VmHWM") as f64 / 1024.0,
         )),
         target: None,
+        errors: None,
     });
     drop(reference);
     drop(service);
@@ -508,6 +550,7 @@ async fn bench() {
         unit: "ns",
         reference: Some(("bare call".into(), bare)),
         target: Some(("adds < 1 us".into(), wrapped - bare < 1000.0)),
+        errors: None,
     });
 
     // Memory per order: a fresh service, many orders, all processed.
@@ -517,6 +560,7 @@ async fn bench() {
         let service = start_service(&[("RUST_LOG", "warn")]).await;
         let base = service.rss_kib("VmRSS");
         let mut sent = 0;
+        let mut memory_errors = 0;
         while sent < orders {
             let remaining = orders - sent;
             let outcome = client::run(Phase {
@@ -529,6 +573,7 @@ async fn bench() {
             })
             .await;
             sent += outcome.requests;
+            memory_errors += outcome.errors;
             eprintln!("  {sent} orders ({remaining} were left)");
         }
         wait_drained(service.addr).await;
@@ -540,6 +585,7 @@ async fn bench() {
             unit: "B",
             reference: Some(("1 KiB".into(), 1024.0)),
             target: Some(("< 1 KiB".into(), per_order < 1024.0)),
+            errors: Some(memory_errors),
         });
     }
 
@@ -572,6 +618,7 @@ async fn bench() {
                         unit: "r/s",
                         reference: Some(("pgbench INSERT tps".into(), ceiling)),
                         target: Some((">= 0.70".into(), pg_post.rate() / ceiling >= 0.70)),
+                        errors: Some(pg_post.errors),
                     });
                     rows.push(Row {
                         figure: "  diag: POST with Postgres, pipeline idle".into(),
@@ -579,6 +626,7 @@ async fn bench() {
                         unit: "r/s",
                         reference: Some(("pgbench INSERT tps".into(), ceiling)),
                         target: None,
+                        errors: Some(pg_idle.errors),
                     });
                 }
                 None => eprintln!("pgbench did not run: the Postgres ceiling is skipped"),
@@ -604,6 +652,7 @@ async fn bench() {
             "reference": r.reference.as_ref().map(|(n, v)| json!({"name": n, "value": v})),
             "ratio": r.ratio(),
             "target": r.target.as_ref().map(|(t, met)| json!({"target": t, "met": met})),
+            "errors": r.errors,
         })).collect::<Vec<_>>(),
     });
     let dir = repo_root().join("bench");

@@ -3,7 +3,6 @@
 //! and see one snapshot of the whole pipeline.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -11,19 +10,8 @@ use serde_json::json;
 
 use super::{ApiError, AppState, JsonBody};
 use crate::orders::OrderId;
-use crate::payment::{PaymentUpdate, SettingsError};
+use crate::payment::PaymentUpdate;
 use crate::reliability::Switches;
-
-impl From<SettingsError> for ApiError {
-    fn from(err: SettingsError) -> Self {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            err.to_string(),
-        )
-        .with_field(err.field)
-    }
-}
 
 pub async fn get_payment(State(state): State<AppState>) -> Response {
     Json(state.lab.payment.view()).into_response()
@@ -43,16 +31,7 @@ pub async fn get_ledger(
     let order_id: OrderId = id
         .parse()
         .map_err(|_| ApiError::invalid_order_id(&id, "order_id"))?;
-    let charges = state
-        .lab
-        .payment
-        .ledger()
-        .charges(order_id)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "reading the payment ledger failed");
-            ApiError::internal()
-        })?;
+    let charges = state.lab.payment.ledger().charges(order_id).await?;
     Ok(Json(json!({ "order_id": order_id, "charges": charges })).into_response())
 }
 
@@ -67,11 +46,14 @@ pub async fn reset_breaker(State(state): State<AppState>) -> Response {
     Json(breaker.snapshot()).into_response()
 }
 
-/// A partial change of the switches. Unknown fields are refused.
+/// A partial change of the switches. Unknown fields are refused; a switch
+/// takes a boolean or any spelling the environment takes (`"off"`, `"no"`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchesUpdate {
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
     retry_enabled: Option<bool>,
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
     breaker_enabled: Option<bool>,
 }
 

@@ -28,6 +28,15 @@ impl AdminToken {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme name
+/// is case-insensitive (RFC 9110, section 11.1), the token is not.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
 pub async fn require_token(
     State(state): State<AppState>,
     request: Request,
@@ -40,7 +49,7 @@ pub async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if expected.matches(presented) {
         return next.run(request).await;
@@ -61,6 +70,17 @@ pub async fn require_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_is_not() {
+        for value in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR  tok"] {
+            assert_eq!(bearer_token(value), Some("tok"), "{value}");
+        }
+        assert_eq!(bearer_token("Bearer TOK"), Some("TOK"));
+        for value in ["Basic tok", "Bearertok", "tok", "", "Bear tok"] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 
     #[test]
     fn only_the_exact_token_matches() {

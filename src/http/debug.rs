@@ -14,7 +14,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::{ApiError, AppState};
-use crate::observability::profiling::{self, ProfileError, PROFILES};
+use crate::observability::profiling::{self, PROFILES};
 
 const DEFAULT_SECONDS: u64 = 30;
 const MAX_SECONDS: u64 = 120;
@@ -34,18 +34,13 @@ pub async fn index() -> Json<serde_json::Value> {
     Json(json!({ "profiles": listing() }))
 }
 
-pub async fn unknown(Path(name): Path<String>) -> Response {
-    (
+pub async fn unknown(Path(name): Path<String>) -> ApiError {
+    ApiError::new(
         StatusCode::NOT_FOUND,
-        Json(json!({
-            "error": {
-                "code": "unknown_profile",
-                "message": format!("no profile named {name:?}; see the list of available profiles"),
-            },
-            "profiles": listing(),
-        })),
+        "unknown_profile",
+        format!("no profile named {name:?}; see the list of available profiles"),
     )
-        .into_response()
+    .with_extra("profiles", listing())
 }
 
 /// `?seconds=N`, 1 to 120, 30 when absent.
@@ -61,28 +56,6 @@ fn seconds(query: &HashMap<String, String>) -> Result<Duration, ApiError> {
             format!("seconds must be a whole number from 1 to {MAX_SECONDS}, got {raw:?}"),
         )
         .with_field("seconds")),
-    }
-}
-
-impl From<ProfileError> for ApiError {
-    fn from(err: ProfileError) -> Self {
-        match err {
-            ProfileError::Busy => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "profile_in_progress",
-                err.to_string(),
-            )
-            .with_retry_after(5),
-            ProfileError::HeapUnavailable(_) => ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "heap_profiling_unavailable",
-                err.to_string(),
-            ),
-            ProfileError::Failed(ref cause) => {
-                tracing::error!(error = %cause, "profiling failed");
-                ApiError::internal()
-            }
-        }
     }
 }
 

@@ -1,15 +1,20 @@
 //! One error type for every HTTP answer that is not a success.
 //!
-//! The status code is chosen in one place (`From<OrderError>`), the body is
-//! always `{"error": {"code", "message"}}` (plus `field` when one input field
-//! is at fault), and 5xx details stay in the logs, never in the response.
+//! Every conversion from a module's error lives here, so the status code of
+//! each failure is chosen in one file. The body is always
+//! `{"error": {"code", "message"}}` (plus `field` when one input field is at
+//! fault, and at most one extra top-level key that helps the client, such as
+//! the list of profiles), and 5xx details stay in the logs, never in the
+//! response.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::observability::profiling::ProfileError;
 use crate::orders::{OrderError, StoreError};
+use crate::payment::{LedgerError, SettingsError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -18,11 +23,15 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub retry_after_secs: Option<u32>,
+    /// A top-level key beside `error`, for answers that help the client on.
+    pub extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
     error: Detail<'a>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extra: Option<std::collections::BTreeMap<&'static str, &'a serde_json::Value>>,
 }
 
 #[derive(Serialize)]
@@ -41,7 +50,14 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after_secs: None,
+            extra: None,
         }
+    }
+
+    /// Adds one top-level key beside `error`.
+    pub fn with_extra(mut self, key: &'static str, value: serde_json::Value) -> Self {
+        self.extra = Some(Box::new((key, value)));
+        self
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -110,17 +126,70 @@ impl From<OrderError> for ApiError {
                 "the service is shutting down; nothing was stored",
             )
             .with_retry_after(5),
-            OrderError::Storage(StoreError::Unavailable(cause)) => {
-                tracing::error!(error = %cause, "store unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the order store cannot be reached; try again shortly",
-                )
-                .with_retry_after(2)
+            OrderError::Storage(store) => store_failure(store, "order store"),
+        }
+    }
+}
+
+/// A store's failure, from wherever it came: connection trouble is 503 with
+/// a hint to retry, anything else 500; the cause goes to the log only.
+fn store_failure(err: &StoreError, what: &'static str) -> ApiError {
+    match err {
+        StoreError::Unavailable(cause) => {
+            tracing::error!(error = %cause, "{what} unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the order store cannot be reached; try again shortly",
+            )
+            .with_retry_after(2)
+        }
+        StoreError::Other(cause) => {
+            tracing::error!(error = %cause, "{what} error");
+            ApiError::internal()
+        }
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(err: LedgerError) -> Self {
+        match &err {
+            LedgerError::Store(store) => store_failure(store, "payment ledger"),
+            LedgerError::Poisoned => {
+                tracing::error!(error = %err, "reading the payment ledger failed");
+                Self::internal()
             }
-            OrderError::Storage(StoreError::Other(cause)) => {
-                tracing::error!(error = %cause, "store error");
+        }
+    }
+}
+
+impl From<SettingsError> for ApiError {
+    fn from(err: SettingsError) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            err.to_string(),
+        )
+        .with_field(err.field)
+    }
+}
+
+impl From<ProfileError> for ApiError {
+    fn from(err: ProfileError) -> Self {
+        match err {
+            ProfileError::Busy => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "profile_in_progress",
+                err.to_string(),
+            )
+            .with_retry_after(5),
+            ProfileError::HeapUnavailable(_) => Self::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "heap_profiling_unavailable",
+                err.to_string(),
+            ),
+            ProfileError::Failed(ref cause) => {
+                tracing::error!(error = %cause, "profiling failed");
                 Self::internal()
             }
         }
@@ -135,6 +204,10 @@ impl IntoResponse for ApiError {
                 message: &self.message,
                 field: self.field.as_deref(),
             },
+            extra: self
+                .extra
+                .as_ref()
+                .map(|extra| std::iter::once((extra.0, &extra.1)).collect()),
         };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
@@ -188,6 +261,33 @@ mod tests {
             "password=hunter2".into(),
         )));
         assert!(!api.message.contains("hunter2"));
+    }
+
+    #[test]
+    fn ledger_failures_hide_their_cause() {
+        let api = ApiError::from(LedgerError::Store(StoreError::Unavailable(
+            "connection refused to 10.1.2.3".into(),
+        )));
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!api.message.contains("10.1.2.3"));
+        let api = ApiError::from(LedgerError::Store(StoreError::Other("syntax".into())));
+        assert_eq!(api.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::from(LedgerError::Poisoned).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[tokio::test]
+    async fn an_extra_key_sits_beside_the_error() {
+        use http_body_util::BodyExt;
+        let response = ApiError::not_found("nothing here")
+            .with_extra("see", serde_json::json!(["a", "b"]))
+            .into_response();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["see"], serde_json::json!(["a", "b"]));
     }
 
     #[test]

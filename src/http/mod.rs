@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::observability::metrics::HttpMetrics;
 use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
 use crate::orders::Service;
@@ -54,8 +55,11 @@ impl std::ops::Deref for AppState {
 /// The parts behind `AppState`.
 pub struct AppParts {
     pub service: Service,
+    /// The registry, rendered by `/metrics`.
     pub metrics: Arc<Metrics>,
-    pub profiler: Profiler,
+    /// The request counters the middleware records into.
+    pub http_metrics: HttpMetrics,
+    pub profiler: Arc<Profiler>,
     pub lab: LabHandles,
     /// When set, `/admin` and `/debug` need it as a bearer token.
     pub admin_token: Option<AdminToken>,

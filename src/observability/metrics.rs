@@ -1,8 +1,16 @@
-//! Prometheus metrics, in one registry owned by the application state.
+//! Prometheus metrics: one registry, and a narrow handle per area.
+//!
+//! `Metrics` owns the registry and renders it; each part of the service gets
+//! only the handle for its own area (`HttpMetrics`, `WorkerMetrics`,
+//! `PaymentCallMetrics`, `ReliabilityMetrics`, `LeaseMetrics`, and the
+//! provider's `ProviderMetrics`), so no module reaches into another's series.
+//! Handles are cheap clones: prometheus metrics are shared behind an `Arc`.
 //!
 //! Label values are bounded: `route` is the matched route pattern (or one
 //! fixed value for unmatched requests), `method` is one of a fixed set, and
-//! every other label takes values from a closed list.
+//! every other label takes values from a closed list. Series whose label
+//! values are known in advance are created at startup, at 0, so that a
+//! dashboard's `rate()` has a series before the first event.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,34 +20,31 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::payment::ProviderMetrics;
 use crate::reliability::{BreakerObserver, BreakerState, Rejection, RetryObserver};
 
 /// The label value for requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
-/// Every metric the service exports.
+/// Every state change the breaker can make: the three of its cycle, the
+/// failed probe, and an admin's reset from either non-closed state.
+pub const BREAKER_TRANSITIONS: [(BreakerState, BreakerState); 5] = [
+    (BreakerState::Closed, BreakerState::Open),
+    (BreakerState::Open, BreakerState::HalfOpen),
+    (BreakerState::HalfOpen, BreakerState::Closed),
+    (BreakerState::HalfOpen, BreakerState::Open),
+    (BreakerState::Open, BreakerState::Closed),
+];
+
+/// The registry, and where every handle comes from.
 pub struct Metrics {
     registry: Registry,
-    pub http_requests_total: IntCounterVec,
-    pub http_request_duration_seconds: HistogramVec,
-    pub worker_jobs_total: IntCounterVec,
-    /// `worker_jobs_total` by status, resolved once: these are counted for
-    /// every order, and a label lookup hashes and locks each time.
-    pub jobs_submitted: IntCounter,
-    pub jobs_completed: IntCounter,
-    pub jobs_failed: IntCounter,
-    pub jobs_rejected: IntCounter,
-    pub worker_queue_depth: IntGauge,
-    pub payment_failures_total: IntCounter,
-    pub payment_timeouts_total: IntCounter,
-    pub payment_charges_total: IntCounter,
-    pub payment_duplicate_charges_total: IntCounter,
-    pub retry_attempts_total: IntCounterVec,
-    pub circuit_breaker_state_changes_total: IntCounterVec,
-    pub circuit_breaker_state: IntGauge,
-    pub circuit_breaker_rejections_total: IntCounterVec,
-    pub workers_busy: IntGauge,
-    pub orders_recovered_total: IntCounter,
+    http: HttpMetrics,
+    workers: WorkerMetrics,
+    payment_calls: PaymentCallMetrics,
+    provider: ProviderMetrics,
+    reliability: ReliabilityMetrics,
+    leases: LeaseMetrics,
     tokio_workers: IntGauge,
     tokio_alive_tasks: IntGauge,
     tokio_global_queue_depth: IntGauge,
@@ -51,28 +56,26 @@ impl fmt::Debug for Metrics {
     }
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry
         .register(Box::new(metric.clone()))
-        .expect("unique metric");
+        .expect("metric names are unique");
     metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let metric = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
+    register(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
 impl Default for Metrics {
@@ -84,97 +87,40 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let http_requests_total = counter_vec(
-            &registry,
-            "http_requests_total",
-            "HTTP requests by method, matched route pattern and status code.",
-            &["method", "route", "status_code"],
-        );
-        let http_request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "http_request_duration_seconds",
-                "HTTP request latency in seconds, by method, route pattern and status code.",
+        let http = HttpMetrics::register(&registry);
+        let workers = WorkerMetrics::register(&registry);
+        let payment_calls = PaymentCallMetrics {
+            failures: counter(
+                &registry,
+                "payment_failures_total",
+                "Charge calls to the payment service that failed.",
             ),
-            &["method", "route", "status_code"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(http_request_duration_seconds.clone()))
-            .expect("unique metric");
-        let worker_jobs_total = counter_vec(
-            &registry,
-            "worker_jobs_total",
-            "Jobs by outcome: submitted, completed, failed, rejected (queue full).",
-            &["status"],
-        );
-        let jobs_submitted = worker_jobs_total.with_label_values(&["submitted"]);
-        let jobs_completed = worker_jobs_total.with_label_values(&["completed"]);
-        let jobs_failed = worker_jobs_total.with_label_values(&["failed"]);
-        let jobs_rejected = worker_jobs_total.with_label_values(&["rejected"]);
-        let worker_queue_depth = gauge(
-            &registry,
-            "worker_queue_depth",
-            "Jobs waiting in the queue.",
-        );
-        let payment_failures_total = counter(
-            &registry,
-            "payment_failures_total",
-            "Charge calls to the payment service that failed.",
-        );
-        let payment_timeouts_total = counter(
-            &registry,
-            "payment_timeouts_total",
-            "Charge calls that did not answer within PAYMENT_TIMEOUT.",
-        );
-        let payment_charges_total = counter(
-            &registry,
-            "payment_charges_total",
-            "Charges the simulated provider made (money moved).",
-        );
-        let payment_duplicate_charges_total = counter(
-            &registry,
-            "payment_duplicate_charges_total",
-            "Charges made for an order that was already charged.",
-        );
-        let retry_attempts_total = counter_vec(
-            &registry,
-            "retry_attempts_total",
-            "Retry decisions: retried (another attempt follows), permanent_failure (the breaker refused; the loop ended).",
-            &["result"],
-        );
-        for result in ["retried", "permanent_failure"] {
-            retry_attempts_total.with_label_values(&[result]);
-        }
-        let circuit_breaker_state_changes_total = counter_vec(
-            &registry,
-            "circuit_breaker_state_changes_total",
-            "Circuit breaker state changes, by from and to state.",
-            &["from", "to"],
-        );
-        let circuit_breaker_state = gauge(
-            &registry,
-            "circuit_breaker_state",
-            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-        );
-        let circuit_breaker_rejections_total = counter_vec(
-            &registry,
-            "circuit_breaker_rejections_total",
-            "Calls the breaker refused, by kind: open, half_open (probe in flight).",
-            &["kind"],
-        );
-        for kind in ["open", "half_open"] {
-            circuit_breaker_rejections_total.with_label_values(&[kind]);
-        }
-        let workers_busy = gauge(
-            &registry,
-            "worker_busy_workers",
-            "Workers currently processing a job.",
-        );
-        let orders_recovered_total = counter(
-            &registry,
-            "orders_recovered_total",
-            "Orders taken over after their lease expired (their replica died or was stopped hard).",
-        );
+            timeouts: counter(
+                &registry,
+                "payment_timeouts_total",
+                "Charge calls that did not answer within PAYMENT_TIMEOUT.",
+            ),
+        };
+        let provider = ProviderMetrics {
+            charges: counter(
+                &registry,
+                "payment_charges_total",
+                "Charges the simulated provider made (money moved).",
+            ),
+            duplicate_charges: counter(
+                &registry,
+                "payment_duplicate_charges_total",
+                "Charges made for an order that was already charged.",
+            ),
+        };
+        let reliability = ReliabilityMetrics::register(&registry);
+        let leases = LeaseMetrics {
+            recovered: counter(
+                &registry,
+                "orders_recovered_total",
+                "Orders taken over after their lease expired (their replica died or was stopped hard).",
+            ),
+        };
         let tokio_workers = gauge(
             &registry,
             "tokio_runtime_workers",
@@ -198,56 +144,50 @@ impl Metrics {
         }
         Self {
             registry,
-            http_requests_total,
-            http_request_duration_seconds,
-            worker_jobs_total,
-            jobs_submitted,
-            jobs_completed,
-            jobs_failed,
-            jobs_rejected,
-            worker_queue_depth,
-            payment_failures_total,
-            payment_timeouts_total,
-            payment_charges_total,
-            payment_duplicate_charges_total,
-            retry_attempts_total,
-            circuit_breaker_state_changes_total,
-            circuit_breaker_state,
-            circuit_breaker_rejections_total,
-            workers_busy,
-            orders_recovered_total,
+            http,
+            workers,
+            payment_calls,
+            provider,
+            reliability,
+            leases,
             tokio_workers,
             tokio_alive_tasks,
             tokio_global_queue_depth,
         }
     }
 
-    /// The provider-side counters the payment simulator increments.
-    pub fn provider(&self) -> crate::payment::ProviderMetrics {
-        crate::payment::ProviderMetrics {
-            charges: self.payment_charges_total.clone(),
-            duplicate_charges: self.payment_duplicate_charges_total.clone(),
-        }
+    /// Requests by route, for the HTTP middleware.
+    pub fn http(&self) -> HttpMetrics {
+        self.http.clone()
+    }
+
+    /// The queue and its workers.
+    pub fn workers(&self) -> WorkerMetrics {
+        self.workers.clone()
+    }
+
+    /// Charge calls as the caller sees them: failures and timeouts.
+    pub fn payment_calls(&self) -> PaymentCallMetrics {
+        self.payment_calls.clone()
+    }
+
+    /// The provider's own counters: charges made, duplicates among them.
+    pub fn provider(&self) -> ProviderMetrics {
+        self.provider.clone()
+    }
+
+    /// Retry decisions and the breaker's states and rejections.
+    pub fn reliability(&self) -> ReliabilityMetrics {
+        self.reliability.clone()
+    }
+
+    /// Lease recovery.
+    pub fn leases(&self) -> LeaseMetrics {
+        self.leases.clone()
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// Records one finished HTTP request.
-    pub fn observe_request(
-        &self,
-        method: &str,
-        route: &str,
-        status: axum::http::StatusCode,
-        latency: Duration,
-    ) {
-        // `as_str` is static text: no number formatting per request.
-        let labels = [method, route, status.as_str()];
-        self.http_requests_total.with_label_values(&labels).inc();
-        self.http_request_duration_seconds
-            .with_label_values(&labels)
-            .observe(latency.as_secs_f64());
     }
 
     /// Renders the registry in the Prometheus text format, refreshing the
@@ -266,36 +206,292 @@ impl Metrics {
     }
 }
 
+/// `http_requests_total` and `http_request_duration_seconds`.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    fn register(registry: &Registry) -> Self {
+        let requests = counter_vec(
+            registry,
+            "http_requests_total",
+            "HTTP requests by method, matched route pattern and status code.",
+            &["method", "route", "status_code"],
+        );
+        let duration = register(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "http_request_duration_seconds",
+                    "HTTP request latency in seconds, by method, route pattern and status code.",
+                ),
+                &["method", "route", "status_code"],
+            )
+            .expect("valid metric"),
+        );
+        Self { requests, duration }
+    }
+
+    /// Records one finished request.
+    pub fn observe(
+        &self,
+        method: &str,
+        route: &str,
+        status: axum::http::StatusCode,
+        latency: Duration,
+    ) {
+        // `as_str` is static text: no number formatting per request.
+        let labels = [method, route, status.as_str()];
+        self.requests.with_label_values(&labels).inc();
+        self.duration
+            .with_label_values(&labels)
+            .observe(latency.as_secs_f64());
+    }
+}
+
+/// `worker_jobs_total{status}`, the queue depth and the busy workers.
+///
+/// The four statuses are resolved once: each is counted for every order, and
+/// a label lookup hashes and locks each time.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    submitted: IntCounter,
+    completed: IntCounter,
+    failed: IntCounter,
+    rejected: IntCounter,
+    queue_depth: IntGauge,
+    busy: IntGauge,
+}
+
+impl WorkerMetrics {
+    fn register(registry: &Registry) -> Self {
+        let jobs = counter_vec(
+            registry,
+            "worker_jobs_total",
+            "Jobs by outcome: submitted, completed, failed, rejected (queue full).",
+            &["status"],
+        );
+        Self {
+            submitted: jobs.with_label_values(&["submitted"]),
+            completed: jobs.with_label_values(&["completed"]),
+            failed: jobs.with_label_values(&["failed"]),
+            rejected: jobs.with_label_values(&["rejected"]),
+            queue_depth: gauge(registry, "worker_queue_depth", "Jobs waiting in the queue."),
+            busy: gauge(
+                registry,
+                "worker_busy_workers",
+                "Workers currently processing a job.",
+            ),
+        }
+    }
+
+    pub fn job_submitted(&self) {
+        self.submitted.inc();
+    }
+
+    pub fn job_completed(&self) {
+        self.completed.inc();
+    }
+
+    pub fn job_failed(&self) {
+        self.failed.inc();
+    }
+
+    pub fn job_rejected(&self) {
+        self.rejected.inc();
+    }
+
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as i64);
+    }
+
+    pub fn set_busy(&self, busy: usize) {
+        self.busy.set(busy as i64);
+    }
+}
+
+/// Charge calls as the caller counts them.
+#[derive(Clone)]
+pub struct PaymentCallMetrics {
+    failures: IntCounter,
+    timeouts: IntCounter,
+}
+
+impl PaymentCallMetrics {
+    /// A call that failed (a timeout included).
+    pub fn failure(&self) {
+        self.failures.inc();
+    }
+
+    /// A call that did not answer within its timeout.
+    pub fn timeout(&self) {
+        self.timeouts.inc();
+    }
+}
+
+/// Orders taken over from expired leases.
+#[derive(Clone)]
+pub struct LeaseMetrics {
+    recovered: IntCounter,
+}
+
+impl LeaseMetrics {
+    pub fn recovered(&self, orders: usize) {
+        self.recovered.inc_by(orders as u64);
+    }
+}
+
+/// Retry decisions, breaker state changes, the state gauge and rejections.
+/// It is the retry loop's and the breaker's observer: their counters are
+/// incremented where the events happen.
+#[derive(Clone)]
+pub struct ReliabilityMetrics {
+    retried: IntCounter,
+    permanent_failure: IntCounter,
+    transitions: IntCounterVec,
+    state: IntGauge,
+    rejected_open: IntCounter,
+    rejected_half_open: IntCounter,
+}
+
+impl ReliabilityMetrics {
+    fn register(registry: &Registry) -> Self {
+        let retries = counter_vec(
+            registry,
+            "retry_attempts_total",
+            "Retry decisions: retried (another attempt follows), permanent_failure (the breaker refused; the loop ended).",
+            &["result"],
+        );
+        let transitions = counter_vec(
+            registry,
+            "circuit_breaker_state_changes_total",
+            "Circuit breaker state changes, by from and to state.",
+            &["from", "to"],
+        );
+        for (from, to) in BREAKER_TRANSITIONS {
+            transitions.with_label_values(&[from.as_str(), to.as_str()]);
+        }
+        let rejections = counter_vec(
+            registry,
+            "circuit_breaker_rejections_total",
+            "Calls the breaker refused, by kind: open, half_open (probe in flight).",
+            &["kind"],
+        );
+        Self {
+            retried: retries.with_label_values(&["retried"]),
+            permanent_failure: retries.with_label_values(&["permanent_failure"]),
+            transitions,
+            state: gauge(
+                registry,
+                "circuit_breaker_state",
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ),
+            rejected_open: rejections.with_label_values(&[Rejection::Open.label()]),
+            rejected_half_open: rejections.with_label_values(&[Rejection::HalfOpenBusy.label()]),
+        }
+    }
+}
+
 /// The retry loop's notify callback: log the error and the coming wait, and
 /// count it where it happens.
-impl RetryObserver for Metrics {
+impl RetryObserver for ReliabilityMetrics {
     fn retrying(&self, error: &dyn fmt::Display, wait: Duration) {
         tracing::warn!(error = %error, wait_ms = wait.as_millis() as u64, "retrying payment");
-        self.retry_attempts_total
-            .with_label_values(&["retried"])
-            .inc();
+        self.retried.inc();
     }
 
     fn gave_up_on_rejection(&self, rejection: Rejection) {
         tracing::warn!(reason = %rejection, "payment not attempted: circuit breaker refused; no more retries");
-        self.retry_attempts_total
-            .with_label_values(&["permanent_failure"])
-            .inc();
+        self.permanent_failure.inc();
     }
 }
 
-impl BreakerObserver for Metrics {
+impl BreakerObserver for ReliabilityMetrics {
     fn state_changed(&self, from: BreakerState, to: BreakerState) {
         tracing::warn!(from = %from, to = %to, "circuit breaker state changed");
-        self.circuit_breaker_state_changes_total
+        self.transitions
             .with_label_values(&[from.as_str(), to.as_str()])
             .inc();
-        self.circuit_breaker_state.set(to.gauge_value());
+        self.state.set(to.gauge_value());
     }
 
     fn rejected(&self, kind: Rejection) {
-        self.circuit_breaker_rejections_total
-            .with_label_values(&[kind.label()])
-            .inc();
+        match kind {
+            Rejection::Open => self.rejected_open.inc(),
+            Rejection::HalfOpenBusy => self.rejected_half_open.inc(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(text: &str, name: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn known_label_values_exist_at_zero_from_the_start() {
+        let text = Metrics::new().render().unwrap();
+        let transitions = series(&text, "circuit_breaker_state_changes_total{");
+        assert_eq!(transitions.len(), BREAKER_TRANSITIONS.len(), "{text}");
+        for (from, to) in BREAKER_TRANSITIONS {
+            let line =
+                format!("circuit_breaker_state_changes_total{{from=\"{from}\",to=\"{to}\"}} 0");
+            assert!(
+                transitions.contains(&line),
+                "{line} missing from {transitions:?}"
+            );
+        }
+        for line in [
+            "circuit_breaker_rejections_total{kind=\"open\"} 0",
+            "circuit_breaker_rejections_total{kind=\"half_open\"} 0",
+            "retry_attempts_total{result=\"retried\"} 0",
+            "retry_attempts_total{result=\"permanent_failure\"} 0",
+            "worker_jobs_total{status=\"submitted\"} 0",
+            "worker_jobs_total{status=\"completed\"} 0",
+            "worker_jobs_total{status=\"failed\"} 0",
+            "worker_jobs_total{status=\"rejected\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing");
+        }
+    }
+
+    #[test]
+    fn each_handle_counts_into_its_own_series() {
+        let metrics = Metrics::new();
+        let workers = metrics.workers();
+        workers.job_completed();
+        workers.job_completed();
+        workers.job_failed();
+        let reliability = metrics.reliability();
+        reliability.rejected(Rejection::HalfOpenBusy);
+        reliability.state_changed(BreakerState::HalfOpen, BreakerState::Open);
+        metrics.payment_calls().timeout();
+        metrics.leases().recovered(3);
+        let text = metrics.render().unwrap();
+        for line in [
+            "worker_jobs_total{status=\"completed\"} 2",
+            "worker_jobs_total{status=\"failed\"} 1",
+            "circuit_breaker_rejections_total{kind=\"half_open\"} 1",
+            "circuit_breaker_rejections_total{kind=\"open\"} 0",
+            "circuit_breaker_state_changes_total{from=\"half_open\",to=\"open\"} 1",
+            "circuit_breaker_state 2",
+            "payment_timeouts_total 1",
+            "payment_failures_total 0",
+            "orders_recovered_total 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
     }
 }

@@ -59,8 +59,15 @@ impl Profiler {
         Self::default()
     }
 
+    /// Takes the one CPU profile slot without sampling: while the returned
+    /// guard lives, every profile request is refused with `Busy`. A test
+    /// takes it to see the refusal without racing two real profiles.
+    pub fn hold(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, ProfileError> {
+        self.cpu.try_lock().map_err(|_| ProfileError::Busy)
+    }
+
     async fn sample(&self, duration: Duration) -> Result<pprof::Report, ProfileError> {
-        let _only_one = self.cpu.try_lock().map_err(|_| ProfileError::Busy)?;
+        let _only_one = self.hold()?;
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(99)
             .blocklist(&["libc", "libgcc", "pthread", "vdso"])

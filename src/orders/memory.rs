@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
 use super::{
-    KeyedInsert, Order, OrderId, OrderRepository, Status, StatusChange, StatusCounts, StoreError,
-    UpdateOutcome,
+    Durability, KeyedInsert, Order, OrderId, OrderRepository, Status, StatusChange, StatusCounts,
+    StoreError, UpdateOutcome,
 };
 
 /// Orders live in shards, each behind its own lock. A single map stalled
@@ -64,8 +64,8 @@ impl OrderRepository for MemoryStore {
         "memory"
     }
 
-    fn durability(&self) -> &'static str {
-        "none"
+    fn durability(&self) -> Durability {
+        Durability::None
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -160,7 +160,8 @@ impl OrderRepository for MemoryStore {
         let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
         let mut keys = self.keys.write().map_err(|_| poisoned())?;
         let before = keys.len();
-        keys.retain(|_, (_, _, at)| *at >= cutoff);
+        // A key exactly `age` old is past its time: an age of zero forgets all.
+        keys.retain(|_, (_, _, at)| *at > cutoff);
         Ok((before - keys.len()) as u64)
     }
 }

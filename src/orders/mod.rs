@@ -14,6 +14,8 @@ mod service;
 
 pub use error::{OrderError, StoreError};
 pub use model::{Amount, Currency, CustomerId, NewOrder, Order, OrderId, Status, StatusChange};
+#[cfg(test)]
+pub(crate) use queue::testing;
 pub use queue::{ProcessingQueue, QueueError, QueueSlot};
-pub use repository::{KeyedInsert, OrderRepository, StatusCounts, UpdateOutcome};
+pub use repository::{Durability, KeyedInsert, OrderRepository, StatusCounts, UpdateOutcome};
 pub use service::{CreateOrderRequest, Creation, Service, IDEMPOTENCY_KEY_TTL};

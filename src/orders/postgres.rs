@@ -19,7 +19,7 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    Amount, Currency, CustomerId, KeyedInsert, Order, OrderId, OrderRepository, Status,
+    Amount, Currency, CustomerId, Durability, KeyedInsert, Order, OrderId, OrderRepository, Status,
     StatusChange, StatusCounts, StoreError, UpdateOutcome,
 };
 
@@ -186,8 +186,8 @@ impl OrderRepository for PostgresStore {
         "postgres"
     }
 
-    fn durability(&self) -> &'static str {
-        "durable"
+    fn durability(&self) -> Durability {
+        Durability::Durable
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -426,7 +426,7 @@ impl OrderRepository for PostgresStore {
 
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
         let result = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+            "DELETE FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1)",
         )
         .bind(age.as_secs_f64())
         .execute(&self.pool)

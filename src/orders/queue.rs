@@ -27,3 +27,53 @@ pub trait ProcessingQueue: Send + Sync {
     /// Reserves room for one job without waiting.
     fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError>;
 }
+
+/// A queue for unit tests: it records the orders it is given, and refuses
+/// with `refuse` when that is set, or once its `room` (when bounded) is used.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use super::{OrderId, ProcessingQueue, QueueError, QueueSlot};
+
+    #[derive(Default)]
+    pub struct RecordingQueue {
+        pub refuse: Option<QueueError>,
+        pub room: Option<Mutex<usize>>,
+        pub submitted: Arc<Mutex<Vec<OrderId>>>,
+    }
+
+    impl RecordingQueue {
+        /// Room for `n` orders, then `Full`.
+        pub fn with_room(n: usize) -> Self {
+            Self {
+                room: Some(Mutex::new(n)),
+                ..Self::default()
+            }
+        }
+    }
+
+    struct Slot(Arc<Mutex<Vec<OrderId>>>);
+
+    impl QueueSlot for Slot {
+        fn submit(self: Box<Self>, order_id: OrderId) {
+            self.0.lock().unwrap().push(order_id);
+        }
+    }
+
+    impl ProcessingQueue for RecordingQueue {
+        fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
+            if let Some(e) = self.refuse {
+                return Err(e);
+            }
+            if let Some(room) = &self.room {
+                let mut room = room.lock().unwrap();
+                if *room == 0 {
+                    return Err(QueueError::Full);
+                }
+                *room -= 1;
+            }
+            Ok(Box::new(Slot(self.submitted.clone())))
+        }
+    }
+}

@@ -7,6 +7,25 @@ use async_trait::async_trait;
 
 use super::{Order, OrderId, Status, StatusChange, StoreError};
 
+/// Whether a store's orders survive a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Kept in this process's memory: lost on restart, owned by one process.
+    None,
+    /// Kept in a database shared by replicas, with leases and recovery.
+    Durable,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Durable => "durable",
+        }
+    }
+}
+
 /// How many orders are in each status.
 pub type StatusCounts = BTreeMap<Status, u64>;
 
@@ -42,8 +61,8 @@ pub trait OrderRepository: Send + Sync {
     /// A short name for logs and `/readyz`: `memory` or `postgres`.
     fn kind(&self) -> &'static str;
 
-    /// Whether orders survive a restart: `none` or `durable`.
-    fn durability(&self) -> &'static str;
+    /// Whether orders survive a restart (and leases need keeping).
+    fn durability(&self) -> Durability;
 
     /// Answers when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;

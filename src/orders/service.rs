@@ -240,32 +240,8 @@ impl Service {
 mod tests {
     use super::*;
     use crate::orders::memory::MemoryStore;
-    use crate::orders::{QueueSlot, Status};
-    use std::sync::Mutex;
-
-    /// A queue that records what it was given and can be set to refuse.
-    #[derive(Default)]
-    struct RecordingQueue {
-        refuse: Option<QueueError>,
-        submitted: Arc<Mutex<Vec<OrderId>>>,
-    }
-
-    struct Slot(Arc<Mutex<Vec<OrderId>>>);
-
-    impl QueueSlot for Slot {
-        fn submit(self: Box<Self>, order_id: OrderId) {
-            self.0.lock().unwrap().push(order_id);
-        }
-    }
-
-    impl ProcessingQueue for RecordingQueue {
-        fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
-            match self.refuse {
-                Some(e) => Err(e),
-                None => Ok(Box::new(Slot(self.submitted.clone()))),
-            }
-        }
-    }
+    use crate::orders::testing::RecordingQueue;
+    use crate::orders::Status;
 
     fn request() -> CreateOrderRequest {
         CreateOrderRequest {

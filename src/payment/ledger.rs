@@ -9,7 +9,19 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::ChargeRequest;
-use crate::orders::OrderId;
+use crate::orders::postgres::map_err;
+use crate::orders::{OrderId, StoreError};
+
+/// Why the ledger could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// A thread panicked while holding one of the in-memory ledger's locks.
+    #[error("ledger lock poisoned")]
+    Poisoned,
+    /// The database behind the ledger failed or could not be reached.
+    #[error("ledger storage: {0}")]
+    Store(#[from] StoreError),
+}
 
 /// One charge the provider made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,10 +50,14 @@ pub struct Recorded {
 pub trait Ledger: Send + Sync {
     /// Makes a charge, unless `key` is given and already has one. The check
     /// and the write are one atomic step.
-    async fn record(&self, request: &ChargeRequest, key: Option<&str>) -> Result<Recorded, String>;
+    async fn record(
+        &self,
+        request: &ChargeRequest,
+        key: Option<&str>,
+    ) -> Result<Recorded, LedgerError>;
 
     /// An order's charges, oldest first.
-    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, String>;
+    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError>;
 }
 
 fn charge(request: &ChargeRequest, key: Option<&str>) -> Charge {
@@ -95,10 +111,8 @@ impl MemoryLedger {
         (BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize) % LEDGER_SHARDS
     }
 
-    fn lock(&self, i: usize) -> Result<std::sync::MutexGuard<'_, LedgerShard>, String> {
-        self.shards[i]
-            .lock()
-            .map_err(|_| "ledger lock poisoned".to_owned())
+    fn lock(&self, i: usize) -> Result<std::sync::MutexGuard<'_, LedgerShard>, LedgerError> {
+        self.shards[i].lock().map_err(|_| LedgerError::Poisoned)
     }
 }
 
@@ -116,7 +130,11 @@ fn add_charge(shard: &mut LedgerShard, request: &ChargeRequest, key: Option<&str
 
 #[async_trait]
 impl Ledger for MemoryLedger {
-    async fn record(&self, request: &ChargeRequest, key: Option<&str>) -> Result<Recorded, String> {
+    async fn record(
+        &self,
+        request: &ChargeRequest,
+        key: Option<&str>,
+    ) -> Result<Recorded, LedgerError> {
         let oi = Self::order_shard(&request.order_id);
         let Some(key) = key else {
             let earlier = add_charge(&mut *self.lock(oi)?, request, None);
@@ -162,7 +180,7 @@ impl Ledger for MemoryLedger {
         })
     }
 
-    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, String> {
+    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError> {
         let shard = self.lock(Self::order_shard(&order_id))?;
         Ok(shard.by_order.get(&order_id).cloned().unwrap_or_default())
     }
@@ -183,7 +201,11 @@ impl PostgresLedger {
 
 #[async_trait]
 impl Ledger for PostgresLedger {
-    async fn record(&self, request: &ChargeRequest, key: Option<&str>) -> Result<Recorded, String> {
+    async fn record(
+        &self,
+        request: &ChargeRequest,
+        key: Option<&str>,
+    ) -> Result<Recorded, LedgerError> {
         use sqlx::Row;
         let c = charge(request, key);
         let row = sqlx::query(
@@ -206,16 +228,16 @@ impl Ledger for PostgresLedger {
         .bind(c.created_at)
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| e.to_string())?;
-        let earlier: i64 = row.try_get("earlier").map_err(|e| e.to_string())?;
-        let made: i64 = row.try_get("made").map_err(|e| e.to_string())?;
+        .map_err(map_err)?;
+        let earlier: i64 = row.try_get("earlier").map_err(map_err)?;
+        let made: i64 = row.try_get("made").map_err(map_err)?;
         Ok(Recorded {
             new_charge: made == 1,
             earlier_charges: usize::try_from(earlier).unwrap_or(0),
         })
     }
 
-    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, String> {
+    async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError> {
         use sqlx::Row;
         let rows = sqlx::query(
             "SELECT charge_id, order_id, attempt, idempotency_key, amount, currency, created_at
@@ -224,7 +246,7 @@ impl Ledger for PostgresLedger {
         .bind(order_id.as_uuid())
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(map_err)?;
         rows.iter()
             .map(|row| -> Result<Charge, sqlx::Error> {
                 Ok(Charge {
@@ -238,7 +260,7 @@ impl Ledger for PostgresLedger {
                 })
             })
             .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())
+            .map_err(|e| map_err(e).into())
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use tokio::time::Instant;
 
 /// How the provider behaves beyond its rates.
@@ -93,12 +93,12 @@ fn check_rate(field: &'static str, rate: f64) -> Result<f64, SettingsError> {
 #[serde(deny_unknown_fields)]
 pub struct PaymentUpdate {
     pub failure_rate: Option<f64>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "crate::units::de_duration")]
     pub latency_min: Option<Duration>,
-    #[serde(default, deserialize_with = "de_duration")]
+    #[serde(default, deserialize_with = "crate::units::de_duration")]
     pub latency_max: Option<Duration>,
     pub ambiguous_rate: Option<f64>,
-    #[serde(default, deserialize_with = "de_switch")]
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
     pub idempotency: Option<bool>,
     pub mode: Option<Mode>,
     /// Required with `mode: brownout`.
@@ -110,50 +110,12 @@ pub struct PaymentUpdate {
 #[serde(deny_unknown_fields)]
 pub struct BrownoutRequest {
     pub failure_rate: f64,
-    #[serde(deserialize_with = "de_duration_required")]
+    #[serde(deserialize_with = "crate::units::de_duration_required")]
     pub latency_min: Duration,
-    #[serde(deserialize_with = "de_duration_required")]
+    #[serde(deserialize_with = "crate::units::de_duration_required")]
     pub latency_max: Duration,
-    #[serde(deserialize_with = "de_duration_required")]
+    #[serde(deserialize_with = "crate::units::de_duration_required")]
     pub duration: Duration,
-}
-
-fn parse_duration<E: serde::de::Error>(raw: &str) -> Result<Duration, E> {
-    humantime::parse_duration(raw.trim()).map_err(|_| {
-        E::custom(format!(
-            "expected a duration such as 200ms, 2s or 1m, got {raw:?}"
-        ))
-    })
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let raw = String::deserialize(d)?;
-    parse_duration(&raw).map(Some)
-}
-
-fn de_duration_required<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let raw = String::deserialize(d)?;
-    parse_duration(&raw)
-}
-
-/// `true`/`false`, or `"on"`/`"off"` as the environment variable takes it.
-fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Switch {
-        Bool(bool),
-        Word(String),
-    }
-    match Switch::deserialize(d)? {
-        Switch::Bool(b) => Ok(Some(b)),
-        Switch::Word(w) => match w.to_ascii_lowercase().as_str() {
-            "on" => Ok(Some(true)),
-            "off" => Ok(Some(false)),
-            _ => Err(serde::de::Error::custom(format!(
-                "expected true, false, \"on\" or \"off\", got {w:?}"
-            ))),
-        },
-    }
 }
 
 impl PaymentSettings {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::observability::Metrics;
+use crate::observability::metrics::WorkerMetrics;
 use crate::orders::OrderId;
 
 /// One unit of background work.
@@ -50,8 +50,8 @@ impl Reservation {
     pub fn send(self, job: Job) {
         // Count before sending so a fast worker never drives the gauge negative.
         let depth = self.shared.depth.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.metrics.worker_queue_depth.set(depth as i64);
-        self.shared.metrics.jobs_submitted.inc();
+        self.shared.metrics.set_queue_depth(depth);
+        self.shared.metrics.job_submitted();
         self.permit.send(job);
     }
 }
@@ -59,7 +59,7 @@ impl Reservation {
 struct Shared {
     depth: AtomicUsize,
     busy: AtomicUsize,
-    metrics: Arc<Metrics>,
+    metrics: WorkerMetrics,
 }
 
 /// The queue and its workers.
@@ -74,7 +74,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A queue with room for `capacity` jobs; no workers run until `start`.
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(capacity: usize, metrics: WorkerMetrics) -> Self {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         Self {
             sender: Mutex::new(Some(tx)),
@@ -111,12 +111,12 @@ impl Dispatcher {
                         .depth
                         .fetch_sub(1, Ordering::SeqCst)
                         .saturating_sub(1);
-                    shared.metrics.worker_queue_depth.set(depth as i64);
+                    shared.metrics.set_queue_depth(depth);
                     let busy = shared.busy.fetch_add(1, Ordering::SeqCst) + 1;
-                    shared.metrics.workers_busy.set(busy as i64);
+                    shared.metrics.set_busy(busy);
                     handler.handle(job, token.clone()).await;
                     let busy = shared.busy.fetch_sub(1, Ordering::SeqCst) - 1;
-                    shared.metrics.workers_busy.set(busy as i64);
+                    shared.metrics.set_busy(busy);
                 }
                 tracing::debug!(worker, "worker stopped");
             });
@@ -138,7 +138,7 @@ impl Dispatcher {
                 shared: self.shared.clone(),
             }),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.metrics.jobs_rejected.inc();
+                self.shared.metrics.job_rejected();
                 Err(ReserveError::Full)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(ReserveError::Closed),
@@ -163,6 +163,8 @@ impl Dispatcher {
     /// Reservations already handed out can still be filled.
     pub fn stop(&self) {
         self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // A dispatcher whose workers never started has nothing to wait for.
+        self.tracker.close();
     }
 
     /// Returns once every worker has exited.
@@ -179,6 +181,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observability::Metrics;
     use std::time::Duration;
 
     /// Takes a fixed time per job and records what it saw.
@@ -208,7 +211,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_and_a_dropped_reservation_gives_room_back() {
-        let d = Dispatcher::new(2, Arc::new(Metrics::new()));
+        let d = Dispatcher::new(2, Metrics::new().workers());
         let a = d.try_reserve().unwrap();
         let _b = d.try_reserve().unwrap();
         assert_eq!(d.try_reserve().err(), Some(ReserveError::Full));
@@ -218,7 +221,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stop_drains_every_queued_job_before_the_workers_exit() {
-        let d = Dispatcher::new(10, Arc::new(Metrics::new()));
+        let d = Dispatcher::new(10, Metrics::new().workers());
         let handler = slow(100);
         let ids: Vec<OrderId> = (0..7).map(|_| OrderId::new_random()).collect();
         for id in &ids {
@@ -239,8 +242,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_dispatcher_never_started_stops_at_once() {
+        let d = Dispatcher::new(10, Metrics::new().workers());
+        d.try_reserve().unwrap().send(Job {
+            order_id: OrderId::new_random(),
+        });
+        d.stop();
+        tokio::time::timeout(Duration::from_secs(1), d.wait())
+            .await
+            .expect("nothing to wait for");
+        assert_eq!(d.depth(), 1, "the job stays queued (and its order pending)");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn cancel_interrupts_the_jobs_in_hand_and_ends_the_workers() {
-        let d = Dispatcher::new(10, Arc::new(Metrics::new()));
+        let d = Dispatcher::new(10, Metrics::new().workers());
         let handler = slow(10_000);
         for _ in 0..4 {
             d.try_reserve().unwrap().send(Job {

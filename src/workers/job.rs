@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::observability::metrics::{PaymentCallMetrics, WorkerMetrics};
 use crate::observability::Metrics;
 use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
 use crate::payment::{ChargeRequest, PaymentError, Simulator};
@@ -30,30 +31,57 @@ enum Outcome {
     Interrupted,
 }
 
+/// How the retry loop treats the provider's errors. It lives here, with the
+/// caller, so that the payment module knows nothing of retries or breakers.
+impl Classify for PaymentError {
+    /// A cancellation says nothing about the provider: it does not count
+    /// towards opening the breaker.
+    fn counts_as_failure(&self) -> bool {
+        !matches!(self, Self::Cancelled)
+    }
+
+    fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Cancelled)
+    }
+}
+
 /// Processes orders; one instance is shared by every worker.
 pub struct OrderProcessor {
     service: Service,
     payment: Arc<Simulator>,
     reliability: Reliability,
-    metrics: Arc<Metrics>,
+    jobs: WorkerMetrics,
+    calls: PaymentCallMetrics,
     timeout: Duration,
+    jitter_seed: Option<u64>,
 }
 
 impl OrderProcessor {
+    /// A processor bounding each charge call by `timeout`, with unseeded
+    /// retry jitter.
     pub fn new(
         service: Service,
         payment: Arc<Simulator>,
         reliability: Reliability,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
         timeout: Duration,
     ) -> Self {
         Self {
             service,
             payment,
             reliability,
-            metrics,
+            jobs: metrics.workers(),
+            calls: metrics.payment_calls(),
             timeout,
+            jitter_seed: None,
         }
+    }
+
+    /// Draws each order's retry jitter from `seed` and the order's id, so a
+    /// seeded run waits exactly as another run with the same seed.
+    pub fn with_jitter_seed(mut self, seed: Option<u64>) -> Self {
+        self.jitter_seed = seed;
+        self
     }
 
     /// One charge call, bounded by the per-attempt timeout.
@@ -73,13 +101,13 @@ impl OrderProcessor {
             match tokio::time::timeout(self.timeout, self.payment.charge(&request, cancel)).await {
                 Ok(result) => result,
                 Err(_) => {
-                    self.metrics.payment_timeouts_total.inc();
+                    self.calls.timeout();
                     Err(PaymentError::Timeout(self.timeout))
                 }
             };
         if let Err(err) = &result {
             if err.counts_as_failure() {
-                self.metrics.payment_failures_total.inc();
+                self.calls.failure();
             }
         }
         result
@@ -104,9 +132,7 @@ impl OrderProcessor {
         };
 
         let attempts = AtomicU32::new(order.attempts);
-        // With a seed, the retry jitter is drawn from it too: a seeded run
-        // waits exactly as another run with the same seed.
-        let jitter_seed = self.payment.seed().map(|seed| {
+        let jitter_seed = self.jitter_seed.map(|seed| {
             let (hi, lo) = id.as_uuid().as_u64_pair();
             seed ^ hi.rotate_left(17) ^ lo
         });
@@ -147,17 +173,11 @@ impl OrderProcessor {
         match self.service.update_order(id, change).await {
             Ok(_) => match &outcome {
                 Outcome::Completed => {
-                    self.metrics
-                        .worker_jobs_total
-                        .with_label_values(&["completed"])
-                        .inc();
+                    self.jobs.job_completed();
                     tracing::info!(attempts, "order completed");
                 }
                 Outcome::Failed(reason) => {
-                    self.metrics
-                        .worker_jobs_total
-                        .with_label_values(&["failed"])
-                        .inc();
+                    self.jobs.job_failed();
                     tracing::warn!(attempts, reason = %reason, "order failed");
                 }
                 Outcome::Interrupted => {

@@ -1,8 +1,9 @@
 //! Background processing: a bounded queue drained by a fixed set of workers,
-//! and the job they run for each order.
+//! the job they run for each order, and the loops that keep leases.
 
 mod dispatcher;
 mod job;
+pub mod leases;
 
 pub use dispatcher::{Dispatcher, Job, JobHandler, Reservation, ReserveError};
 pub use job::OrderProcessor;

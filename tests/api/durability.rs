@@ -186,7 +186,8 @@ async fn idempotency_key_behaviour(repo: Option<Arc<dyn OrderRepository>>) {
         repo,
         start_workers: false,
         ..LabOptions::default()
-    });
+    })
+    .await;
     let body = r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#;
     let (status, first) = keyed_post(&lab, "checkout-123", body).await;
     assert_eq!(status, StatusCode::CREATED);

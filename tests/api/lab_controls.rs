@@ -52,7 +52,8 @@ async fn an_outage_trips_the_breaker_and_after_it_one_probe_closes_it() {
     let lab = Lab::new(LabOptions {
         payment: quick_payments(),
         ..LabOptions::default()
-    });
+    })
+    .await;
     assert!(run_orders(&lab, 3)
         .await
         .iter()
@@ -102,7 +103,7 @@ async fn an_outage_trips_the_breaker_and_after_it_one_probe_closes_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_brownout_ends_by_itself_after_its_duration() {
-    let lab = Lab::new(LabOptions::default());
+    let lab = Lab::new(LabOptions::default()).await;
     let view = admin(
         &lab,
         put(
@@ -128,7 +129,8 @@ async fn a_blackhole_times_out_each_attempt_and_counts_it_as_a_failure() {
         payment: quick_payments(),
         payment_timeout: Duration::from_millis(300),
         ..LabOptions::default()
-    });
+    })
+    .await;
     admin(&lab, put("/admin/payment", json!({"mode": "blackhole"}))).await;
     let order = run_orders(&lab, 1).await.remove(0);
     assert_eq!(order.status, Status::Failed);
@@ -161,21 +163,32 @@ async fn duplicates_with(idempotency: bool, orders: usize) -> (f64, f64) {
             ..BreakerConfig::default()
         },
         ..LabOptions::default()
-    });
+    })
+    .await;
     let done = run_orders(&lab, orders).await;
     assert!(done.iter().all(|o| o.status.is_terminal()));
-    for order in done.iter().take(20) {
+    // The ledger, order by order, agrees with the provider's counters: every
+    // charge is in it, and every charge past an order's first is a duplicate.
+    let (mut charges, mut duplicates) = (0usize, 0usize);
+    for order in &done {
         let ledger = admin(&lab, get(&format!("/admin/payment/ledger/{}", order.id))).await;
-        let charges = ledger["charges"].as_array().unwrap().len();
+        let n = ledger["charges"].as_array().unwrap().len();
         if idempotency {
-            assert!(charges <= 1, "{ledger}");
+            assert!(n <= 1, "{ledger}");
         }
+        if order.status == Status::Completed {
+            assert!(n >= 1, "a completed order was charged: {ledger}");
+        }
+        charges += n;
+        duplicates += n.saturating_sub(1);
     }
     let scrape = scrape(&lab).await;
-    (
+    let counted = (
         value(&scrape, "payment_charges_total", &[]),
         value(&scrape, "payment_duplicate_charges_total", &[]),
-    )
+    );
+    assert_eq!(counted, (charges as f64, duplicates as f64));
+    counted
 }
 
 #[tokio::test(start_paused = true)]
@@ -201,9 +214,9 @@ async fn seeded_run(seed: u64) -> Vec<(String, Status, u32, Option<String>)> {
             open_duration: Duration::from_secs(2),
         },
         seed,
-        seeded_ids: true,
         ..LabOptions::default()
-    });
+    })
+    .await;
     run_orders(&lab, 40)
         .await
         .into_iter()
@@ -231,7 +244,8 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
             ..quick_payments()
         },
         ..LabOptions::default()
-    });
+    })
+    .await;
     let switches = admin(
         &lab,
         put("/admin/reliability", json!({"breaker_enabled": false})),
@@ -264,7 +278,7 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
 
 #[tokio::test(start_paused = true)]
 async fn the_state_snapshot_shows_the_whole_pipeline() {
-    let lab = Lab::new(LabOptions::default());
+    let lab = Lab::new(LabOptions::default()).await;
     run_orders(&lab, 2).await;
     let state = admin(&lab, get("/admin/state")).await;
     assert_eq!(state["queue"]["capacity"], 100);
@@ -291,7 +305,7 @@ async fn the_state_snapshot_shows_the_whole_pipeline() {
 
 #[tokio::test(start_paused = true)]
 async fn every_admin_input_is_validated_and_a_refusal_changes_nothing() {
-    let lab = Lab::new(LabOptions::default());
+    let lab = Lab::new(LabOptions::default()).await;
     let before = admin(&lab, get("/admin/payment")).await;
     for (body, field) in [
         (json!({"failure_rate": 1.5}), "failure_rate"),
@@ -340,7 +354,8 @@ async fn with_a_token_admin_and_debug_need_it() {
         admin_token: Some("lab-token-123"),
         start_workers: false,
         ..LabOptions::default()
-    });
+    })
+    .await;
     for path in [
         "/admin/state",
         "/admin/payment",
@@ -385,7 +400,125 @@ async fn without_a_token_admin_is_open() {
     let lab = Lab::new(LabOptions {
         start_workers: false,
         ..LabOptions::default()
-    });
+    })
+    .await;
     let (status, _, _) = send(&lab.router, get("/admin/state")).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn every_admin_write_needs_the_token_and_a_refused_one_changes_nothing() {
+    let lab = Lab::new(LabOptions {
+        admin_token: Some("lab-token-123"),
+        start_workers: false,
+        ..LabOptions::default()
+    })
+    .await;
+    for _ in 0..5 {
+        lab.breaker.try_acquire().unwrap().failure();
+    }
+    assert_eq!(lab.breaker.state(), BreakerState::Open);
+    let order = lab.service.get_order(
+        lab.service
+            .create_order(
+                &reliability_lab::orders::CreateOrderRequest {
+                    customer_id: "cust-1".into(),
+                    amount: 100,
+                    currency: "USD".into(),
+                },
+                None,
+            )
+            .await
+            .unwrap()
+            .order()
+            .id,
+    );
+    let order = order.await.unwrap();
+    let ledger_path = format!("/admin/payment/ledger/{}", order.id);
+    let writes = [
+        ("PUT", "/admin/payment", r#"{"failure_rate": 0.9}"#),
+        ("PUT", "/admin/reliability", r#"{"retry_enabled": false}"#),
+        ("POST", "/admin/breaker/reset", ""),
+        ("GET", ledger_path.as_str(), ""),
+    ];
+    let request = |method: &str, path: &str, body: &str, auth: Option<&str>| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        req.body(Body::from(body.to_owned())).unwrap()
+    };
+    for (method, path, body) in writes {
+        for auth in [None, Some("Bearer wrong-token"), Some("lab-token-123")] {
+            let (status, _, reply) = send(&lab.router, request(method, path, body, auth)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {auth:?}"
+            );
+            assert_eq!(error_code(&reply), "unauthorized");
+        }
+    }
+    // Nothing changed.
+    assert_eq!(lab.payment.view().failure_rate, 0.0);
+    assert!(lab.reliability.switches().retry_enabled);
+    assert_eq!(lab.breaker.state(), BreakerState::Open);
+
+    // With the token (the scheme in any case), each one goes through.
+    for (method, path, body) in writes {
+        let (status, _, reply) = send(
+            &lab.router,
+            request(method, path, body, Some("bearer lab-token-123")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {reply}");
+    }
+    assert_eq!(lab.payment.view().failure_rate, 0.9);
+    assert!(!lab.reliability.switches().retry_enabled);
+    assert_eq!(lab.breaker.state(), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn the_switches_take_the_same_spellings_as_the_environment() {
+    let lab = Lab::new(LabOptions {
+        start_workers: false,
+        ..LabOptions::default()
+    })
+    .await;
+    for (body, retry, breaker) in [
+        (
+            json!({"retry_enabled": "off", "breaker_enabled": "no"}),
+            false,
+            false,
+        ),
+        (
+            json!({"retry_enabled": "ON", "breaker_enabled": "1"}),
+            true,
+            true,
+        ),
+        (json!({"retry_enabled": "false"}), false, true),
+        (
+            json!({"retry_enabled": true, "breaker_enabled": "0"}),
+            true,
+            false,
+        ),
+    ] {
+        let reply = admin(&lab, put("/admin/reliability", body.clone())).await;
+        assert_eq!(reply["retry_enabled"], retry, "{body}");
+        assert_eq!(reply["breaker_enabled"], breaker, "{body}");
+    }
+    let (status, _, reply) = send(
+        &lab.router,
+        put("/admin/reliability", json!({"retry_enabled": "maybe"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "retry_enabled");
+    assert!(
+        !lab.reliability.switches().breaker_enabled,
+        "nothing changed"
+    );
 }

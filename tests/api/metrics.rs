@@ -77,7 +77,7 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn all_seven_metrics_are_exported_with_their_labels() {
-    let lab = Lab::new(LabOptions::default());
+    let lab = Lab::new(LabOptions::default()).await;
     lab.post_order().await;
     let scrape = scrape(&lab).await;
     for name in [
@@ -121,11 +121,55 @@ async fn all_seven_metrics_are_exported_with_their_labels() {
 }
 
 #[tokio::test]
+async fn right_after_startup_every_known_series_is_listed_at_zero() {
+    let lab = Lab::new(LabOptions {
+        start_workers: false,
+        ..LabOptions::default()
+    })
+    .await;
+    let scrape = scrape(&lab).await;
+    let expected: &[(&str, &[(&str, &str)])] = &[
+        (
+            "circuit_breaker_state_changes_total",
+            &[("from", "closed"), ("to", "open")],
+        ),
+        (
+            "circuit_breaker_state_changes_total",
+            &[("from", "open"), ("to", "half_open")],
+        ),
+        (
+            "circuit_breaker_state_changes_total",
+            &[("from", "half_open"), ("to", "closed")],
+        ),
+        (
+            "circuit_breaker_state_changes_total",
+            &[("from", "half_open"), ("to", "open")],
+        ),
+        (
+            "circuit_breaker_state_changes_total",
+            &[("from", "open"), ("to", "closed")],
+        ),
+        ("circuit_breaker_rejections_total", &[("kind", "open")]),
+        ("circuit_breaker_rejections_total", &[("kind", "half_open")]),
+        ("worker_jobs_total", &[("status", "submitted")]),
+        ("worker_jobs_total", &[("status", "completed")]),
+        ("worker_jobs_total", &[("status", "failed")]),
+        ("worker_jobs_total", &[("status", "rejected")]),
+        ("retry_attempts_total", &[("result", "retried")]),
+        ("retry_attempts_total", &[("result", "permanent_failure")]),
+    ];
+    for (name, labels) in expected {
+        assert_eq!(value(&scrape, name, labels), 0.0, "{name} {labels:?}");
+    }
+}
+
+#[tokio::test]
 async fn fifty_distinct_ids_share_one_route_series_and_unknown_paths_one_more() {
     let lab = Lab::new(LabOptions {
         start_workers: false,
         ..LabOptions::default()
-    });
+    })
+    .await;
     for _ in 0..50 {
         send(
             &lab.router,
@@ -175,7 +219,8 @@ async fn a_scripted_failure_run_counts_failures_the_trip_and_permanent_failures(
             open_duration: Duration::from_secs(30),
         },
         ..LabOptions::default()
-    });
+    })
+    .await;
     for _ in 0..4 {
         let order = lab.post_order().await;
         lab.settle(order.id).await;
@@ -190,10 +235,27 @@ async fn a_scripted_failure_run_counts_failures_the_trip_and_permanent_failures(
         ),
         1.0
     );
+    // Every known transition has a series from the start; only the trip moved.
     assert_eq!(
         samples(&scrape, "circuit_breaker_state_changes_total").len(),
-        1
+        5
     );
+    for (from, to) in [
+        ("open", "half_open"),
+        ("half_open", "closed"),
+        ("half_open", "open"),
+        ("open", "closed"),
+    ] {
+        assert_eq!(
+            value(
+                &scrape,
+                "circuit_breaker_state_changes_total",
+                &[("from", from), ("to", to)]
+            ),
+            0.0,
+            "{from} -> {to}"
+        );
+    }
     assert_eq!(value(&scrape, "circuit_breaker_state", &[]), 2.0);
     // Orders 2, 3 and 4 ended on the open breaker.
     assert_eq!(

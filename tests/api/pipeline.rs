@@ -26,7 +26,7 @@ fn always_failing(latency: Duration) -> PaymentSettings {
 
 #[tokio::test(start_paused = true)]
 async fn an_accepted_order_is_charged_and_completed() {
-    let lab = Lab::new(LabOptions::default());
+    let lab = Lab::new(LabOptions::default()).await;
     let order = lab.post_order().await;
     let done = lab.settle(order.id).await;
     assert_eq!(done.status, Status::Completed);
@@ -40,7 +40,8 @@ async fn second_order_stops_retrying_when_the_breaker_opens_and_later_ones_never
     let lab = Lab::new(LabOptions {
         payment: always_failing(Duration::ZERO),
         ..LabOptions::default()
-    });
+    })
+    .await;
     let mut results = Vec::new();
     for _ in 0..4 {
         let calls_before = lab.payment.calls();
@@ -104,7 +105,8 @@ async fn after_the_open_period_a_single_probe_decides() {
         },
         workers: 5,
         ..LabOptions::default()
-    });
+    })
+    .await;
     let first = lab.post_order().await;
     lab.settle(first.id).await;
     assert_eq!(lab.breaker.state(), BreakerState::Open);
@@ -168,7 +170,7 @@ impl Classify for Declined {
 async fn five_concurrent_callers_in_half_open(
     probe_succeeds: bool,
 ) -> (u32, BreakerState, Vec<Result<(), CallError<Declined>>>) {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().reliability());
     let breaker = Breaker::new(
         BreakerConfig {
             failure_threshold: 1,
@@ -253,7 +255,8 @@ async fn stopping_the_dispatcher_drains_every_queued_job() {
         workers: 5,
         start_workers: false,
         ..LabOptions::default()
-    });
+    })
+    .await;
     let mut ids = Vec::new();
     for _ in 0..40 {
         ids.push(lab.post_order().await.id);
@@ -279,7 +282,8 @@ async fn a_cancelled_charge_hands_the_order_back_to_pending() {
             ..PaymentSettings::default()
         },
         ..LabOptions::default()
-    });
+    })
+    .await;
     let order = lab.post_order().await;
     // Let the worker pick it up and start the charge.
     tokio::time::sleep(Duration::from_millis(5)).await;

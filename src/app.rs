@@ -1,0 +1,410 @@
+//! The composition root: every part of the service is built here, adapted to
+//! the interfaces the domain defines, started, and stopped in order.
+//!
+//! `main.rs` reads the configuration, starts logging and runs an `App` until
+//! the OS asks it to stop. The in-process test harness, the benchmarks and
+//! anything else that needs a service build it through `App` too, so there is
+//! one wiring of the parts, not one per caller.
+//!
+//! Building binds the listener (port 0 works; `local_addr` tells which port)
+//! and starts the workers and the background loops, but serves nothing until
+//! `run_until_stopped`. The router can also be driven without a socket
+//! (`router()`, for `oneshot` tests).
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, AdminToken, AppParts, AppState, LabHandles};
+use crate::observability::profiling::Profiler;
+use crate::observability::Metrics;
+use crate::orders::memory::MemoryStore;
+use crate::orders::postgres::{Lease, PostgresStore};
+use crate::orders::{
+    Durability, OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
+};
+use crate::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
+use crate::reliability::{Breaker, Reliability};
+use crate::workers::leases::{self, KEY_PURGE_EVERY};
+use crate::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
+
+/// How long cancelled workers get to hand their orders back before exit.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Adapts the dispatcher to the queue interface the orders module defines.
+struct DispatcherQueue(Arc<Dispatcher>);
+
+struct DispatcherSlot(Reservation);
+
+impl QueueSlot for DispatcherSlot {
+    fn submit(self: Box<Self>, order_id: OrderId) {
+        self.0.send(Job { order_id });
+    }
+}
+
+impl ProcessingQueue for DispatcherQueue {
+    fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
+        match self.0.try_reserve() {
+            Ok(reservation) => Ok(Box::new(DispatcherSlot(reservation))),
+            Err(ReserveError::Full) => Err(QueueError::Full),
+            Err(ReserveError::Closed) => Err(QueueError::Closed),
+        }
+    }
+}
+
+/// Where orders and the provider's charges live.
+#[derive(Clone)]
+pub struct Stores {
+    pub orders: Arc<dyn OrderRepository>,
+    pub ledger: Arc<dyn Ledger>,
+}
+
+impl Stores {
+    /// Both in this process's memory.
+    pub fn memory() -> Self {
+        Self {
+            orders: Arc::new(MemoryStore::new()),
+            ledger: Arc::new(MemoryLedger::default()),
+        }
+    }
+
+    /// Both in Postgres, as a new replica with its own lease owner id.
+    pub async fn postgres(url: &str, config: &Config) -> anyhow::Result<Self> {
+        let lease = Lease::for_new_replica(config.job_lease);
+        tracing::info!(replica = %lease.owner, job_lease = ?config.job_lease, "replica id for order leases");
+        let store = PostgresStore::connect(
+            url,
+            config.database_max_connections,
+            config.database_startup_timeout,
+            lease,
+        )
+        .await?;
+        // The simulated provider keeps its ledger in the same database, so
+        // every replica sees one provider, as with a real payment API.
+        let ledger = PostgresLedger::new(store.pool().clone());
+        Ok(Self {
+            orders: Arc::new(store),
+            ledger: Arc::new(ledger),
+        })
+    }
+}
+
+/// Builds an `App`, with the few choices that are not configuration.
+pub struct AppBuilder {
+    config: Config,
+    stores: Option<Stores>,
+    start_workers: bool,
+}
+
+impl AppBuilder {
+    /// Uses these stores instead of the ones `DATABASE_URL` names.
+    pub fn stores(mut self, stores: Stores) -> Self {
+        self.stores = Some(stores);
+        self
+    }
+
+    /// Builds with the workers not yet running: jobs queue up until
+    /// `App::start_workers` (tests stage a queue this way).
+    pub fn hold_workers(mut self) -> Self {
+        self.start_workers = false;
+        self
+    }
+
+    /// Builds every part, takes over expired leases once (durable stores),
+    /// starts the workers and the background loops, and binds the listener.
+    pub async fn build(self) -> anyhow::Result<App> {
+        let config = self.config;
+        let metrics = Arc::new(Metrics::new());
+        let stores = match (self.stores, &config.database_url) {
+            (Some(stores), _) => stores,
+            (None, Some(url)) => Stores::postgres(url, &config).await?,
+            (None, None) => {
+                tracing::info!(
+                    "DATABASE_URL is unset: orders are kept in memory and lost on restart"
+                );
+                Stores::memory()
+            }
+        };
+        let durability = stores.orders.durability();
+        let store_kind = stores.orders.kind();
+
+        let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.workers()));
+        let mut service =
+            Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())));
+        if let Some(seed) = config.payment_seed {
+            tracing::warn!(
+                seed,
+                "PAYMENT_SEED is set: runs are reproducible, and order ids are drawn from the seed, so they are predictable"
+            );
+            service = service.with_seeded_ids(seed);
+        }
+        let reliability_metrics = metrics.reliability();
+        let breaker = Breaker::new(
+            config.breaker_config(),
+            Some(Arc::new(reliability_metrics.clone())),
+        );
+        let reliability = Reliability::new(
+            config.retry_policy(),
+            breaker,
+            Arc::new(reliability_metrics),
+        );
+        reliability.set_switches(config.switches());
+        let payment = Arc::new(Simulator::new(
+            config.payment_settings(),
+            config.payment_seed,
+            stores.ledger,
+            metrics.provider(),
+        ));
+        let processor = Arc::new(
+            OrderProcessor::new(
+                service.clone(),
+                payment.clone(),
+                reliability.clone(),
+                &metrics,
+                config.payment_timeout,
+            )
+            .with_jitter_seed(config.payment_seed),
+        );
+        if self.start_workers {
+            dispatcher.start(config.worker_count, processor.clone());
+        }
+
+        // With leases: take over what dead replicas left, once before serving
+        // (so /readyz is not ready before it), then on an interval; and keep
+        // this replica's own leases alive. Old Idempotency-Keys are forgotten
+        // whatever the store.
+        let background = TaskTracker::new();
+        let stop_recovery = CancellationToken::new();
+        let stop_heartbeat = CancellationToken::new();
+        if durability == Durability::Durable {
+            leases::recover(&service, &metrics.leases(), config.queue_capacity).await;
+            background.spawn(leases::recovery_loop(
+                service.clone(),
+                metrics.leases(),
+                config.recovery_interval,
+                config.queue_capacity,
+                stop_recovery.clone(),
+            ));
+            background.spawn(leases::heartbeat_loop(
+                service.clone(),
+                config.job_lease / 3,
+                stop_heartbeat.clone(),
+            ));
+        }
+        background.spawn(leases::key_purge_loop(
+            service.clone(),
+            KEY_PURGE_EVERY,
+            stop_recovery.clone(),
+        ));
+        background.close();
+
+        if config.admin_token.is_none() {
+            tracing::warn!(
+                "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
+            );
+        }
+        let handles = AppHandles {
+            service,
+            dispatcher,
+            payment,
+            reliability,
+            metrics,
+            profiler: Arc::new(Profiler::new()),
+        };
+        let router = http::router(AppState::new(AppParts {
+            service: handles.service.clone(),
+            metrics: handles.metrics.clone(),
+            http_metrics: handles.metrics.http(),
+            profiler: handles.profiler.clone(),
+            lab: LabHandles {
+                payment: handles.payment.clone(),
+                reliability: handles.reliability.clone(),
+                queue: handles.dispatcher.clone(),
+                workers: config.worker_count,
+                started: tokio::time::Instant::now(),
+            },
+            admin_token: config.admin_token.as_deref().map(AdminToken::new),
+        }));
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let local_addr = listener.local_addr()?;
+        tracing::info!(
+            addr = %local_addr,
+            store = store_kind,
+            workers = config.worker_count,
+            queue_capacity = config.queue_capacity,
+            "reliability-lab listening"
+        );
+        Ok(App {
+            handles,
+            router,
+            listener,
+            local_addr,
+            processor,
+            workers: config.worker_count,
+            shutdown_timeout: config.shutdown_timeout,
+            durability,
+            background,
+            stop_recovery,
+            stop_heartbeat,
+        })
+    }
+}
+
+/// The running parts that tests, benchmarks and the lab's own instruments
+/// may hold on to. Cheap to clone.
+#[derive(Clone)]
+pub struct AppHandles {
+    pub service: Service,
+    pub dispatcher: Arc<Dispatcher>,
+    pub payment: Arc<Simulator>,
+    pub reliability: Reliability,
+    pub metrics: Arc<Metrics>,
+    pub profiler: Arc<Profiler>,
+}
+
+/// A built service: parts running, listener bound, not yet serving.
+pub struct App {
+    handles: AppHandles,
+    router: Router,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    processor: Arc<OrderProcessor>,
+    workers: usize,
+    shutdown_timeout: Duration,
+    durability: Durability,
+    background: TaskTracker,
+    stop_recovery: CancellationToken,
+    stop_heartbeat: CancellationToken,
+}
+
+impl App {
+    /// Builds the service `config` describes.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::builder(config).build().await
+    }
+
+    pub fn builder(config: Config) -> AppBuilder {
+        AppBuilder {
+            config,
+            stores: None,
+            start_workers: true,
+        }
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The router, to drive without a socket.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    pub fn handles(&self) -> &AppHandles {
+        &self.handles
+    }
+
+    /// Starts the workers of an app built with `hold_workers`.
+    pub fn start_workers(&self) {
+        self.handles
+            .dispatcher
+            .start(self.workers, self.processor.clone());
+    }
+
+    /// Serves until `shutdown` resolves, then stops in order under one
+    /// `SHUTDOWN_TIMEOUT` deadline:
+    ///
+    /// 1. the server stops accepting and finishes in-flight requests; lease
+    ///    recovery stops taking new work;
+    /// 2. the queue closes and the workers drain every queued job;
+    /// 3. if the deadline passes first, the workers are cancelled: each hands
+    ///    its order back to pending;
+    /// 4. the heartbeat stops and this replica's leases are released, so
+    ///    another replica takes what is left at once.
+    ///
+    /// An error means the server failed by itself, before `shutdown`.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let stop_accepting = CancellationToken::new();
+        let mut server = tokio::spawn(
+            axum::serve(self.listener, self.router)
+                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+                .into_future(),
+        );
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: no new connections; finishing in-flight requests"),
+            result = &mut server => {
+                result.context("HTTP server task failed")?.context("HTTP server failed")?;
+                anyhow::bail!("HTTP server stopped by itself");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let dispatcher = &self.handles.dispatcher;
+
+        // 1.
+        self.stop_recovery.cancel();
+        stop_accepting.cancel();
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "HTTP server failed while stopping"),
+            Ok(Err(err)) => tracing::error!(error = %err, "HTTP server task failed while stopping"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish before SHUTDOWN_TIMEOUT");
+                server.abort();
+            }
+        }
+
+        // 2.
+        dispatcher.stop();
+        tracing::info!(
+            queued = dispatcher.depth(),
+            busy = dispatcher.busy(),
+            "draining the job queue"
+        );
+        if tokio::time::timeout_at(deadline, dispatcher.wait())
+            .await
+            .is_err()
+        {
+            // 3.
+            tracing::warn!(
+                queued = dispatcher.depth(),
+                busy = dispatcher.busy(),
+                "SHUTDOWN_TIMEOUT reached; cancelling workers (their orders go back to pending)"
+            );
+            dispatcher.cancel();
+            if tokio::time::timeout(CANCEL_GRACE, dispatcher.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("workers did not stop after cancellation");
+            }
+        }
+
+        // 4.
+        self.stop_heartbeat.cancel();
+        self.background.wait().await;
+        if self.durability == Durability::Durable {
+            match self.handles.service.release_leases().await {
+                Ok(n) => tracing::info!(released = n, "released this replica's leases"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not release leases; they expire by themselves")
+                }
+            }
+        }
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! The in-process lab: a service built by `App`, exactly as the binary
+//! builds it, with test-friendly defaults.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::Router;
+use reliability_lab::app::{App, Stores};
+use reliability_lab::config::Config;
+use reliability_lab::observability::Metrics;
+use reliability_lab::orders::{Order, OrderId, OrderRepository, Service};
+use reliability_lab::payment::{MemoryLedger, Mode, PaymentSettings, Simulator};
+use reliability_lab::reliability::{Breaker, BreakerConfig, Reliability, RetryPolicy};
+use reliability_lab::workers::Dispatcher;
+
+use super::http::{post_json, send};
+
+pub struct LabOptions {
+    pub workers: usize,
+    pub capacity: usize,
+    pub payment: PaymentSettings,
+    pub seed: u64,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
+    /// Orders in this store (the ledger stays in memory).
+    pub repo: Option<Arc<dyn OrderRepository>>,
+    pub start_workers: bool,
+    pub payment_timeout: Duration,
+    pub admin_token: Option<&'static str>,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for LabOptions {
+    /// Payments that always succeed at once; retry without jitter, so waits
+    /// are exact on the paused clock.
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            capacity: 100,
+            payment: PaymentSettings {
+                failure_rate: 0.0,
+                latency_min: Duration::ZERO,
+                latency_max: Duration::ZERO,
+                ..PaymentSettings::default()
+            },
+            seed: 42,
+            retry: RetryPolicy {
+                randomization_factor: 0.0,
+                ..RetryPolicy::default()
+            },
+            breaker: BreakerConfig::default(),
+            repo: None,
+            start_workers: true,
+            payment_timeout: Duration::from_secs(1),
+            admin_token: None,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl LabOptions {
+    /// The configuration these options stand for: the documented defaults,
+    /// never the test process's environment, on a free loopback port.
+    pub fn config(&self) -> Config {
+        let mut c = Config::defaults();
+        c.listen_addr = "127.0.0.1:0".parse().unwrap();
+        c.worker_count = self.workers;
+        c.queue_capacity = self.capacity;
+        let p = &self.payment;
+        assert!(
+            p.mode == Mode::Normal && p.brownout.is_none(),
+            "start a lab in normal mode; change the mode through the admin API"
+        );
+        c.payment_failure_rate = p.failure_rate;
+        c.payment_latency_min = p.latency_min;
+        c.payment_latency_max = p.latency_max;
+        c.payment_ambiguous_rate = p.ambiguous_rate;
+        c.payment_idempotency = p.idempotency;
+        c.payment_seed = Some(self.seed);
+        assert_eq!(
+            self.retry.multiplier,
+            RetryPolicy::default().multiplier,
+            "the multiplier is not configurable"
+        );
+        c.retry_max_attempts = self.retry.max_attempts;
+        c.retry_initial_interval = self.retry.initial_interval;
+        c.retry_max_interval = self.retry.max_interval;
+        c.retry_jitter = self.retry.randomization_factor;
+        c.breaker_failure_threshold = self.breaker.failure_threshold;
+        c.breaker_open_duration = self.breaker.open_duration;
+        c.payment_timeout = self.payment_timeout;
+        c.admin_token = self.admin_token.map(str::to_owned);
+        c.shutdown_timeout = self.shutdown_timeout;
+        c
+    }
+}
+
+pub struct Lab {
+    pub app: App,
+    pub router: Router,
+    pub service: Service,
+    pub dispatcher: Arc<Dispatcher>,
+    pub payment: Arc<Simulator>,
+    pub breaker: Breaker,
+    pub reliability: Reliability,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Lab {
+    pub async fn new(options: LabOptions) -> Self {
+        let mut builder = App::builder(options.config());
+        builder = builder.stores(Stores {
+            orders: options
+                .repo
+                .clone()
+                .unwrap_or_else(|| Stores::memory().orders),
+            ledger: Arc::new(MemoryLedger::default()),
+        });
+        if !options.start_workers {
+            builder = builder.hold_workers();
+        }
+        let app = builder.build().await.expect("the lab builds");
+        let handles = app.handles().clone();
+        Self {
+            router: app.router(),
+            service: handles.service,
+            dispatcher: handles.dispatcher,
+            payment: handles.payment,
+            breaker: handles.reliability.breaker().clone(),
+            reliability: handles.reliability,
+            metrics: handles.metrics,
+            app,
+        }
+    }
+
+    /// Starts the workers of a lab built with `start_workers: false`.
+    pub fn start_workers(&self) {
+        self.app.start_workers();
+    }
+
+    pub async fn post_order(&self) -> Order {
+        let (status, _, body) = send(
+            &self.router,
+            post_json(
+                "/orders",
+                r#"{"customer_id":"cust-42","amount":1999,"currency":"USD"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let id: OrderId = body["id"].as_str().unwrap().parse().unwrap();
+        self.service.get_order(id).await.unwrap()
+    }
+
+    /// Waits (on whatever clock the test runs) until the order is terminal.
+    pub async fn settle(&self, id: OrderId) -> Order {
+        for _ in 0..100_000 {
+            let order = self.service.get_order(id).await.unwrap();
+            if order.status.is_terminal() {
+                return order;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("order {id} never settled");
+    }
+}
+
+/// A valid pending order, not yet stored.
+pub fn new_order() -> Order {
+    use reliability_lab::orders::{Amount, Currency, CustomerId, NewOrder};
+    Order::new(
+        OrderId::new_random(),
+        NewOrder {
+            customer_id: CustomerId::parse("cust-42").unwrap(),
+            amount: Amount::parse(1999).unwrap(),
+            currency: Currency::parse("usd").unwrap(),
+        },
+        chrono::Utc::now(),
+    )
+}

@@ -1,0 +1,16 @@
+//! The shared harness, one file per concern: an in-process service built by
+//! the library's composition root (`app`), HTTP helpers (`http`), throwaway
+//! PostgreSQL servers and databases (`postgres`), and the service binary run
+//! as a child process (`binary`).
+
+#![allow(dead_code, unused_imports)]
+
+mod app;
+mod binary;
+mod http;
+mod postgres;
+
+pub use app::*;
+pub use binary::*;
+pub use http::*;
+pub use postgres::*;
