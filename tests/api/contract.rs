@@ -186,6 +186,18 @@ async fn a_new_key_creates_and_the_same_key_returns_the_first_order(
             .unwrap(),
         KeyedInsert::Existing { .. }
     ));
+    // A key past its age is forgotten: the same key then creates anew.
+    let purged = repo
+        .purge_keys_older_than(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(purged >= 1, "the expired key was purged ({purged})");
+    assert_eq!(
+        repo.insert_with_key(&order(), "key-1", "digest-b")
+            .await
+            .unwrap(),
+        KeyedInsert::Created
+    );
 }
 
 async fn two_racing_requests_with_one_key_create_one_order(repo: Arc<dyn OrderRepository>) {

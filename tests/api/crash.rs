@@ -18,6 +18,10 @@ fn env<'a>(db: &'a TestDb, latency_min: &'a str, latency_max: &'a str) -> Vec<(&
         ("DATABASE_URL", db.url.as_str()),
         ("PAYMENT_LATENCY_MIN", latency_min),
         ("PAYMENT_LATENCY_MAX", latency_max),
+        // A fifth of the charges are made but their answer is lost: the retry
+        // then finds the charge under the order's key. A ledger that ignored
+        // its key would charge those orders twice, and the checks below see it.
+        ("PAYMENT_AMBIGUOUS_RATE", "0.2"),
         ("RETRY_INITIAL_INTERVAL", "20ms"),
         ("RETRY_MAX_INTERVAL", "100ms"),
         ("BREAKER_OPEN_DURATION", "500ms"),
@@ -107,6 +111,10 @@ async fn after_a_sigkill_a_restart_finishes_every_accepted_order_charging_each_a
     .await
     .unwrap();
     eprintln!("settled {took:?} after the restart; {recovered} orders were mid-charge at the kill");
+    assert!(
+        recovered > 0,
+        "no order was mid-charge at the kill: the test did not test recovery"
+    );
     assert!(second.terminate().await.success());
     db.destroy().await;
 }
@@ -116,7 +124,9 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let env = env(&db, "20ms", "80ms");
+    // Slow enough charges that the killed replica still holds work, some of
+    // it mid-charge, when it dies.
+    let env = env(&db, "200ms", "400ms");
     let a = spawn_binary(&env).await;
     let b = spawn_binary(&env).await;
 
@@ -195,6 +205,10 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
         );
     }
     eprintln!("{handed_over} orders moved from the killed replica to the survivor mid-charge");
+    assert!(
+        handed_over > 0,
+        "no order was taken over mid-charge: the test did not test a takeover"
+    );
     assert!(b.terminate().await.success());
     db.destroy().await;
 }

@@ -10,3 +10,4 @@ mod lab_controls;
 mod metrics;
 mod pipeline;
 mod profiling;
+mod shutdown;

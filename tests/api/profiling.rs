@@ -1,30 +1,16 @@
-//! `/debug/pprof/` on the real binary (jemalloc and the profiler's signal
-//! handler live in the binary, not in the test process). Profiles are one
-//! second long, on the real clock.
+//! `/debug/pprof/`: routing, formats and the heap profile on the real binary
+//! (jemalloc lives in the binary, not in the test process); what a CPU
+//! profile contains and the one-at-a-time rule in process, where the test
+//! controls what runs. Profiles are one second long, on the real clock.
 
 use std::io::Read;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use axum::http::StatusCode;
 use pprof::protos::{Message, Profile};
 
-use crate::helpers::{spawn_binary, Running, ORDER_BODY};
-
-/// Keeps the service busy so a CPU profile has samples.
-fn load(service: &Running, for_how_long: Duration) -> tokio::task::JoinHandle<()> {
-    let url = service.url("/orders");
-    tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let until = std::time::Instant::now() + for_how_long;
-        while std::time::Instant::now() < until {
-            let _ = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(ORDER_BODY)
-                .send()
-                .await;
-        }
-    })
-}
+use crate::helpers::{get, send, spawn_binary, Lab, LabOptions, Running};
 
 fn strings(profile: &Profile) -> Vec<&str> {
     profile
@@ -66,26 +52,18 @@ async fn profiles_are_listed_routed_and_decodable() {
         .collect();
     assert_eq!(names, ["profile", "flamegraph", "heap"]);
 
-    // CPU profile: a pprof protobuf with samples and Rust function names.
-    let busy = load(&service, Duration::from_millis(1500));
+    // CPU profile: a pprof protobuf. What it holds is checked in process
+    // (`a_cpu_profile_shows_the_function_that_burned_the_cpu`), where the
+    // test decides what runs while it samples.
     let cpu = client
         .get(service.url("/debug/pprof/profile?seconds=1"))
         .send()
         .await
         .unwrap();
     assert_eq!(cpu.status(), 200);
-    let profile = Profile::decode(cpu.bytes().await.unwrap()).expect("pprof protobuf");
-    busy.await.unwrap();
-    assert!(!profile.sample.is_empty(), "the profile has samples");
-    assert!(
-        strings(&profile)
-            .iter()
-            .any(|f| f.contains("reliability_lab") || f.contains("axum")),
-        "function names are resolved"
-    );
+    Profile::decode(cpu.bytes().await.unwrap()).expect("pprof protobuf");
 
-    // Flame graph: well-formed SVG.
-    let busy = load(&service, Duration::from_millis(1500));
+    // Flame graph: well-formed SVG, samples or not.
     let svg = client
         .get(service.url("/debug/pprof/flamegraph?seconds=1"))
         .send()
@@ -94,7 +72,6 @@ async fn profiles_are_listed_routed_and_decodable() {
     assert_eq!(svg.status(), 200);
     assert_eq!(svg.headers()["content-type"], "image/svg+xml");
     let text = svg.text().await.unwrap();
-    busy.await.unwrap();
     let options = roxmltree::ParsingOptions {
         allow_dtd: true,
         ..Default::default()
@@ -148,32 +125,71 @@ async fn profiles_are_listed_routed_and_decodable() {
     assert!(service.terminate().await.success());
 }
 
-#[tokio::test]
-async fn a_second_concurrent_cpu_profile_is_refused_with_429() {
-    let service = lab().await;
-    let client = reqwest::Client::new();
-    let first = tokio::spawn({
-        let client = client.clone();
-        let url = service.url("/debug/pprof/profile?seconds=2");
-        async move { client.get(url).send().await.unwrap().status() }
-    });
-    // Wait until the first is under way: the second is refused while it runs.
-    let mut refused = false;
-    for _ in 0..15 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let second = client
-            .get(service.url("/debug/pprof/flamegraph?seconds=1"))
-            .send()
-            .await
-            .unwrap();
-        if second.status() == 429 {
-            let body: serde_json::Value = second.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "profile_in_progress");
-            refused = true;
-            break;
+/// Spins until told to stop: the one function sure to be on the CPU while
+/// the profile samples. Not inlined, so it has a frame of its own.
+#[inline(never)]
+fn burn_cpu_for_the_profile(stop: &AtomicBool) -> u64 {
+    let mut x = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
         }
     }
-    assert!(refused, "a concurrent profile was refused");
-    assert_eq!(first.await.unwrap(), 200);
-    assert!(service.terminate().await.success());
+    x
+}
+
+/// The only test in this binary that runs the CPU profiler in process
+/// (pprof allows one profiler per process). A thread burns CPU in a known
+/// function for the whole of the profile, so samples are certain: the
+/// profiler samples on CPU time, and that thread is the one using it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_profile_shows_the_function_that_burned_the_cpu_and_only_one_runs_at_once() {
+    let lab = Lab::new(LabOptions {
+        start_workers: false,
+        ..LabOptions::default()
+    })
+    .await;
+    let profiler = lab.app.handles().profiler.clone();
+
+    // While a profile holds the slot, both kinds of CPU profile are refused.
+    let slot = profiler.hold().unwrap();
+    for path in [
+        "/debug/pprof/profile?seconds=1",
+        "/debug/pprof/flamegraph?seconds=1",
+    ] {
+        let (status, headers, body) = send(&lab.router, get(path)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "profile_in_progress");
+        assert!(headers.contains_key("retry-after"));
+    }
+    drop(slot);
+
+    // Once free, a profile runs, and it shows what burned the CPU.
+    let stop = Arc::new(AtomicBool::new(false));
+    let burner = std::thread::spawn({
+        let stop = stop.clone();
+        move || burn_cpu_for_the_profile(&stop)
+    });
+    let response =
+        tower::ServiceExt::oneshot(lab.router.clone(), get("/debug/pprof/profile?seconds=1"))
+            .await
+            .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    burner.join().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let profile = Profile::decode(bytes).expect("pprof protobuf");
+    assert!(!profile.sample.is_empty(), "the profile has samples");
+    assert!(
+        strings(&profile)
+            .iter()
+            .any(|f| f.contains("burn_cpu_for_the_profile")),
+        "the burning function is named: {:?}",
+        strings(&profile)
+    );
+    // And the slot is free again afterwards.
+    assert!(profiler.hold().is_ok());
 }
