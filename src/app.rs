@@ -11,7 +11,7 @@
 //! `run_until_stopped`. The router can also be driven without a socket
 //! (`router()`, for `oneshot` tests).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,10 +68,11 @@ pub struct Stores {
 }
 
 impl Stores {
-    /// Both in this process's memory.
-    pub fn memory() -> Self {
+    /// Both in this process's memory, at most `max_orders` orders (the
+    /// oldest finished ones are evicted and counted in `evicted`).
+    pub fn memory(max_orders: usize, evicted: prometheus::IntCounter) -> Self {
         Self {
-            orders: Arc::new(MemoryStore::new()),
+            orders: Arc::new(MemoryStore::with_limit(max_orders, evicted)),
             ledger: Arc::new(MemoryLedger::default()),
         }
     }
@@ -128,9 +129,10 @@ impl AppBuilder {
             (None, Some(url)) => Stores::postgres(url, &config).await?,
             (None, None) => {
                 tracing::info!(
+                    max_orders = config.memory_max_orders,
                     "DATABASE_URL is unset: orders are kept in memory and lost on restart"
                 );
-                Stores::memory()
+                Stores::memory(config.memory_max_orders, metrics.evictions())
             }
         };
         let durability = stores.orders.durability();
@@ -252,6 +254,7 @@ impl AppBuilder {
             processor,
             workers: config.worker_count,
             shutdown_timeout: config.shutdown_timeout,
+            http_timeouts: config.http_timeouts(),
             durability,
             background,
             stop_recovery,
@@ -281,6 +284,7 @@ pub struct App {
     processor: Arc<OrderProcessor>,
     workers: usize,
     shutdown_timeout: Duration,
+    http_timeouts: http::server::Timeouts,
     durability: Durability,
     background: TaskTracker,
     stop_recovery: CancellationToken,
@@ -339,15 +343,16 @@ impl App {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let stop_accepting = CancellationToken::new();
-        let mut server = tokio::spawn(
-            axum::serve(self.listener, self.router)
-                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-                .into_future(),
-        );
+        let mut server = tokio::spawn(http::server::serve(
+            self.listener,
+            self.router,
+            self.http_timeouts,
+            stop_accepting.clone(),
+        ));
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down: no new connections; finishing in-flight requests"),
             result = &mut server => {
-                result.context("HTTP server task failed")?.context("HTTP server failed")?;
+                result.context("HTTP server task failed")?;
                 anyhow::bail!("HTTP server stopped by itself");
             }
         }
@@ -358,8 +363,7 @@ impl App {
         self.stop_recovery.cancel();
         stop_accepting.cancel();
         match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(err))) => tracing::error!(error = %err, "HTTP server failed while stopping"),
+            Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::error!(error = %err, "HTTP server task failed while stopping"),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish before SHUTDOWN_TIMEOUT");

@@ -109,6 +109,10 @@ pub struct Config {
     #[arg(long, env = "RECOVERY_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub recovery_interval: Duration,
 
+    /// Without DATABASE_URL: the most orders kept in memory; past it the oldest finished ones are forgotten.
+    #[arg(long, env = "MEMORY_MAX_ORDERS", default_value = "250000", value_parser = at_least_one::<usize>)]
+    pub memory_max_orders: usize,
+
     /// Log line format.
     #[arg(
         long,
@@ -122,6 +126,18 @@ pub struct Config {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = env_filter)]
     pub rust_log: String,
+
+    /// Longest wait for a request's headers on a connection (slow or stalled clients are closed).
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub http_header_read_timeout: Duration,
+
+    /// Longest wait for a request's whole body, from its headers; later is 408.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub http_body_timeout: Duration,
+
+    /// A keep-alive connection with no request and no traffic for this long is closed.
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub http_idle_timeout: Duration,
 
     /// Longest a shutdown may take: requests, then queued jobs, then cancel.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
@@ -279,6 +295,14 @@ impl Config {
         }
     }
 
+    pub fn http_timeouts(&self) -> crate::http::server::Timeouts {
+        crate::http::server::Timeouts {
+            header_read: self.http_header_read_timeout,
+            body: self.http_body_timeout,
+            idle: self.http_idle_timeout,
+        }
+    }
+
     pub fn switches(&self) -> Switches {
         Switches {
             retry_enabled: self.retry_enabled,
@@ -424,6 +448,21 @@ mod tests {
                 "duration",
             ),
             (
+                &["--shutdown-timeout", "5s5s"][..],
+                "SHUTDOWN_TIMEOUT",
+                "one whole number and one unit",
+            ),
+            (
+                &["--payment-latency-max", "300000000000h"][..],
+                "PAYMENT_LATENCY_MAX",
+                "at most 24h",
+            ),
+            (
+                &["--breaker-open-duration", "2d"][..],
+                "BREAKER_OPEN_DURATION",
+                "at most 24h",
+            ),
+            (
                 &["--payment-failure-rate", "1.5"][..],
                 "PAYMENT_FAILURE_RATE",
                 "0 to 1",
@@ -483,6 +522,10 @@ mod tests {
             "ADMIN_TOKEN",
             "JOB_LEASE",
             "RECOVERY_INTERVAL",
+            "HTTP_HEADER_READ_TIMEOUT",
+            "HTTP_BODY_TIMEOUT",
+            "HTTP_IDLE_TIMEOUT",
+            "MEMORY_MAX_ORDERS",
         ] {
             assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
         }

@@ -1,6 +1,11 @@
 //! Value forms that the environment and the admin API share: switches and
 //! durations. One parser each, so `PAYMENT_IDEMPOTENCY=off` and
 //! `{"idempotency": "off"}` accept exactly the same spellings.
+//!
+//! A duration is one whole number and one unit (`200ms`, `2s`, `1m`), at most
+//! `MAX_DURATION`. humantime's parser was not used: it sums any number of
+//! parts (`5s5s`, `1ms 2ms`) and takes years, and a duration of years added to
+//! an `Instant` panics.
 
 use std::time::Duration;
 
@@ -18,26 +23,58 @@ pub fn parse_switch(raw: &str) -> Result<bool, String> {
     }
 }
 
-/// A duration such as `200ms`, `2s` or `1m`.
+/// The longest duration any knob or admin field accepts: a day (24h; the
+/// error messages say so). Far beyond
+/// any sensible setting, and far from overflowing a clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+const DURATION_FORM: &str =
+    "expected a duration: one whole number and one unit (ns, us, ms, s, m, h, d), such as 200ms, 2s or 1m";
+
+/// A duration such as `200ms`, `2s` or `1m`: one whole number, one unit
+/// (`0` alone is zero), at most `MAX_DURATION`.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    humantime::parse_duration(raw.trim())
-        .map_err(|_| "expected a duration such as 200ms, 2s or 1m".to_owned())
+    let text = raw.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(DURATION_FORM.into());
+    }
+    let (number, unit) = text.split_at(digits);
+    let too_long = || "expected at most 24h".to_owned();
+    let n: u64 = number.parse().map_err(|_| too_long())?;
+    let nanos_per: u64 = match unit.trim_start() {
+        "" if n == 0 => 1,
+        "ns" | "nsec" => 1,
+        "us" | "µs" | "usec" => 1_000,
+        "ms" | "msec" => 1_000_000,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1_000_000_000,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60_000_000_000,
+        "h" | "hr" | "hrs" | "hour" | "hours" => 3_600_000_000_000,
+        "d" | "day" | "days" => 86_400_000_000_000,
+        _ => return Err(DURATION_FORM.into()),
+    };
+    let nanos = n.checked_mul(nanos_per).ok_or_else(too_long)?;
+    let duration = Duration::from_nanos(nanos);
+    if duration > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(duration)
 }
 
 /// A switch in JSON: a boolean, or a string in any of the environment's
 /// spellings.
 pub fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Switch {
-        Bool(bool),
-        Word(String),
-    }
-    match Switch::deserialize(d)? {
-        Switch::Bool(b) => Ok(Some(b)),
-        Switch::Word(w) => parse_switch(&w).map(Some).map_err(|_| {
-            serde::de::Error::custom(format!("expected true, false or {SWITCH_FORMS}, got {w:?}"))
-        }),
+    let refuse = |got: &str| {
+        serde::de::Error::custom(format!(
+            "expected true, false or a string: {SWITCH_FORMS}; got {got}"
+        ))
+    };
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Bool(b) => Ok(Some(b)),
+        serde_json::Value::String(w) => parse_switch(&w)
+            .map(Some)
+            .map_err(|_| refuse(&format!("{w:?}"))),
+        other => Err(refuse(&other.to_string())),
     }
 }
 
@@ -67,6 +104,46 @@ mod tests {
         }
         for bad in ["", "maybe", "2", "onn", "y"] {
             assert!(parse_switch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_duration_is_one_number_and_one_unit() {
+        for (raw, expected) in [
+            ("200ms", Duration::from_millis(200)),
+            ("2s", Duration::from_secs(2)),
+            (" 1m ", Duration::from_secs(60)),
+            ("5 s", Duration::from_secs(5)),
+            ("0", Duration::ZERO),
+            ("0ms", Duration::ZERO),
+            ("1500us", Duration::from_micros(1500)),
+            ("24h", MAX_DURATION),
+            ("1d", MAX_DURATION),
+        ] {
+            assert_eq!(parse_duration(raw), Ok(expected), "{raw}");
+        }
+        for bad in [
+            "", "s", "5", "5s5s", "1ms 2ms", "1.5s", "-1s", "5x", "ms5", "1y",
+        ] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(
+                err.contains("one whole number and one unit"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_duration_above_a_day_is_refused_however_large() {
+        for raw in [
+            "25h",
+            "2d",
+            "86401s",
+            "300000000000h",
+            "99999999999999999999999ms",
+        ] {
+            let err = parse_duration(raw).unwrap_err();
+            assert!(err.contains("at most 24h"), "{raw}: {err}");
         }
     }
 

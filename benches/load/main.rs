@@ -97,6 +97,7 @@ async fn start_service(extra: &[(&str, &str)]) -> Server {
         .env("PAYMENT_LATENCY_MAX", "0ms")
         .env("PAYMENT_FAILURE_RATE", "0")
         .env("QUEUE_CAPACITY", "2000000")
+        .env("MEMORY_MAX_ORDERS", "5000000")
         .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

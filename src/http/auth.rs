@@ -37,6 +37,19 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then(|| token.trim_start_matches(' '))
 }
 
+/// Whether a path is the operator's: `/admin` and `/debug` and everything
+/// under them, whatever the method and whether a route matches.
+pub fn is_operator_path(path: &str) -> bool {
+    ["/admin", "/debug"].iter().any(|prefix| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// Guards every operator path with the admin token, when one is set: every
+/// method, matched or not, gets the same 401, marked `Refused` so that the
+/// outermost layer can take off the `Allow` header axum adds to a method its
+/// route lacks (`hide_routes_from_strangers`).
 pub async fn require_token(
     State(state): State<AppState>,
     request: Request,
@@ -45,9 +58,21 @@ pub async fn require_token(
     let Some(expected) = &state.admin_token else {
         return next.run(request).await;
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
+    if !is_operator_path(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
+    let (first, second) = (values.next(), values.next());
+    if second.is_some() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_header",
+            "send one Authorization header, not several",
+        )
+        .with_field("Authorization")
+        .into_response();
+    }
+    let presented = first
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .unwrap_or("");
@@ -64,6 +89,21 @@ pub async fn require_token(
         header::WWW_AUTHENTICATE,
         "Bearer".parse().expect("valid header"),
     );
+    response.extensions_mut().insert(Refused);
+    response
+}
+
+/// Marks a response the token check refused.
+#[derive(Clone, Copy)]
+pub struct Refused;
+
+/// A refused request learns nothing of the routes: axum's method router adds
+/// `Allow` (the methods the path takes) after the route's layers have run,
+/// so it is taken off here, outside the router.
+pub async fn hide_routes_from_strangers(mut response: Response) -> Response {
+    if response.extensions().get::<Refused>().is_some() {
+        response.headers_mut().remove(header::ALLOW);
+    }
     response
 }
 
@@ -79,6 +119,29 @@ mod tests {
         assert_eq!(bearer_token("Bearer TOK"), Some("TOK"));
         for value in ["Basic tok", "Bearertok", "tok", "", "Bear tok"] {
             assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
+
+    #[test]
+    fn operator_paths_are_admin_and_debug_and_below() {
+        for path in [
+            "/admin",
+            "/admin/",
+            "/admin/state",
+            "/debug/pprof/heap",
+            "/debug",
+        ] {
+            assert!(is_operator_path(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/orders",
+            "/administrator",
+            "/debugger",
+            "/metrics",
+            "/x/admin",
+        ] {
+            assert!(!is_operator_path(path), "{path}");
         }
     }
 

@@ -84,6 +84,15 @@ impl ApiError {
         .with_field(field)
     }
 
+    /// The body did not arrive in time (408); the connection is closed after.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time; send it whole and promptly",
+        )
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,6 +153,12 @@ fn store_failure(err: &StoreError, what: &'static str) -> ApiError {
             )
             .with_retry_after(2)
         }
+        StoreError::Full => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_full",
+            "the in-memory store is full of unfinished orders; nothing was stored, try again shortly",
+        )
+        .with_retry_after(1),
         StoreError::Other(cause) => {
             tracing::error!(error = %cause, "{what} error");
             ApiError::internal()
@@ -214,6 +229,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // What is left of the late body would be read as the next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

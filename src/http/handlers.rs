@@ -83,9 +83,18 @@ const MAX_KEY_LEN: usize = 255;
 
 /// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(raw) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(raw) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate_header",
+            "send one Idempotency-Key header, not several",
+        )
+        .with_field("Idempotency-Key"));
+    }
     match raw.to_str() {
         Ok(key)
             if !key.is_empty()

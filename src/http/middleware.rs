@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
 use super::AppState;
+use crate::observability::metrics::HttpMetrics;
 use crate::observability::metrics::UNMATCHED_ROUTE;
 
 /// Methods outside the common set share one label value.
@@ -64,6 +65,55 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         "request"
     );
     response
+}
+
+/// The longest client-sent X-Request-Id that is echoed.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Removes a client's X-Request-Id unless there is exactly one and it is 1 to
+/// 128 visible ASCII characters; the next layer then mints one. An id is
+/// echoed in the response and written to the log, so it must stay small and
+/// printable.
+pub async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let headers = request.headers_mut();
+    let mut values = headers.get_all("x-request-id").iter();
+    let usable = match (values.next(), values.next()) {
+        (Some(value), None) => {
+            let bytes = value.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= MAX_REQUEST_ID
+                && bytes.iter().all(u8::is_ascii_graphic)
+        }
+        (None, _) => true,
+        (Some(_), Some(_)) => false,
+    };
+    if !usable {
+        headers.remove("x-request-id");
+    }
+    request
+}
+
+/// Turns a handler's panic into a 500 with the JSON error body, logged and
+/// counted (`http_handler_panics_total`).
+#[derive(Clone)]
+pub struct PanicToError(pub HttpMetrics);
+
+impl tower_http::catch_panic::ResponseForPanic for PanicToError {
+    type ResponseBody = axum::body::Body;
+
+    fn response_for_panic(
+        &mut self,
+        err: Box<dyn std::any::Any + Send + 'static>,
+    ) -> axum::http::Response<Self::ResponseBody> {
+        let message = err
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| err.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        tracing::error!(panic = message, "a request handler panicked");
+        self.0.panicked();
+        axum::response::IntoResponse::into_response(super::ApiError::internal())
+    }
 }
 
 /// Milliseconds to the microsecond: `0.076`, not `0.07643399999999999`.

@@ -10,6 +10,7 @@ mod error;
 mod extract;
 mod handlers;
 mod middleware;
+pub mod server;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::observability::metrics::HttpMetrics;
@@ -95,13 +97,9 @@ pub fn router(state: AppState) -> Router {
         .route("/debug/pprof/profile", get(debug::profile))
         .route("/debug/pprof/flamegraph", get(debug::flamegraph))
         .route("/debug/pprof/heap", get(debug::heap))
-        .route("/debug/pprof/{name}", get(debug::unknown))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ));
+        .route("/debug/pprof/{name}", get(debug::unknown));
 
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/version", get(handlers::version))
@@ -114,6 +112,17 @@ pub fn router(state: AppState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // A panic in a handler becomes a logged, counted 500 with the JSON
+        // error body, inside the observing layer so it is logged and counted
+        // as a request too; the connection stays up.
+        .layer(CatchPanicLayer::custom(middleware::PanicToError(
+            state.http_metrics.clone(),
+        )))
+        // A stranger gets 401 on any operator path, with any method.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,
@@ -122,5 +131,16 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::x_request_id(
             middleware::MakeRequestUuidFast,
         ))
-        .with_state(state)
+        // Outermost: a client's X-Request-Id is kept only when it is short
+        // visible ASCII; otherwise one is minted.
+        .layer(axum::middleware::map_request(
+            middleware::drop_unusable_request_id,
+        ))
+        .with_state(state);
+    // Outside the router, where axum's `Allow` header can be taken off a 401.
+    Router::new()
+        .fallback_service(app)
+        .layer(axum::middleware::map_response(
+            auth::hide_routes_from_strangers,
+        ))
 }

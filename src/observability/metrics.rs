@@ -45,6 +45,7 @@ pub struct Metrics {
     provider: ProviderMetrics,
     reliability: ReliabilityMetrics,
     leases: LeaseMetrics,
+    evictions: IntCounter,
     tokio_workers: IntGauge,
     tokio_alive_tasks: IntGauge,
     tokio_global_queue_depth: IntGauge,
@@ -121,6 +122,11 @@ impl Metrics {
                 "Orders taken over after their lease expired (their replica died or was stopped hard).",
             ),
         };
+        let evictions = counter(
+            &registry,
+            "orders_evicted_total",
+            "Finished orders the in-memory store forgot to stay within MEMORY_MAX_ORDERS.",
+        );
         let tokio_workers = gauge(
             &registry,
             "tokio_runtime_workers",
@@ -150,6 +156,7 @@ impl Metrics {
             provider,
             reliability,
             leases,
+            evictions,
             tokio_workers,
             tokio_alive_tasks,
             tokio_global_queue_depth,
@@ -186,6 +193,11 @@ impl Metrics {
         self.leases.clone()
     }
 
+    /// Orders the in-memory store evicted, for the store to count.
+    pub fn evictions(&self) -> IntCounter {
+        self.evictions.clone()
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -211,6 +223,7 @@ impl Metrics {
 pub struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    panics: IntCounter,
 }
 
 impl HttpMetrics {
@@ -232,7 +245,21 @@ impl HttpMetrics {
             )
             .expect("valid metric"),
         );
-        Self { requests, duration }
+        let panics = counter(
+            registry,
+            "http_handler_panics_total",
+            "Requests whose handler panicked (answered 500; the service stayed up).",
+        );
+        Self {
+            requests,
+            duration,
+            panics,
+        }
+    }
+
+    /// A handler panicked.
+    pub fn panicked(&self) {
+        self.panics.inc();
     }
 
     /// Records one finished request.

@@ -8,6 +8,9 @@ pub enum StoreError {
     /// The store cannot be reached right now (Postgres down, pool exhausted).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store holds as many orders as it may, none of them finished.
+    #[error("store full: every stored order is still unfinished")]
+    Full,
     /// Any other storage failure.
     #[error("store error: {0}")]
     Other(String),

@@ -1,11 +1,20 @@
 //! The in-memory store: the default when `DATABASE_URL` is unset.
 //!
-//! Nothing survives a restart (`durability: none`); while the process runs it
-//! keeps every order it accepted. It has no leases: one process owns all.
+//! Nothing survives a restart (`durability: none`). It has no leases: one
+//! process owns all.
+//!
+//! It holds at most `max_orders` orders (`MEMORY_MAX_ORDERS`): past that, a
+//! new order evicts the order that finished longest ago, with its
+//! Idempotency-Key. A pending or processing order is never evicted; when
+//! every stored order is unfinished, a new one is refused with
+//! `StoreError::Full` (503, like a full queue) and nothing is stored.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use prometheus::IntCounter;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -27,19 +36,35 @@ type Shard = HashMap<OrderId, Box<Order>>;
 /// What an idempotency key remembers: the request's digest, its order, when.
 type KeyRecord = (String, OrderId, DateTime<Utc>);
 
+/// Idempotency keys both ways: by key, and the key of each keyed order (to
+/// forget it with its order). The key text is shared by both maps.
+#[derive(Default)]
+struct Keys {
+    by_key: HashMap<Arc<str>, KeyRecord>,
+    by_order: HashMap<OrderId, Arc<str>>,
+}
+
+/// The most orders the memory store holds unless told otherwise.
+pub const DEFAULT_MAX_ORDERS: usize = 250_000;
+
 pub struct MemoryStore {
     shards: Box<[RwLock<Shard>]>,
-    /// Idempotency key -> (request digest, order, when stored). Taken before
-    /// a shard's lock when both are needed.
-    keys: RwLock<HashMap<String, KeyRecord>>,
+    /// Taken before a shard's lock when both are needed.
+    keys: RwLock<Keys>,
+    /// Orders stored now.
+    count: AtomicUsize,
+    max_orders: usize,
+    /// Finished orders, the earliest finished first: the eviction order.
+    finished: Mutex<VecDeque<OrderId>>,
+    evicted: IntCounter,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            keys: RwLock::default(),
-        }
+        Self::with_limit(
+            DEFAULT_MAX_ORDERS,
+            IntCounter::new("orders_evicted_total", "unregistered").expect("valid metric"),
+        )
     }
 }
 
@@ -48,9 +73,106 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// A store of at most `max_orders` orders, counting evictions in `evicted`.
+    pub fn with_limit(max_orders: usize, evicted: IntCounter) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            keys: RwLock::default(),
+            count: AtomicUsize::new(0),
+            max_orders: max_orders.max(1),
+            finished: Mutex::default(),
+            evicted,
+        }
+    }
+
+    /// Takes room for one more order, evicting finished orders as needed.
+    /// The caller gives the room back (`count -= 1`) if it stores nothing.
+    fn reserve_room(&self) -> Result<(), StoreError> {
+        loop {
+            let n = self.count.load(Ordering::SeqCst);
+            if n < self.max_orders {
+                if self
+                    .count
+                    .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
+            if !self.evict_one()? {
+                return Err(StoreError::Full);
+            }
+        }
+    }
+
+    /// Forgets the order that finished longest ago, and its key. False when
+    /// no finished order is left.
+    fn evict_one(&self) -> Result<bool, StoreError> {
+        let Some(id) = self.finished.lock().map_err(|_| poisoned())?.pop_front() else {
+            return Ok(false);
+        };
+        let mut keys = self.keys.write().map_err(|_| poisoned())?;
+        if let Some(key) = keys.by_order.remove(&id) {
+            keys.by_key.remove(&key);
+        }
+        let removed = self
+            .shard(&id)
+            .write()
+            .map_err(|_| poisoned())?
+            .remove(&id)
+            .is_some();
+        drop(keys);
+        if removed {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+            self.evicted.inc();
+        }
+        Ok(true)
+    }
+
     fn shard(&self, id: &OrderId) -> &RwLock<Shard> {
         // v4 ids are random: any byte spreads them evenly.
         &self.shards[usize::from(id.as_uuid().as_bytes()[15]) % SHARDS]
+    }
+}
+
+impl MemoryStore {
+    /// Stores `order` under `key` unless the key names an order already;
+    /// the room for it is already reserved.
+    fn insert_keyed(
+        &self,
+        order: &Order,
+        key: &str,
+        request_digest: &str,
+    ) -> Result<KeyedInsert, StoreError> {
+        let mut keys = self.keys.write().map_err(|_| poisoned())?;
+        if let Some((digest, existing, _)) = keys.by_key.get(key) {
+            let same_request = digest == request_digest;
+            let order = self
+                .shard(existing)
+                .read()
+                .map_err(|_| poisoned())?
+                .get(existing)
+                .map(|o| Order::clone(o))
+                .ok_or_else(|| StoreError::Other("idempotency key names a missing order".into()))?;
+            return Ok(KeyedInsert::Existing {
+                order,
+                same_request,
+            });
+        }
+        let mut shard = self.shard(&order.id).write().map_err(|_| poisoned())?;
+        if shard.contains_key(&order.id) {
+            return Err(StoreError::Other(format!(
+                "order id {} already taken",
+                order.id
+            )));
+        }
+        shard.insert(order.id, Box::new(order.clone()));
+        let key: Arc<str> = Arc::from(key);
+        keys.by_order.insert(order.id, key.clone());
+        keys.by_key
+            .insert(key, (request_digest.to_owned(), order.id, Utc::now()));
+        Ok(KeyedInsert::Created)
     }
 }
 
@@ -73,8 +195,10 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn insert(&self, order: &Order) -> Result<bool, StoreError> {
+        self.reserve_room()?;
         let mut shard = self.shard(&order.id).write().map_err(|_| poisoned())?;
         if shard.contains_key(&order.id) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
             return Ok(false);
         }
         shard.insert(order.id, Box::new(order.clone()));
@@ -87,34 +211,12 @@ impl OrderRepository for MemoryStore {
         key: &str,
         request_digest: &str,
     ) -> Result<KeyedInsert, StoreError> {
-        let mut keys = self.keys.write().map_err(|_| poisoned())?;
-        if let Some((digest, existing, _)) = keys.get(key) {
-            let same_request = digest == request_digest;
-            let order = self
-                .shard(existing)
-                .read()
-                .map_err(|_| poisoned())?
-                .get(existing)
-                .map(|o| Order::clone(o))
-                .ok_or_else(|| StoreError::Other("idempotency key names a missing order".into()))?;
-            return Ok(KeyedInsert::Existing {
-                order,
-                same_request,
-            });
+        self.reserve_room()?;
+        let stored = self.insert_keyed(order, key, request_digest);
+        if !matches!(stored, Ok(KeyedInsert::Created)) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
         }
-        let mut shard = self.shard(&order.id).write().map_err(|_| poisoned())?;
-        if shard.contains_key(&order.id) {
-            return Err(StoreError::Other(format!(
-                "order id {} already taken",
-                order.id
-            )));
-        }
-        shard.insert(order.id, Box::new(order.clone()));
-        keys.insert(
-            key.to_owned(),
-            (request_digest.to_owned(), order.id, Utc::now()),
-        );
-        Ok(KeyedInsert::Created)
+        stored
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -142,7 +244,13 @@ impl OrderRepository for MemoryStore {
             order.last_error = Some(reason.clone());
         }
         order.updated_at = Utc::now().trunc_subsecs(6);
-        Ok(UpdateOutcome::Updated(Order::clone(order)))
+        let updated = Order::clone(order);
+        drop(shard);
+        if updated.status.is_terminal() {
+            // Finished: from now on it may be evicted, oldest first.
+            self.finished.lock().map_err(|_| poisoned())?.push_back(id);
+        }
+        Ok(UpdateOutcome::Updated(updated))
     }
 
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
@@ -159,9 +267,16 @@ impl OrderRepository for MemoryStore {
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
         let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
         let mut keys = self.keys.write().map_err(|_| poisoned())?;
-        let before = keys.len();
+        let Keys { by_key, by_order } = &mut *keys;
+        let before = by_key.len();
         // A key exactly `age` old is past its time: an age of zero forgets all.
-        keys.retain(|_, (_, _, at)| *at > cutoff);
-        Ok((before - keys.len()) as u64)
+        by_key.retain(|_, (_, order, at)| {
+            let keep = *at > cutoff;
+            if !keep {
+                by_order.remove(order);
+            }
+            keep
+        });
+        Ok((before - by_key.len()) as u64)
     }
 }

@@ -5,7 +5,6 @@ use axum::http::{Request, StatusCode};
 use reliability_lab::orders::postgres::{Lease, PostgresStore};
 use reliability_lab::orders::OrderRepository;
 use sqlx::postgres::PgPoolOptions;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,14 +170,11 @@ async fn a_missing_mistyped_out_of_range_or_unknown_field_is_422_naming_it() {
             r#"{"customer_id":"c","amount":1,"currency":"USD","coupon":"x"}"#,
             "coupon",
         ),
-        (r#"[1,2,3]"#, ""),
     ] {
         let (status, _, body) = send(&lab.router, post_json("/orders", bad)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
         assert_eq!(error_code(&body), "invalid_field");
-        if !field.is_empty() {
-            assert_eq!(body["error"]["field"], field, "{bad}: {body}");
-        }
+        assert_eq!(body["error"]["field"], field, "{bad}: {body}");
     }
 }
 
@@ -297,9 +293,11 @@ async fn the_request_id_is_echoed_when_given_and_generated_otherwise() {
 #[tokio::test]
 async fn the_service_answers_over_a_real_socket() {
     let lab = idle_lab().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, lab.router.clone()).into_future());
+    let addr = lab.app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lab.app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
     let client = reqwest::Client::new();
     let created = client
         .post(format!("http://{addr}/orders"))
@@ -318,5 +316,6 @@ async fn the_service_answers_over_a_real_socket() {
     assert_eq!(fetched.status(), 200);
     let body: serde_json::Value = fetched.json().await.unwrap();
     assert_eq!(body["status"], "pending");
-    server.abort();
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

@@ -1,9 +1,11 @@
 //! The integration tests: one binary, one shared harness.
 
 mod binary;
+mod connections;
 mod contract;
 mod crash;
 mod durability;
+mod hardening;
 mod helpers;
 mod http_api;
 mod lab_controls;

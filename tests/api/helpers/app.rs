@@ -29,6 +29,7 @@ pub struct LabOptions {
     pub payment_timeout: Duration,
     pub admin_token: Option<&'static str>,
     pub shutdown_timeout: Duration,
+    pub memory_max_orders: usize,
 }
 
 impl Default for LabOptions {
@@ -55,6 +56,7 @@ impl Default for LabOptions {
             payment_timeout: Duration::from_secs(1),
             admin_token: None,
             shutdown_timeout: Duration::from_secs(30),
+            memory_max_orders: 250_000,
         }
     }
 }
@@ -92,6 +94,7 @@ impl LabOptions {
         c.payment_timeout = self.payment_timeout;
         c.admin_token = self.admin_token.map(str::to_owned);
         c.shutdown_timeout = self.shutdown_timeout;
+        c.memory_max_orders = self.memory_max_orders;
         c
     }
 }
@@ -110,13 +113,12 @@ pub struct Lab {
 impl Lab {
     pub async fn new(options: LabOptions) -> Self {
         let mut builder = App::builder(options.config());
-        builder = builder.stores(Stores {
-            orders: options
-                .repo
-                .clone()
-                .unwrap_or_else(|| Stores::memory().orders),
-            ledger: Arc::new(MemoryLedger::default()),
-        });
+        if let Some(repo) = options.repo.clone() {
+            builder = builder.stores(Stores {
+                orders: repo,
+                ledger: Arc::new(MemoryLedger::default()),
+            });
+        }
         if !options.start_workers {
             builder = builder.hold_workers();
         }

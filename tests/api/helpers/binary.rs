@@ -19,8 +19,31 @@ pub struct Running {
 /// Starts the binary with a clean environment plus `env`, listening on a
 /// free loopback port, and waits until it says it listens.
 pub async fn spawn_binary(env: &[(&str, &str)]) -> Running {
+    spawn_binary_limited(env, None).await
+}
+
+/// Like `spawn_binary`, with the process's open-file limit lowered to
+/// `max_files` when given (to run it out of file descriptors).
+pub async fn spawn_binary_limited(env: &[(&str, &str)], max_files: Option<u64>) -> Running {
     use tokio::io::AsyncBufReadExt;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_reliability-lab"));
+    if let Some(limit) = max_files {
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches
+        // nothing else between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LISTEN_ADDR", "127.0.0.1:0")

@@ -1,0 +1,191 @@
+//! Connection timeouts on the real binary, over real sockets: clients that
+//! send half their headers, a body that stops, a chunked body that stops, or
+//! nothing at all are closed, so they can neither exhaust the file
+//! descriptors nor hold up a stop. Timeouts are set to a second or two; the
+//! bounds the tests wait for are generous, and each stands for "never"
+//! without the timeouts.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{spawn_binary, spawn_binary_limited, Running};
+
+/// A connection that sent `bytes` and then nothing more.
+async fn stalled(service: &Running, bytes: &[u8]) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(service.addr).await.ok()?;
+    stream.write_all(bytes).await.ok()?;
+    Some(stream)
+}
+
+const PARTIAL_HEADERS: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: lab\r\nX-Slow: ";
+const PARTIAL_BODY: &[u8] = b"POST /orders HTTP/1.1\r\nHost: lab\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"customer_id\":";
+const STOPPED_CHUNKS: &[u8] = b"POST /orders HTTP/1.1\r\nHost: lab\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"cus\r\n";
+
+/// Reads until the server closes the connection; the bytes it sent.
+async fn until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, stream.read_to_end(&mut got)).await;
+    match read {
+        Ok(Ok(_)) | Ok(Err(_)) => Some(got),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_and_fifty_stalled_connections_do_not_stop_a_fresh_request() {
+    let service = spawn_binary_limited(
+        &[
+            ("HTTP_HEADER_READ_TIMEOUT", "1s"),
+            ("HTTP_BODY_TIMEOUT", "1s"),
+            ("HTTP_IDLE_TIMEOUT", "1s"),
+        ],
+        Some(128),
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 0..150 {
+        let bytes: &[u8] = match i % 4 {
+            0 => b"",
+            1 => PARTIAL_HEADERS,
+            2 => PARTIAL_BODY,
+            _ => STOPPED_CHUNKS,
+        };
+        if let Some(stream) = stalled(&service, bytes).await {
+            held.push(stream);
+        }
+    }
+    // Well over a hundred of them hold a descriptor each: without timeouts
+    // the service could accept nothing more, ever.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut answered = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = client.get(service.url("/healthz")).send().await {
+            if r.status() == 200 {
+                answered = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answered, "a fresh /healthz was never answered");
+    // And the stalled ones were closed by the service.
+    let mut closed = 0;
+    for stream in held.iter_mut().take(20) {
+        if until_closed(stream, Duration::from_secs(10))
+            .await
+            .is_some()
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 20, "stalled connections are closed");
+    assert!(service.terminate().await.success());
+}
+
+#[tokio::test]
+async fn a_body_that_stops_gets_408_with_the_json_error_and_the_connection_closes() {
+    let service = spawn_binary(&[("HTTP_BODY_TIMEOUT", "1s")]).await;
+    for partial in [PARTIAL_BODY, STOPPED_CHUNKS] {
+        let mut stream = stalled(&service, partial).await.unwrap();
+        let reply = until_closed(&mut stream, Duration::from_secs(20))
+            .await
+            .expect("the service answers and closes");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+        assert!(
+            reply.to_ascii_lowercase().contains("connection: close"),
+            "{reply}"
+        );
+        assert!(reply.contains(r#""code":"body_timeout""#), "{reply}");
+    }
+    let client = reqwest::Client::new();
+    let state: serde_json::Value = client
+        .get(service.url("/admin/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["queue"]["depth"], 0, "nothing was stored or queued");
+    assert!(service.terminate().await.success());
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
+    let service = spawn_binary(&[("HTTP_IDLE_TIMEOUT", "1s")]).await;
+    let mut stream = TcpStream::connect(service.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Kept alive after the answer, then closed once idle.
+    let rest = until_closed(&mut stream, Duration::from_secs(20))
+        .await
+        .expect("the idle connection was closed");
+    assert!(rest.is_empty(), "nothing more was sent");
+
+    // A response that takes longer than the idle timeout is not cut.
+    let client = reqwest::Client::new();
+    let profile = client
+        .get(service.url("/debug/pprof/profile?seconds=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(profile.status(), 200);
+    assert!(!profile.bytes().await.unwrap().is_empty());
+    assert!(service.terminate().await.success());
+}
+
+#[tokio::test]
+async fn sigterm_with_stalled_connections_exits_without_waiting_for_them() {
+    let service = spawn_binary(&[
+        ("SHUTDOWN_TIMEOUT", "30s"),
+        ("HTTP_HEADER_READ_TIMEOUT", "60s"),
+        ("HTTP_BODY_TIMEOUT", "60s"),
+        ("HTTP_IDLE_TIMEOUT", "60s"),
+    ])
+    .await;
+    let mut held = Vec::new();
+    for bytes in [
+        b"".as_slice(),
+        PARTIAL_HEADERS,
+        PARTIAL_BODY,
+        STOPPED_CHUNKS,
+    ] {
+        held.push(stalled(&service, bytes).await.unwrap());
+    }
+    // An idle keep-alive connection too.
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(service.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = service.logs.clone();
+    let started = Instant::now();
+    let status = service.terminate().await;
+    let took = started.elapsed();
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(status.success(), "{logs}");
+    assert!(
+        !logs.contains("in-flight requests did not finish"),
+        "a stalled connection held up the stop: {logs}"
+    );
+    // Without closing them the stop would have waited out SHUTDOWN_TIMEOUT.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
