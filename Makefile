@@ -1,5 +1,5 @@
 # reliability-lab: common tasks. `make help` lists them.
-.PHONY: help build run test lint fmt profile heap bench
+.PHONY: help build run test lint fmt profile heap bench fuzz
 
 URL ?= http://localhost:8080
 SECONDS ?= 30
@@ -30,6 +30,9 @@ profile: ## Flame graph of the running service: flamegraph.svg (URL=..., SECONDS
 heap: ## Heap profile of the running service: heap.pb.gz (read with go tool pprof -top heap.pb.gz)
 	curl -sSf "$(URL)/debug/pprof/heap" -o heap.pb.gz
 	@echo "wrote heap.pb.gz"
+
+fuzz: ## The API contract: schemathesis against the release binary's /openapi.json
+	scripts/fuzz.sh
 
 bench: ## Load benchmark against a reference server and Postgres's own ceiling, then micro-benchmarks
 	scripts/bench.sh

@@ -73,7 +73,12 @@ fn memory_store(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let store = MemoryStore::new();
+    // No bound: the benchmark inserts far more unfinished orders than the
+    // default MEMORY_MAX_ORDERS.
+    let store = MemoryStore::with_limit(
+        usize::MAX,
+        prometheus::IntCounter::new("evicted", "unregistered").unwrap(),
+    );
     let orders: Vec<Order> = (0..100_000).map(|_| order()).collect();
     runtime.block_on(async {
         for o in &orders {

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -278,7 +277,7 @@ pub struct AppHandles {
 /// A built service: parts running, listener bound, not yet serving.
 pub struct App {
     handles: AppHandles,
-    router: Router,
+    router: http::Api,
     listener: TcpListener,
     local_addr: SocketAddr,
     processor: Arc<OrderProcessor>,
@@ -311,7 +310,7 @@ impl App {
     }
 
     /// The router, to drive without a socket.
-    pub fn router(&self) -> Router {
+    pub fn router(&self) -> http::Api {
         self.router.clone()
     }
 

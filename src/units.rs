@@ -61,6 +61,73 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration as the API shows it: in the largest unit that divides it
+/// evenly (`90s`, `2m`, `1500ms`), so it reads back through `parse_duration`.
+/// Whole milliseconds: sub-millisecond noise helps nobody reading it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0ms".into();
+    }
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// The form of a duration, for the API's schema. The bound (24h) is stated
+/// in words: a pattern cannot say it.
+pub const DURATION_PATTERN: &str = r"^\s*(0|[0-9]+\s*(ns|nsec|us|µs|usec|ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days))\s*$";
+
+/// The OpenAPI schema of a duration string.
+pub fn duration_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(DURATION_PATTERN))
+        .description(Some(
+            "A duration: one whole number and one unit (ns, us, ms, s, m, h, d), such as 200ms, 2s or 1m; at most 24h.",
+        ))
+        .build()
+}
+
+/// The OpenAPI schema of a switch: a boolean, or one of the environment's
+/// words in any case.
+pub fn switch_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    fn any_case(word: &str) -> String {
+        word.chars()
+            .map(|c| {
+                if c.is_ascii_alphabetic() {
+                    format!("[{}{}]", c.to_ascii_lowercase(), c.to_ascii_uppercase())
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    }
+    let words = ["on", "off", "true", "false", "yes", "no", "1", "0"]
+        .map(any_case)
+        .join("|");
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Boolean))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(format!(r"^\s*({words})\s*$"))),
+        )
+        .description(Some(format!("true or false, or {SWITCH_FORMS}")))
+        .build()
+        .into()
+}
+
 /// A switch in JSON: a boolean, or a string in any of the environment's
 /// spellings.
 pub fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
@@ -130,6 +197,47 @@ mod tests {
                 err.contains("one whole number and one unit"),
                 "{bad}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn a_shown_duration_reads_back_as_itself() {
+        for (d, shown) in [
+            (Duration::from_millis(200), "200ms"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_secs(3600), "1h"),
+            (MAX_DURATION, "1d"),
+            (Duration::ZERO, "0ms"),
+            (Duration::from_micros(1500), "1ms"),
+        ] {
+            assert_eq!(format_duration(d), shown);
+            let back = parse_duration(shown).unwrap();
+            assert_eq!(back, Duration::from_millis(d.as_millis() as u64));
+        }
+    }
+
+    #[test]
+    fn the_schema_patterns_take_what_the_parsers_take() {
+        let duration = regex::Regex::new(DURATION_PATTERN).unwrap();
+        for raw in ["200ms", "2s", "1m", "0", " 5 s ", "24h", "86400s", "1500us"] {
+            assert!(duration.is_match(raw), "{raw}");
+            assert!(parse_duration(raw).is_ok(), "{raw}");
+        }
+        for raw in ["5s5s", "1ms 2ms", "1.5s", "x", "", "1y", "5", "-1s"] {
+            assert!(!duration.is_match(raw), "{raw}");
+            assert!(parse_duration(raw).is_err(), "{raw}");
+        }
+        let schema = serde_json::to_value(switch_schema()).unwrap();
+        assert_eq!(schema["oneOf"][0]["type"], "boolean", "{schema}");
+        let word = regex::Regex::new(schema["oneOf"][1]["pattern"].as_str().unwrap()).unwrap();
+        for raw in ["on", "OFF", "True", "yes", "0", " no "] {
+            assert!(word.is_match(raw), "{raw}");
+            assert!(parse_switch(raw).is_ok(), "{raw}");
+        }
+        for raw in ["maybe", "2", "onoff", ""] {
+            assert!(!word.is_match(raw), "{raw}");
+            assert!(parse_switch(raw).is_err(), "{raw}");
         }
     }
 

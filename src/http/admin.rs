@@ -5,18 +5,70 @@
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
 use crate::orders::OrderId;
-use crate::payment::PaymentUpdate;
-use crate::reliability::Switches;
+use crate::payment::{Charge, PaymentUpdate, SettingsView};
+use crate::reliability::{BreakerSnapshot, Switches};
 
+/// An order's charges at the simulated provider.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LedgerView {
+    #[schema(value_type = uuid::Uuid)]
+    pub order_id: OrderId,
+    /// Oldest first; more than one is a duplicate charge.
+    pub charges: Vec<Charge>,
+}
+
+/// The queue's fill.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct QueueView {
+    pub depth: usize,
+    pub capacity: usize,
+}
+
+/// The workers and how many are busy.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkersView {
+    pub count: usize,
+    pub busy: usize,
+}
+
+/// One snapshot of the whole pipeline.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LabState {
+    pub queue: QueueView,
+    pub workers: WorkersView,
+    pub breaker: BreakerSnapshot,
+    pub reliability: Switches,
+    /// Orders by status: pending, processing, completed, failed.
+    pub orders: std::collections::BTreeMap<&'static str, u64>,
+    pub payment: SettingsView,
+    pub uptime_seconds: f64,
+}
+
+#[utoipa::path(get, path = "/admin/payment", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The simulator's settings now in force", body = SettingsView),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
 pub async fn get_payment(State(state): State<AppState>) -> Response {
     Json(state.lab.payment.view()).into_response()
 }
 
+#[utoipa::path(put, path = "/admin/payment", tag = "admin", security(("admin_token" = [])),
+    request_body(content = PaymentUpdate, description = "Any subset of the settings; `mode: brownout` needs `brownout`. Applies to calls that start after it."),
+    responses(
+        (status = 200, description = "The settings now in force", body = SettingsView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "A bad value, named; nothing changed. Also what the schema cannot say: latency_min above latency_max, a brownout without its mode or the mode without it, a duration above 24h or a brownout of zero", body = ErrorBody),
+    ))]
 pub async fn put_payment(
     State(state): State<AppState>,
     JsonBody(update): JsonBody<PaymentUpdate>,
@@ -24,6 +76,14 @@ pub async fn put_payment(
     Ok(Json(state.lab.payment.update(update)?).into_response())
 }
 
+#[utoipa::path(get, path = "/admin/payment/ledger/{order_id}", tag = "admin", security(("admin_token" = [])),
+    params(("order_id" = uuid::Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order's charges (none for an unknown order)", body = LedgerView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 503, description = "The ledger's store cannot be reached", body = ErrorBody),
+    ))]
 pub async fn get_ledger(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -32,13 +92,23 @@ pub async fn get_ledger(
         .parse()
         .map_err(|_| ApiError::invalid_order_id(&id, "order_id"))?;
     let charges = state.lab.payment.ledger().charges(order_id).await?;
-    Ok(Json(json!({ "order_id": order_id, "charges": charges })).into_response())
+    Ok(Json(LedgerView { order_id, charges }).into_response())
 }
 
+#[utoipa::path(get, path = "/admin/breaker", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The breaker's state", body = BreakerSnapshot),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
 pub async fn get_breaker(State(state): State<AppState>) -> Response {
     Json(state.lab.reliability.breaker().snapshot()).into_response()
 }
 
+#[utoipa::path(post, path = "/admin/breaker/reset", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Closed; its state after", body = BreakerSnapshot),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
 pub async fn reset_breaker(State(state): State<AppState>) -> Response {
     let breaker = state.lab.reliability.breaker();
     breaker.reset();
@@ -48,19 +118,37 @@ pub async fn reset_breaker(State(state): State<AppState>) -> Response {
 
 /// A partial change of the switches. Unknown fields are refused; a switch
 /// takes a boolean or any spelling the environment takes (`"off"`, `"no"`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchesUpdate {
     #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
     retry_enabled: Option<bool>,
     #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
     breaker_enabled: Option<bool>,
 }
 
+#[utoipa::path(get, path = "/admin/reliability", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Whether retry and the breaker are on", body = Switches),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
 pub async fn get_reliability(State(state): State<AppState>) -> Response {
     Json(state.lab.reliability.switches()).into_response()
 }
 
+#[utoipa::path(put, path = "/admin/reliability", tag = "admin", security(("admin_token" = [])),
+    request_body(content = SwitchesUpdate, description = "Either or both switches; they apply to orders whose processing starts after it"),
+    responses(
+        (status = 200, description = "The switches now", body = Switches),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Not an object, or a bad or unknown field (named); nothing changed", body = ErrorBody),
+    ))]
 pub async fn put_reliability(
     State(state): State<AppState>,
     JsonBody(update): JsonBody<SwitchesUpdate>,
@@ -75,27 +163,35 @@ pub async fn put_reliability(
     Json(next).into_response()
 }
 
+#[utoipa::path(get, path = "/admin/state", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Queue, workers, breaker, switches, orders by status, payment settings", body = LabState),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
+    ))]
 pub async fn get_state(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let counts = state.service.count_by_status().await?;
-    let orders: serde_json::Map<String, serde_json::Value> = counts
+    let orders = state
+        .service
+        .count_by_status()
+        .await?
         .into_iter()
-        .map(|(status, n)| (status.as_str().to_owned(), json!(n)))
+        .map(|(status, n)| (status.as_str(), n))
         .collect();
     let lab = &state.lab;
-    Ok(Json(json!({
-        "queue": {
-            "depth": lab.queue.depth(),
-            "capacity": lab.queue.capacity(),
+    Ok(Json(LabState {
+        queue: QueueView {
+            depth: lab.queue.depth(),
+            capacity: lab.queue.capacity(),
         },
-        "workers": {
-            "count": lab.workers,
-            "busy": lab.queue.busy(),
+        workers: WorkersView {
+            count: lab.workers,
+            busy: lab.queue.busy(),
         },
-        "breaker": lab.reliability.breaker().snapshot(),
-        "reliability": lab.reliability.switches(),
-        "orders": orders,
-        "payment": lab.payment.view(),
-        "uptime_seconds": lab.started.elapsed().as_secs_f64(),
-    }))
+        breaker: lab.reliability.breaker().snapshot(),
+        reliability: lab.reliability.switches(),
+        orders,
+        payment: lab.payment.view(),
+        uptime_seconds: lab.started.elapsed().as_secs_f64(),
+    })
     .into_response())
 }

@@ -46,38 +46,33 @@ pub fn is_operator_path(path: &str) -> bool {
     })
 }
 
-/// Guards every operator path with the admin token, when one is set: every
-/// method, matched or not, gets the same 401, marked `Refused` so that the
-/// outermost layer can take off the `Allow` header axum adds to a method its
-/// route lacks (`hide_routes_from_strangers`).
-pub async fn require_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = &state.admin_token else {
-        return next.run(request).await;
-    };
+/// The answer for a request to an operator path that does not carry the
+/// admin token (when one is set), or None when it may pass: 400 for two
+/// `Authorization` headers, 401 otherwise, marked `Refused`.
+pub fn refusal(state: &AppState, request: &Request) -> Option<Response> {
+    let expected = state.admin_token.as_ref()?;
     if !is_operator_path(request.uri().path()) {
-        return next.run(request).await;
+        return None;
     }
     let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
     let (first, second) = (values.next(), values.next());
     if second.is_some() {
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "duplicate_header",
-            "send one Authorization header, not several",
-        )
-        .with_field("Authorization")
-        .into_response();
+        return Some(
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_header",
+                "send one Authorization header, not several",
+            )
+            .with_field("Authorization")
+            .into_response(),
+        );
     }
     let presented = first
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .unwrap_or("");
     if expected.matches(presented) {
-        return next.run(request).await;
+        return None;
     }
     let mut response = ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -90,7 +85,23 @@ pub async fn require_token(
         "Bearer".parse().expect("valid header"),
     );
     response.extensions_mut().insert(Refused);
-    response
+    Some(response)
+}
+
+/// Guards the operator routes (`/admin`, `/debug`) with the admin token,
+/// when one is set. It is a route layer, so requests to other routes never
+/// pay for it; the router's fallbacks make the same check for operator
+/// paths that match no route or no method, so a stranger gets the same 401
+/// whatever the method and learns nothing of the routes.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match refusal(&state, &request) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
 }
 
 /// Marks a response the token check refused.
@@ -100,7 +111,7 @@ pub struct Refused;
 /// A refused request learns nothing of the routes: axum's method router adds
 /// `Allow` (the methods the path takes) after the route's layers have run,
 /// so it is taken off here, outside the router.
-pub async fn hide_routes_from_strangers(mut response: Response) -> Response {
+pub fn hide_routes_from_strangers(mut response: Response) -> Response {
     if response.extensions().get::<Refused>().is_some() {
         response.headers_mut().remove(header::ALLOW);
     }

@@ -11,29 +11,70 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::observability::profiling::{self, PROFILES};
 
 const DEFAULT_SECONDS: u64 = 30;
 const MAX_SECONDS: u64 = 120;
 
-fn listing() -> serde_json::Value {
-    json!(PROFILES
+/// One profile `/debug/pprof/` offers.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProfileInfo {
+    pub name: &'static str,
+    pub path: String,
+    pub description: &'static str,
+}
+
+/// The profiles on offer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProfileList {
+    pub profiles: Vec<ProfileInfo>,
+}
+
+fn profiles() -> Vec<ProfileInfo> {
+    PROFILES
         .iter()
-        .map(|(name, about)| json!({
-            "name": name,
-            "path": format!("/debug/pprof/{name}"),
-            "description": about,
-        }))
-        .collect::<Vec<_>>())
+        .map(|(name, description)| ProfileInfo {
+            name,
+            path: format!("/debug/pprof/{name}"),
+            description,
+        })
+        .collect()
 }
 
-pub async fn index() -> Json<serde_json::Value> {
-    Json(json!({ "profiles": listing() }))
+fn listing() -> serde_json::Value {
+    serde_json::to_value(profiles()).unwrap_or_default()
 }
 
+#[utoipa::path(get, path = "/debug/pprof/", tag = "debug", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The profiles on offer", body = ProfileList),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
+pub async fn index() -> Json<ProfileList> {
+    Json(ProfileList {
+        profiles: profiles(),
+    })
+}
+
+/// The same list without the trailing slash.
+#[utoipa::path(get, path = "/debug/pprof", tag = "debug", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The profiles on offer", body = ProfileList),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
+pub async fn index_bare() -> Json<ProfileList> {
+    index().await
+}
+
+#[utoipa::path(get, path = "/debug/pprof/{name}", tag = "debug", security(("admin_token" = [])),
+    params(("name" = String, Path, description = "Any name that is not a profile")),
+    responses(
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 404, description = "No such profile; the answer lists them under `profiles`", body = ErrorBody),
+    ))]
 pub async fn unknown(Path(name): Path<String>) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -74,6 +115,15 @@ fn attachment(bytes: Vec<u8>, filename: &str) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/debug/pprof/profile", tag = "debug", security(("admin_token" = [])),
+    params(("seconds" = Option<u64>, Query, minimum = 1, maximum = 120, description = "How long to sample (default 30)")),
+    responses(
+        (status = 200, description = "A CPU profile, pprof protobuf (read with go tool pprof)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "seconds is not a whole number from 1 to 120", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 429, description = "Another CPU profile is being taken", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ))]
 pub async fn profile(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -83,6 +133,15 @@ pub async fn profile(
     Ok(attachment(bytes, "profile.pb"))
 }
 
+#[utoipa::path(get, path = "/debug/pprof/flamegraph", tag = "debug", security(("admin_token" = [])),
+    params(("seconds" = Option<u64>, Query, minimum = 1, maximum = 120, description = "How long to sample (default 30)")),
+    responses(
+        (status = 200, description = "A CPU profile as an SVG flame graph", content_type = "image/svg+xml", body = String),
+        (status = 400, description = "seconds is not a whole number from 1 to 120", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 429, description = "Another CPU profile is being taken", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ))]
 pub async fn flamegraph(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -92,6 +151,12 @@ pub async fn flamegraph(
     Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
 }
 
+#[utoipa::path(get, path = "/debug/pprof/heap", tag = "debug", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "A heap profile, gzipped pprof protobuf", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 501, description = "This build's allocator does not profile", body = ErrorBody),
+    ))]
 pub async fn heap() -> Result<Response, ApiError> {
     let bytes = profiling::heap_pprof().await?;
     Ok(attachment(bytes, "heap.pb.gz"))

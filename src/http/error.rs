@@ -27,19 +27,26 @@ pub struct ApiError {
     pub extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Detail<'a>,
+/// Every error answer: `{"error": {"code", "message", "field"?}}`, and
+/// sometimes one more top-level key that helps (the list of profiles).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    extra: Option<std::collections::BTreeMap<&'static str, &'a serde_json::Value>>,
+    #[schema(ignore)]
+    extra: Option<std::collections::BTreeMap<&'static str, serde_json::Value>>,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
-    code: &'a str,
-    message: &'a str,
+/// What went wrong.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `invalid_field`, `queue_full`, `unauthorized`, ...
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// The input field at fault, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -213,16 +220,16 @@ impl From<ProfileError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: Detail {
+        let body = ErrorBody {
+            error: ErrorDetail {
                 code: self.code,
-                message: &self.message,
-                field: self.field.as_deref(),
+                message: self.message,
+                field: self.field,
             },
-            extra: self
-                .extra
-                .as_ref()
-                .map(|extra| std::iter::once((extra.0, &extra.1)).collect()),
+            extra: self.extra.map(|extra| {
+                let (key, value) = *extra;
+                std::iter::once((key, value)).collect()
+            }),
         };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {

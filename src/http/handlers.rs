@@ -6,18 +6,57 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
-use crate::orders::{CreateOrderRequest, Creation, OrderId};
+use crate::orders::{CreateOrderRequest, Creation, Order, OrderId};
 
 /// How long `/readyz` waits for the store before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(4);
 
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// `/healthz`: the process answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
+/// `/readyz`: whether the store answers, and what kind it is.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// `memory` or `postgres`.
+    pub store: &'static str,
+    /// `none` or `durable`.
+    pub durability: &'static str,
+    /// When unavailable: `store unreachable` or `store timeout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+/// `/version`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct VersionInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The git commit built, when the build knew it.
+    pub commit: Option<&'static str>,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "The process is up", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    responses(
+        (status = 200, description = "The store answers", body = Readiness),
+        (status = 503, description = "The store does not answer (reason says how)", body = Readiness),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let repo = state.service.repository();
     let store = repo.kind();
@@ -26,8 +65,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     // with host names in it) goes only to the log.
     let reason = match tokio::time::timeout(READY_TIMEOUT, repo.ping()).await {
         Ok(Ok(())) => {
-            return Json(json!({ "status": "ready", "store": store, "durability": durability }))
-                .into_response()
+            return Json(Readiness {
+                status: "ready",
+                store,
+                durability,
+                reason: None,
+            })
+            .into_response()
         }
         Ok(Err(err)) => {
             tracing::warn!(error = %err, "readiness check: the store failed");
@@ -43,24 +87,29 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({
-            "status": "unavailable",
-            "store": store,
-            "durability": durability,
-            "reason": reason,
-        })),
+        Json(Readiness {
+            status: "unavailable",
+            store,
+            durability,
+            reason: Some(reason),
+        }),
     )
         .into_response()
 }
 
-pub async fn version() -> Json<serde_json::Value> {
-    Json(json!({
-        "name": env!("CARGO_PKG_NAME"),
-        "version": env!("CARGO_PKG_VERSION"),
-        "commit": option_env!("GIT_COMMIT"),
-    }))
+#[utoipa::path(get, path = "/version", tag = "service",
+    responses((status = 200, description = "Name, version and commit", body = VersionInfo)))]
+pub async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo {
+        name: env!("CARGO_PKG_NAME"),
+        version: env!("CARGO_PKG_VERSION"),
+        commit: option_env!("GIT_COMMIT"),
+    })
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text exposition format",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.render() {
         Ok(text) => (
@@ -112,6 +161,24 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body = CreateOrderRequest,
+    params(("Idempotency-Key" = Option<String>, Header, max_length = 255, min_length = 1,
+        pattern = "^[\\x21-\\x7E]+$",
+        description = "Makes the request safe to retry: the same key with the same body returns the first order (200); with another body it is refused (422). Kept 24 hours.")),
+    responses(
+        (status = 201, description = "Stored and queued", body = Order,
+            headers(("Location" = String, description = "The order's URL"))),
+        (status = 200, description = "The Idempotency-Key was used before with this body: the first order, as it is now", body = Order,
+            headers(("Location" = String, description = "The order's URL"))),
+        (status = 400, description = "Malformed JSON, or a bad or repeated Idempotency-Key header", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Not an object, a missing, mistyped, out-of-range or unknown field (named), or an Idempotency-Key used with another body", body = ErrorBody),
+        (status = 503, description = "Nothing was stored: the queue or the in-memory store is full, the store cannot be reached, or the service is stopping. Try again after Retry-After seconds.", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ))]
 pub async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -127,6 +194,14 @@ pub async fn create_order(
     Ok((status, [(header::LOCATION, location)], Json(order)).into_response())
 }
 
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = uuid::Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = ErrorBody),
+    ))]
 pub async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -138,11 +213,27 @@ pub async fn get_order(
     Ok(Json(order).into_response())
 }
 
-pub async fn not_found() -> ApiError {
-    ApiError::not_found("no such route")
+/// No route matched. Operator paths first need the token (when one is
+/// set), so that a stranger cannot tell a route from no route.
+pub async fn not_found(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    match super::auth::refusal(&state, &request) {
+        Some(refused) => refused,
+        None => ApiError::not_found("no such route").into_response(),
+    }
 }
 
-pub async fn method_not_allowed() -> ApiError {
+/// The route matched but not the method: the same rule as `not_found`.
+pub async fn method_not_allowed(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+) -> Response {
+    match super::auth::refusal(&state, &request) {
+        Some(refused) => refused,
+        None => method_not_allowed_error().into_response(),
+    }
+}
+
+fn method_not_allowed_error() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

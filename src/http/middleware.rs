@@ -14,7 +14,6 @@ use tokio::time::Instant;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
 use super::AppState;
-use crate::observability::metrics::HttpMetrics;
 use crate::observability::metrics::UNMATCHED_ROUTE;
 
 /// Methods outside the common set share one label value.
@@ -52,6 +51,9 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     let status = response.status();
     let route = route.as_deref().unwrap_or(UNMATCHED_ROUTE);
     state.http_metrics.observe(method, route, status, latency);
+    if response.extensions().get::<Panicked>().is_some() {
+        state.http_metrics.panicked();
+    }
     // Plain `&str` fields: a `%`-formatted field goes through `fmt` and
     // costs more per request (the request line is the hottest log line).
     tracing::info!(
@@ -74,7 +76,7 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// 128 visible ASCII characters; the next layer then mints one. An id is
 /// echoed in the response and written to the log, so it must stay small and
 /// printable.
-pub async fn drop_unusable_request_id(mut request: Request) -> Request {
+pub fn drop_unusable_request_id(mut request: Request) -> Request {
     let headers = request.headers_mut();
     let mut values = headers.get_all("x-request-id").iter();
     let usable = match (values.next(), values.next()) {
@@ -93,10 +95,15 @@ pub async fn drop_unusable_request_id(mut request: Request) -> Request {
     request
 }
 
-/// Turns a handler's panic into a 500 with the JSON error body, logged and
-/// counted (`http_handler_panics_total`).
-#[derive(Clone)]
-pub struct PanicToError(pub HttpMetrics);
+/// Turns a handler's panic into a 500 with the JSON error body, logged, and
+/// marked `Panicked` for `observe` to count (`http_handler_panics_total`).
+/// It holds nothing: the layer clones it for every request.
+#[derive(Clone, Copy)]
+pub struct PanicToError;
+
+/// Marks the answer to a request whose handler panicked.
+#[derive(Clone, Copy)]
+pub struct Panicked;
 
 impl tower_http::catch_panic::ResponseForPanic for PanicToError {
     type ResponseBody = axum::body::Body;
@@ -111,8 +118,9 @@ impl tower_http::catch_panic::ResponseForPanic for PanicToError {
             .or_else(|| err.downcast_ref::<&str>().copied())
             .unwrap_or("(no message)");
         tracing::error!(panic = message, "a request handler panicked");
-        self.0.panicked();
-        axum::response::IntoResponse::into_response(super::ApiError::internal())
+        let mut response = axum::response::IntoResponse::into_response(super::ApiError::internal());
+        response.extensions_mut().insert(Panicked);
+        response
     }
 }
 

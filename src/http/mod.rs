@@ -10,6 +10,7 @@ mod error;
 mod extract;
 mod handlers;
 mod middleware;
+pub mod openapi;
 pub mod server;
 
 use std::sync::Arc;
@@ -17,8 +18,12 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::extract::Request;
+use axum::response::Response;
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use tower::util::{MapRequest, MapResponse};
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
@@ -76,10 +81,43 @@ pub struct LabHandles {
     pub started: Instant,
 }
 
-/// The service's router, with request ids, request logging and metrics.
-pub fn router(state: AppState) -> Router {
-    // Everything the lab's operator uses, behind the admin token when one is set.
-    let operator = Router::new()
+/// The routes, each noted as it is added so that the OpenAPI test can
+/// check that every one is documented.
+struct Routes {
+    router: Router<AppState>,
+    paths: Vec<&'static str>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            paths: Vec::new(),
+        }
+    }
+
+    fn route(mut self, path: &'static str, method_router: MethodRouter<AppState>) -> Self {
+        self.paths.push(path);
+        self.router = self.router.route(path, method_router);
+        self
+    }
+}
+
+/// The public routes.
+fn public_routes() -> Routes {
+    Routes::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/version", get(handlers::version))
+        .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(openapi::document))
+        .route("/orders", post(handlers::create_order))
+        .route("/orders/{id}", get(handlers::get_order))
+}
+
+/// Everything the lab's operator uses, behind the admin token when one is set.
+fn operator_routes() -> Routes {
+    Routes::new()
         .route(
             "/admin/payment",
             get(admin::get_payment).put(admin::put_payment),
@@ -92,37 +130,48 @@ pub fn router(state: AppState) -> Router {
             get(admin::get_reliability).put(admin::put_reliability),
         )
         .route("/admin/state", get(admin::get_state))
-        .route("/debug/pprof", get(debug::index))
+        .route("/debug/pprof", get(debug::index_bare))
         .route("/debug/pprof/", get(debug::index))
         .route("/debug/pprof/profile", get(debug::profile))
         .route("/debug/pprof/flamegraph", get(debug::flamegraph))
         .route("/debug/pprof/heap", get(debug::heap))
-        .route("/debug/pprof/{name}", get(debug::unknown));
+        .route("/debug/pprof/{name}", get(debug::unknown))
+}
 
-    let app = Router::new()
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/version", get(handlers::version))
-        .route("/metrics", get(handlers::metrics))
-        .route("/orders", post(handlers::create_order))
-        .route("/orders/{id}", get(handlers::get_order))
+/// Every route pattern the router serves.
+pub fn route_paths() -> Vec<&'static str> {
+    let mut paths = public_routes().paths;
+    paths.extend(operator_routes().paths);
+    paths
+}
+
+/// The service: the router, with a client's unusable `X-Request-Id` dropped
+/// before it and a refused request's `Allow` header taken off after it.
+/// Plain function wrappers, not middleware: no boxing, nothing cloned per
+/// request.
+pub type Api = MapResponse<MapRequest<Router, fn(Request) -> Request>, fn(Response) -> Response>;
+
+/// The service's router, with request ids, request logging and metrics.
+pub fn router(state: AppState) -> Api {
+    let operator = operator_routes()
+        .router
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let router = public_routes()
+        .router
         .merge(operator)
         // The fallbacks come before the layers, so that unmatched requests are
-        // logged and counted too (under one fixed route label).
+        // logged and counted too (under one fixed route label). They also
+        // refuse strangers on operator paths, like the route layer above.
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        // A panic in a handler becomes a logged, counted 500 with the JSON
-        // error body, inside the observing layer so it is logged and counted
-        // as a request too; the connection stays up.
-        .layer(CatchPanicLayer::custom(middleware::PanicToError(
-            state.http_metrics.clone(),
-        )))
-        // A stranger gets 401 on any operator path, with any method.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ))
+        // A panic in a handler becomes a 500 with the JSON error body, inside
+        // the observing layer so it is logged and counted as a request too;
+        // the connection stays up.
+        .layer(CatchPanicLayer::custom(middleware::PanicToError))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,
@@ -131,16 +180,8 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::x_request_id(
             middleware::MakeRequestUuidFast,
         ))
-        // Outermost: a client's X-Request-Id is kept only when it is short
-        // visible ASCII; otherwise one is minted.
-        .layer(axum::middleware::map_request(
-            middleware::drop_unusable_request_id,
-        ))
         .with_state(state);
-    // Outside the router, where axum's `Allow` header can be taken off a 401.
-    Router::new()
-        .fallback_service(app)
-        .layer(axum::middleware::map_response(
-            auth::hide_routes_from_strangers,
-        ))
+    let drop_id: fn(Request) -> Request = middleware::drop_unusable_request_id;
+    let hide: fn(Response) -> Response = auth::hide_routes_from_strangers;
+    router.map_request(drop_id).map_response(hide)
 }

@@ -8,13 +8,14 @@
 //! - **header read timeout** (`HTTP_HEADER_READ_TIMEOUT`): hyper's own; it
 //!   bounds the wait for a request's headers, from the moment the connection
 //!   is accepted;
-//! - **body timeout** (`HTTP_BODY_TIMEOUT`): the whole body must arrive within
-//!   it, counted from the headers; a handler reading a late body gets
-//!   `BodyTimedOut`, which the JSON extractor answers with 408;
+//! - **body timeout** (`HTTP_BODY_TIMEOUT`): the rest of the body must arrive
+//!   within it, counted from the first time the service waits for it; a
+//!   handler reading a late body gets `BodyTimedOut`, which the JSON
+//!   extractor answers with 408;
 //! - **idle timeout** (`HTTP_IDLE_TIMEOUT`): a keep-alive connection with no
-//!   request in flight and no bytes either way for that long is closed. A
-//!   response still streaming (a profile, an event stream) keeps its request
-//!   in flight, so long answers are never cut.
+//!   request in flight and no bytes either way for that long (give or take a
+//!   quarter) is closed. A response still streaming (a profile, an event
+//!   stream) keeps its request in flight, so long answers are never cut.
 //!
 //! At shutdown every connection is told to finish (hyper's graceful
 //! shutdown: no keep-alive, finish the request in hand). Connections with no
@@ -28,8 +29,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::Api;
 use axum::body::Body;
-use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -68,7 +69,7 @@ pub struct BodyTimedOut(pub Duration);
 /// have. Dropping the future closes every connection at once.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: Api,
     timeouts: Timeouts,
     stop: CancellationToken,
 ) {
@@ -103,24 +104,28 @@ pub async fn serve(
 }
 
 /// What the connection's task knows of its connection.
+///
+/// Activity is a counter, not a timestamp: reading the clock on every read
+/// and write of every connection is a cost on the hot path for a question
+/// asked once every few seconds ("did anything move since I last looked?").
+#[derive(Default)]
 struct ConnState {
     /// Requests whose response has not been fully sent.
     in_flight: AtomicUsize,
     /// A request's body is still arriving.
     body_pending: AtomicBool,
-    /// Milliseconds from `epoch` to the last byte read or written.
-    last_activity_ms: AtomicU64,
-    epoch: Instant,
+    /// Bumped whenever bytes move either way or a response completes.
+    activity: AtomicU64,
 }
+
+/// How many looks an idle period is split into: a connection is closed
+/// after `IDLE_LOOKS` quiet looks in a row, that is within a quarter of
+/// `idle` after the idle timeout.
+const IDLE_LOOKS: u32 = 4;
 
 impl ConnState {
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last_activity(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 
     /// No request in hand, or one whose body stopped arriving.
@@ -129,18 +134,11 @@ impl ConnState {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    router: Router,
-    timeouts: Timeouts,
-    stop: CancellationToken,
-) {
-    let state = Arc::new(ConnState {
-        in_flight: AtomicUsize::new(0),
-        body_pending: AtomicBool::new(false),
-        last_activity_ms: AtomicU64::new(0),
-        epoch: Instant::now(),
-    });
+async fn connection(stream: TcpStream, router: Api, timeouts: Timeouts, stop: CancellationToken) {
+    // A token of its own: every connection waiting on the shared one would
+    // take the shared token's lock each time its connection woke.
+    let stop = stop.child_token();
+    let state = Arc::new(ConnState::default());
     let io = TokioIo::new(Tracked {
         inner: stream,
         state: state.clone(),
@@ -173,9 +171,14 @@ async fn connection(
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut stopping = false;
+    let look_every = (timeouts.idle / IDLE_LOOKS).max(Duration::from_millis(1));
+    let mut looks = tokio::time::interval_at(Instant::now() + look_every, look_every);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut quiet_looks) = (state.activity.load(Ordering::Relaxed), 0u32);
     loop {
-        let idle_deadline = state.last_activity() + timeouts.idle;
         tokio::select! {
+            // The connection first: it is what wakes on every request.
+            biased;
             result = conn.as_mut() => {
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "connection ended with an error");
@@ -189,16 +192,18 @@ async fn connection(
                     return;
                 }
             }
-            _ = tokio::time::sleep_until(idle_deadline) => {
-                if state.in_flight.load(Ordering::SeqCst) == 0
-                    && state.last_activity() + timeouts.idle <= Instant::now()
-                {
-                    tracing::debug!("closing an idle connection");
-                    return;
-                }
-                if state.in_flight.load(Ordering::SeqCst) > 0 {
-                    // A request in hand is not idleness: look again later.
-                    state.touch();
+            _ = looks.tick() => {
+                let now = state.activity.load(Ordering::Relaxed);
+                if now != seen || state.in_flight.load(Ordering::SeqCst) > 0 {
+                    // Bytes moved, or a request is in hand (a long answer is
+                    // not idleness): start counting again.
+                    (seen, quiet_looks) = (now, 0);
+                } else {
+                    quiet_looks += 1;
+                    if quiet_looks >= IDLE_LOOKS {
+                        tracing::debug!("closing an idle connection");
+                        return;
+                    }
                 }
             }
         }
@@ -252,7 +257,9 @@ impl HttpBody for Guarded {
 /// tells the connection while it is still arriving.
 struct TimedBody {
     inner: Incoming,
-    deadline: Pin<Box<Sleep>>,
+    /// Set the first time the body is not ready: a body that is all there
+    /// (most are, and every GET's) never starts a timer.
+    deadline: Option<Pin<Box<Sleep>>>,
     limit: Duration,
     state: Arc<ConnState>,
     done: bool,
@@ -266,7 +273,7 @@ impl TimedBody {
         }
         Self {
             inner,
-            deadline: Box::pin(tokio::time::sleep(limit)),
+            deadline: None,
             limit,
             state,
             done,
@@ -314,13 +321,19 @@ impl HttpBody for TimedBody {
                 self.finish();
                 Poll::Ready(Some(Err(err.into())))
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.finish();
-                    Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.limit)))))
+            Poll::Pending => {
+                let limit = self.limit;
+                let deadline = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.finish();
+                        Poll::Ready(Some(Err(Box::new(BodyTimedOut(limit)))))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 

@@ -151,7 +151,19 @@ impl Serialize for Currency {
 }
 
 /// Where an order is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,
@@ -235,11 +247,17 @@ pub struct NewOrder {
 }
 
 /// An order as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Order {
+    #[schema(value_type = uuid::Uuid)]
     pub id: OrderId,
+    #[schema(value_type = String, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub customer_id: CustomerId,
+    /// In the currency's smallest unit (cents for USD).
+    #[schema(value_type = i64, minimum = 1, maximum = 100000000)]
     pub amount: Amount,
+    /// Upper-case ISO-style code.
+    #[schema(value_type = String, pattern = "^[A-Z]{3}$")]
     pub currency: Currency,
     pub status: Status,
     /// Charge calls that reached the payment service.

@@ -54,11 +54,22 @@ fn digest(new: &NewOrder) -> String {
 }
 
 /// The body of `POST /orders`, as the client sent it. Unknown fields are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
+    /// Who places the order: 1 to 64 letters, digits, `_` or `-`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9_-]+$",
+        example = "cust-42"
+    )]
     pub customer_id: String,
+    /// In the currency's smallest unit (cents for USD), never a fraction.
+    #[schema(minimum = 1, maximum = 100000000, example = 1999)]
     pub amount: i64,
+    /// Three ASCII letters, any case (stored upper-case).
+    #[schema(pattern = "^[A-Za-z]{3}$", example = "USD")]
     pub currency: String,
 }
 

@@ -24,9 +24,10 @@ pub enum LedgerError {
 }
 
 /// One charge the provider made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Charge {
     pub charge_id: Uuid,
+    #[schema(value_type = Uuid)]
     pub order_id: OrderId,
     /// The caller's attempt number that made this charge.
     pub attempt: u32,

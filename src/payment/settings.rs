@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use tokio::time::Instant;
 
 /// How the provider behaves beyond its rates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Normal,
@@ -89,16 +89,23 @@ fn check_rate(field: &'static str, rate: f64) -> Result<f64, SettingsError> {
 }
 
 /// A partial change, as `PUT /admin/payment` takes it. Unknown fields are refused.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentUpdate {
+    /// Share of calls declined, 0 to 1.
+    #[schema(minimum = 0, maximum = 1)]
     pub failure_rate: Option<f64>,
     #[serde(default, deserialize_with = "crate::units::de_duration")]
+    #[schema(schema_with = crate::units::duration_schema)]
     pub latency_min: Option<Duration>,
     #[serde(default, deserialize_with = "crate::units::de_duration")]
+    #[schema(schema_with = crate::units::duration_schema)]
     pub latency_max: Option<Duration>,
+    /// Share of calls charged but answered with an error, 0 to 1.
+    #[schema(minimum = 0, maximum = 1)]
     pub ambiguous_rate: Option<f64>,
     #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
     pub idempotency: Option<bool>,
     pub mode: Option<Mode>,
     /// Required with `mode: brownout`.
@@ -106,15 +113,20 @@ pub struct PaymentUpdate {
 }
 
 /// The brownout's raised values and how long it lasts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BrownoutRequest {
+    #[schema(minimum = 0, maximum = 1)]
     pub failure_rate: f64,
     #[serde(deserialize_with = "crate::units::de_duration_required")]
+    #[schema(schema_with = crate::units::duration_schema)]
     pub latency_min: Duration,
     #[serde(deserialize_with = "crate::units::de_duration_required")]
+    #[schema(schema_with = crate::units::duration_schema)]
     pub latency_max: Duration,
+    /// How long the brownout lasts, above zero.
     #[serde(deserialize_with = "crate::units::de_duration_required")]
+    #[schema(schema_with = crate::units::duration_schema)]
     pub duration: Duration,
 }
 
@@ -234,30 +246,34 @@ pub struct HumanDuration(pub Duration);
 
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Whole milliseconds: sub-millisecond noise helps nobody reading it.
-        let ms = Duration::from_millis(self.0.as_millis() as u64);
-        s.serialize_str(&humantime::format_duration(ms).to_string())
+        s.serialize_str(&crate::units::format_duration(self.0))
     }
 }
 
 /// The settings as the admin API shows them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SettingsView {
     pub mode: Mode,
     pub failure_rate: f64,
+    #[schema(value_type = String, example = "100ms")]
     pub latency_min: HumanDuration,
+    #[schema(value_type = String, example = "500ms")]
     pub latency_max: HumanDuration,
     pub ambiguous_rate: f64,
     pub idempotency: bool,
     pub brownout: Option<BrownoutView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BrownoutView {
     pub failure_rate: f64,
+    #[schema(value_type = String)]
     pub latency_min: HumanDuration,
+    #[schema(value_type = String)]
     pub latency_max: HumanDuration,
+    #[schema(value_type = String)]
     pub duration: HumanDuration,
+    #[schema(value_type = String)]
     pub remaining: HumanDuration,
 }
 

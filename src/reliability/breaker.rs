@@ -36,7 +36,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// The breaker's state, with the gauge value each one has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,
@@ -120,12 +120,13 @@ impl Default for BreakerConfig {
 }
 
 /// A point-in-time view for dashboards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BreakerSnapshot {
     pub state: BreakerState,
     pub consecutive_failures: u32,
-    /// Time left until a probe is allowed, while open.
+    /// Seconds left until a probe is allowed, while open.
     #[serde(serialize_with = "serialize_opt_duration")]
+    #[schema(value_type = Option<f64>)]
     pub until_half_open: Option<Duration>,
 }
 

@@ -50,7 +50,7 @@ pub enum CallError<E> {
 
 /// Which of the two patterns are in force; both can be switched at run time
 /// so the same traffic can be run with either, both or neither.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Switches {
     pub retry_enabled: bool,
     pub breaker_enabled: bool,

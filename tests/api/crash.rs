@@ -22,6 +22,10 @@ fn env<'a>(db: &'a TestDb, latency_min: &'a str, latency_max: &'a str) -> Vec<(&
         // then finds the charge under the order's key. A ledger that ignored
         // its key would charge those orders twice, and the checks below see it.
         ("PAYMENT_AMBIGUOUS_RATE", "0.2"),
+        // Declines and a breaker that opens would end orders at once; these
+        // tests need orders in hand when a replica dies.
+        ("PAYMENT_FAILURE_RATE", "0"),
+        ("BREAKER_FAILURE_THRESHOLD", "1000"),
         ("RETRY_INITIAL_INTERVAL", "20ms"),
         ("RETRY_MAX_INTERVAL", "100ms"),
         ("BREAKER_OPEN_DURATION", "500ms"),

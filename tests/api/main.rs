@@ -10,6 +10,7 @@ mod helpers;
 mod http_api;
 mod lab_controls;
 mod metrics;
+mod openapi;
 mod pipeline;
 mod profiling;
 mod shutdown;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::Router;
 use reliability_lab::app::{App, Stores};
 use reliability_lab::config::Config;
 use reliability_lab::observability::Metrics;
@@ -101,7 +100,7 @@ impl LabOptions {
 
 pub struct Lab {
     pub app: App,
-    pub router: Router,
+    pub router: reliability_lab::http::Api,
     pub service: Service,
     pub dispatcher: Arc<Dispatcher>,
     pub payment: Arc<Simulator>,

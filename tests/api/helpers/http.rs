@@ -2,8 +2,8 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
-use axum::Router;
 use http_body_util::BodyExt;
+use reliability_lab::http::Api;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -22,7 +22,7 @@ pub fn get(uri: &str) -> Request<Body> {
 }
 
 /// Sends one request through the router, without a socket.
-pub async fn send(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+pub async fn send(router: &Api, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();

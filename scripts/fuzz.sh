@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make fuzz`: schemathesis against the release binary, driven by the
+# service's own OpenAPI document (GET /openapi.json), with all its checks,
+# negative data included, and the admin token. Bounded in examples and time.
+#
+# Knobs: FUZZ_EXAMPLES (per operation, 40), FUZZ_SECONDS (time budget, 120),
+# FUZZ_SEED (1). Schemathesis is installed into target/fuzz-venv from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCHEMATHESIS_VERSION=4.32.5
+VENV=target/fuzz-venv
+if [ ! -x "$VENV/bin/st" ] || ! "$VENV/bin/st" --version | grep -q "$SCHEMATHESIS_VERSION"; then
+    echo "fuzz.sh: installing schemathesis $SCHEMATHESIS_VERSION into $VENV" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+cargo build --release --bin reliability-lab
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+token=fuzz-$(date +%s)-token
+log=$(mktemp /tmp/reliability-lab-fuzz.XXXXXX.log)
+LISTEN_ADDR=127.0.0.1:$port ADMIN_TOKEN=$token RUST_LOG=warn \
+    PAYMENT_LATENCY_MIN=0ms PAYMENT_LATENCY_MAX=0ms QUEUE_CAPACITY=10000 \
+    target/release/reliability-lab >"$log" 2>&1 &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
+    sleep 0.1
+done
+
+status=0
+"$VENV/bin/st" --config-file tests/contract/schemathesis.toml run \
+    "http://127.0.0.1:$port/openapi.json" \
+    -H "Authorization: Bearer $token" \
+    --checks all \
+    --max-examples "${FUZZ_EXAMPLES:-40}" \
+    --max-time "${FUZZ_SECONDS:-120}" \
+    --seed "${FUZZ_SEED:-1}" \
+    --workers 2 \
+    --no-color || status=$?
+
+# The service must have stayed up the whole time.
+if ! curl -sf "http://127.0.0.1:$port/healthz" >/dev/null; then
+    echo "fuzz.sh: the service stopped answering; its log: $log" >&2
+    status=1
+fi
+if grep -q '"panic"' "$log"; then
+    echo "fuzz.sh: a handler panicked; its log: $log" >&2
+    grep '"panic"' "$log" | head -5 >&2
+    status=1
+fi
+exit "$status"
