@@ -13,6 +13,10 @@ use rand::Rng;
 use tokio::time::Instant;
 use tower_http::request_id::{MakeRequestId, RequestId};
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+
 use super::AppState;
 use crate::observability::metrics::UNMATCHED_ROUTE;
 
@@ -45,15 +49,22 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         .unwrap_or("")
         .to_owned();
 
-    let response = next.run(request).await;
+    // A panic in a handler becomes a 500 with the JSON error body, logged
+    // and counted here like any request; the connection stays up. (Caught
+    // here rather than by a layer of its own: tower-http's catch-panic layer
+    // boxes every response body.)
+    let response = match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            state.http_metrics.panicked();
+            panic_response(panic)
+        }
+    };
 
     let latency = start.elapsed();
     let status = response.status();
     let route = route.as_deref().unwrap_or(UNMATCHED_ROUTE);
     state.http_metrics.observe(method, route, status, latency);
-    if response.extensions().get::<Panicked>().is_some() {
-        state.http_metrics.panicked();
-    }
     // Plain `&str` fields: a `%`-formatted field goes through `fmt` and
     // costs more per request (the request line is the hottest log line).
     tracing::info!(
@@ -95,33 +106,16 @@ pub fn drop_unusable_request_id(mut request: Request) -> Request {
     request
 }
 
-/// Turns a handler's panic into a 500 with the JSON error body, logged, and
-/// marked `Panicked` for `observe` to count (`http_handler_panics_total`).
-/// It holds nothing: the layer clones it for every request.
-#[derive(Clone, Copy)]
-pub struct PanicToError;
-
-/// Marks the answer to a request whose handler panicked.
-#[derive(Clone, Copy)]
-pub struct Panicked;
-
-impl tower_http::catch_panic::ResponseForPanic for PanicToError {
-    type ResponseBody = axum::body::Body;
-
-    fn response_for_panic(
-        &mut self,
-        err: Box<dyn std::any::Any + Send + 'static>,
-    ) -> axum::http::Response<Self::ResponseBody> {
-        let message = err
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| err.downcast_ref::<&str>().copied())
-            .unwrap_or("(no message)");
-        tracing::error!(panic = message, "a request handler panicked");
-        let mut response = axum::response::IntoResponse::into_response(super::ApiError::internal());
-        response.extensions_mut().insert(Panicked);
-        response
-    }
+/// The answer to a request whose handler panicked: the panic is logged, the
+/// client gets the JSON 500 (no details).
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = message, "a request handler panicked");
+    axum::response::IntoResponse::into_response(super::ApiError::internal())
 }
 
 /// Milliseconds to the microsecond: `0.076`, not `0.07643399999999999`.

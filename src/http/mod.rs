@@ -24,7 +24,6 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use tower::util::{MapRequest, MapResponse};
 use tower::ServiceExt;
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::observability::metrics::HttpMetrics;
@@ -168,10 +167,6 @@ pub fn router(state: AppState) -> Api {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        // A panic in a handler becomes a 500 with the JSON error body, inside
-        // the observing layer so it is logged and counted as a request too;
-        // the connection stays up.
-        .layer(CatchPanicLayer::custom(middleware::PanicToError))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,
