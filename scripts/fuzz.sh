@@ -4,12 +4,14 @@
 # negative data included, and the admin token. Bounded in examples and time.
 #
 # Knobs: FUZZ_EXAMPLES (per operation, 40), FUZZ_SECONDS (time budget, 120),
-# FUZZ_SEED (1). Schemathesis is installed into target/fuzz-venv from PyPI.
+# FUZZ_SEED (1). Schemathesis is installed into target/fuzz-venv (under
+# CARGO_TARGET_DIR when set) from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
-VENV=target/fuzz-venv
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+VENV=$TARGET_DIR/fuzz-venv
 if [ ! -x "$VENV/bin/st" ] || ! "$VENV/bin/st" --version | grep -q "$SCHEMATHESIS_VERSION"; then
     echo "fuzz.sh: installing schemathesis $SCHEMATHESIS_VERSION into $VENV" >&2
     python3 -m venv "$VENV"
@@ -22,7 +24,7 @@ token=fuzz-$(date +%s)-token
 log=$(mktemp /tmp/reliability-lab-fuzz.XXXXXX.log)
 LISTEN_ADDR=127.0.0.1:$port ADMIN_TOKEN=$token RUST_LOG=warn \
     PAYMENT_LATENCY_MIN=0ms PAYMENT_LATENCY_MAX=0ms QUEUE_CAPACITY=10000 \
-    target/release/reliability-lab >"$log" 2>&1 &
+    "$TARGET_DIR/release/reliability-lab" >"$log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
