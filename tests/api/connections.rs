@@ -104,15 +104,9 @@ async fn a_body_that_stops_gets_408_with_the_json_error_and_the_connection_close
         );
         assert!(reply.contains(r#""code":"body_timeout""#), "{reply}");
     }
-    let client = reqwest::Client::new();
-    let state: serde_json::Value = client
-        .get(service.url("/admin/state"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = service
+        .get_json(&reqwest::Client::new(), "/admin/state")
+        .await;
     assert_eq!(state["queue"]["depth"], 0, "nothing was stored or queued");
     assert!(service.terminate().await.success());
 }
@@ -177,15 +171,14 @@ async fn sigterm_with_stalled_connections_exits_without_waiting_for_them() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = service.logs.clone();
-    let started = Instant::now();
     let status = service.terminate().await;
-    let took = started.elapsed();
     let logs = logs.lock().unwrap().join("\n");
     assert!(status.success(), "{logs}");
+    // Had a stalled connection been waited for, the server's step would have
+    // run out of SHUTDOWN_TIMEOUT and said so.
     assert!(
         !logs.contains("in-flight requests did not finish"),
         "a stalled connection held up the stop: {logs}"
     );
-    // Without closing them the stop would have waited out SHUTDOWN_TIMEOUT.
-    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(logs.contains("shutdown complete"), "{logs}");
 }

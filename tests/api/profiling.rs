@@ -36,14 +36,7 @@ async fn profiles_are_listed_routed_and_decodable() {
     let client = reqwest::Client::new();
 
     // The index lists each profile, and each listed name is routed.
-    let index: serde_json::Value = client
-        .get(service.url("/debug/pprof/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let index = service.get_json(&client, "/debug/pprof/").await;
     let names: Vec<&str> = index["profiles"]
         .as_array()
         .unwrap()

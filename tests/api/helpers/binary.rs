@@ -107,6 +107,18 @@ impl Running {
         response.json().await.unwrap()
     }
 
+    /// GETs `path` and returns its JSON body.
+    pub async fn get_json(&self, client: &reqwest::Client, path: &str) -> Value {
+        client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// SIGKILL: the process dies at whatever instruction it was on.
     pub async fn kill_hard(mut self) {
         self.child.kill().await.expect("SIGKILL delivered");
