@@ -1,4 +1,5 @@
-# Sourced by test.sh and bench.sh: a throwaway PostgreSQL server.
+# Sourced by bench.sh: a throwaway PostgreSQL server. (The test suite starts
+# its own, in tests/api/helpers/postgres.rs.)
 #
 # start_throwaway_pg starts one (initdb into a temporary directory, run as the
 # postgres user when we are root) and sets PG_URL and PG_BIN; it arranges for

@@ -24,12 +24,8 @@ pub enum LogFormat {
     Pretty,
 }
 
-fn duration(raw: &str) -> Result<Duration, String> {
-    parse_duration(raw)
-}
-
 fn positive_duration(raw: &str) -> Result<Duration, String> {
-    match duration(raw)? {
+    match parse_duration(raw)? {
         d if d.is_zero() => Err("expected a duration above zero, such as 200ms, 2s or 1m".into()),
         d => Ok(d),
     }
@@ -63,10 +59,6 @@ fn env_filter(raw: &str) -> Result<String, String> {
         })
 }
 
-fn switch(raw: &str) -> Result<bool, String> {
-    parse_switch(raw)
-}
-
 fn token(raw: &str) -> Result<String, String> {
     if raw.len() >= 8 && raw.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(raw.to_owned())
@@ -98,7 +90,7 @@ pub struct Config {
     pub database_max_connections: u32,
 
     /// How long startup keeps retrying an unreachable database before giving up.
-    #[arg(long, env = "DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub database_startup_timeout: Duration,
 
     /// With Postgres: how long a replica's claim on a queued or processing order lasts without renewal.
@@ -140,7 +132,7 @@ pub struct Config {
     pub http_idle_timeout: Duration,
 
     /// Longest a shutdown may take: requests, then queued jobs, then cancel.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// Jobs the processing queue holds; POST /orders answers 503 when it is full.
@@ -156,11 +148,11 @@ pub struct Config {
     pub payment_failure_rate: f64,
 
     /// Shortest simulated payment latency.
-    #[arg(long, env = "PAYMENT_LATENCY_MIN", default_value = "100ms", value_parser = duration)]
+    #[arg(long, env = "PAYMENT_LATENCY_MIN", default_value = "100ms", value_parser = parse_duration)]
     pub payment_latency_min: Duration,
 
     /// Longest simulated payment latency.
-    #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = duration)]
+    #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = parse_duration)]
     pub payment_latency_max: Duration,
 
     /// Share of charges that succeed at the provider but answer with an error (the answer is lost).
@@ -168,7 +160,7 @@ pub struct Config {
     pub payment_ambiguous_rate: f64,
 
     /// Whether the provider honours idempotency keys (on: a retried charge is never charged twice).
-    #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = switch, action = clap::ArgAction::Set)]
+    #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub payment_idempotency: bool,
 
     /// Bound on each charge call; a timeout counts as a failure and is retried.
@@ -184,7 +176,7 @@ pub struct Config {
     pub retry_max_attempts: u32,
 
     /// First wait between attempts (before jitter).
-    #[arg(long, env = "RETRY_INITIAL_INTERVAL", default_value = "200ms", value_parser = duration)]
+    #[arg(long, env = "RETRY_INITIAL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
     pub retry_initial_interval: Duration,
 
     /// Jitter: each wait is drawn from its base times 1 ± this (0 for exact waits).
@@ -192,15 +184,15 @@ pub struct Config {
     pub retry_jitter: f64,
 
     /// Longest wait between attempts (jitter included).
-    #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = duration)]
+    #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub retry_max_interval: Duration,
 
     /// Whether failed charges are retried (also switchable at run time: PUT /admin/reliability).
-    #[arg(long, env = "RETRY_ENABLED", default_value = "true", value_parser = switch, action = clap::ArgAction::Set)]
+    #[arg(long, env = "RETRY_ENABLED", default_value = "true", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub retry_enabled: bool,
 
     /// Whether the circuit breaker guards the payment service (also switchable at run time).
-    #[arg(long, env = "BREAKER_ENABLED", default_value = "true", value_parser = switch, action = clap::ArgAction::Set)]
+    #[arg(long, env = "BREAKER_ENABLED", default_value = "true", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub breaker_enabled: bool,
 
     /// Consecutive payment failures that open the circuit breaker.
@@ -422,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_take_humantime_forms() {
+    fn durations_take_a_number_and_a_unit() {
         let c = parse(&[
             "--shutdown-timeout",
             "1m",

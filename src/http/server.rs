@@ -23,6 +23,7 @@
 //! at once: a stalled client must not hold up a stop.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -345,8 +346,6 @@ impl HttpBody for TimedBody {
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
 
 /// The socket, noting when bytes move either way.
 struct Tracked {
