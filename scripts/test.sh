@@ -9,6 +9,10 @@
 # server binaries they fail with the reason; SKIP_POSTGRES=1 skips them and
 # says how many.
 #
+# The console's browser tests need Chromium (Debian: apt-get install
+# chromium, or CHROMIUM=/path); without it they fail with the reason, and
+# SKIP_BROWSER=1 skips them.
+#
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test api crash`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::{self, AdminToken, AppParts, AppState, LabHandles};
+use crate::lab::{timeline, Feed, Instruments, LoadPlan, Timeline, Traffic};
 use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
 use crate::orders::memory::MemoryStore;
@@ -31,7 +32,7 @@ use crate::orders::{
     Durability, OrderId, OrderRepository, ProcessingQueue, QueueError, QueueSlot, Service,
 };
 use crate::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
-use crate::reliability::{Breaker, Reliability};
+use crate::reliability::{Breaker, Observers, Reliability};
 use crate::workers::leases::{self, KEY_PURGE_EVERY};
 use crate::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
 
@@ -147,10 +148,15 @@ impl AppBuilder {
             );
             service = service.with_seeded_ids(seed);
         }
+        let started = tokio::time::Instant::now();
+        let feed = Arc::new(Feed::new(started));
         let reliability_metrics = metrics.reliability();
         let breaker = Breaker::new(
             config.breaker_config(),
-            Some(Arc::new(reliability_metrics.clone())),
+            Some(Arc::new(Observers(vec![
+                Arc::new(reliability_metrics.clone()),
+                feed.clone(),
+            ]))),
         );
         let reliability = Reliability::new(
             config.retry_policy(),
@@ -205,13 +211,51 @@ impl AppBuilder {
             KEY_PURGE_EVERY,
             stop_recovery.clone(),
         ));
-        background.close();
 
         if config.admin_token.is_none() {
             tracing::warn!(
                 "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
             );
         }
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let local_addr = listener.local_addr()?;
+
+        // The lab's instruments: the timeline records from now on; the
+        // traffic generator sends to this service's own listener.
+        let timeline = Arc::new(Timeline::new(
+            config.timeline_interval,
+            config.timeline_retention,
+        ));
+        let stop_recorder = CancellationToken::new();
+        background.spawn(timeline.clone().record(
+            timeline::Sources::new(
+                metrics.clone(),
+                dispatcher.clone(),
+                reliability.clone(),
+                payment.clone(),
+            ),
+            feed.clone(),
+            stop_recorder.clone(),
+        ));
+        background.close();
+        let instruments = Instruments {
+            traffic: Arc::new(Traffic::new(
+                local_addr,
+                metrics.load(),
+                feed.clone(),
+                config.payment_seed,
+            )),
+            feed,
+            timeline,
+            closing: CancellationToken::new(),
+        };
+        let boot_load = match config.load_rate {
+            Some(rate) => Some(LoadPlan::new(rate, config.load_duration)?),
+            None => None,
+        };
+
         let handles = AppHandles {
             service,
             dispatcher,
@@ -219,6 +263,7 @@ impl AppBuilder {
             reliability,
             metrics,
             profiler: Arc::new(Profiler::new()),
+            instruments,
         };
         let router = http::router(AppState::new(AppParts {
             service: handles.service.clone(),
@@ -230,14 +275,11 @@ impl AppBuilder {
                 reliability: handles.reliability.clone(),
                 queue: handles.dispatcher.clone(),
                 workers: config.worker_count,
-                started: tokio::time::Instant::now(),
+                started,
+                instruments: handles.instruments.clone(),
             },
             admin_token: config.admin_token.as_deref().map(AdminToken::new),
         }));
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let local_addr = listener.local_addr()?;
         tracing::info!(
             addr = %local_addr,
             store = store_kind,
@@ -258,6 +300,8 @@ impl AppBuilder {
             background,
             stop_recovery,
             stop_heartbeat,
+            stop_recorder,
+            boot_load,
         })
     }
 }
@@ -272,6 +316,7 @@ pub struct AppHandles {
     pub reliability: Reliability,
     pub metrics: Arc<Metrics>,
     pub profiler: Arc<Profiler>,
+    pub instruments: Instruments,
 }
 
 /// A built service: parts running, listener bound, not yet serving.
@@ -288,6 +333,8 @@ pub struct App {
     background: TaskTracker,
     stop_recovery: CancellationToken,
     stop_heartbeat: CancellationToken,
+    stop_recorder: CancellationToken,
+    boot_load: Option<LoadPlan>,
 }
 
 impl App {
@@ -325,9 +372,12 @@ impl App {
             .start(self.workers, self.processor.clone());
     }
 
-    /// Serves until `shutdown` resolves, then stops in order under one
-    /// `SHUTDOWN_TIMEOUT` deadline:
+    /// Serves (starting the boot traffic of `LOAD_RATE`, if set) until
+    /// `shutdown` resolves, then stops in order under one `SHUTDOWN_TIMEOUT`
+    /// deadline:
     ///
+    /// 0. the traffic generator stops and its requests in flight finish;
+    ///    event streams end;
     /// 1. the server stops accepting and finishes in-flight requests; lease
     ///    recovery stops taking new work;
     /// 2. the queue closes and the workers drain every queued job;
@@ -348,6 +398,11 @@ impl App {
             self.http_timeouts,
             stop_accepting.clone(),
         ));
+        let traffic = &self.handles.instruments.traffic;
+        if let Some(plan) = self.boot_load {
+            tracing::info!(rate = plan.rate(), duration = ?plan.duration(), "LOAD_RATE is set: traffic starts now");
+            traffic.start(plan)?;
+        }
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down: no new connections; finishing in-flight requests"),
             result = &mut server => {
@@ -357,6 +412,10 @@ impl App {
         }
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         let dispatcher = &self.handles.dispatcher;
+
+        // 0.
+        traffic.shutdown(deadline).await;
+        self.handles.instruments.closing.cancel();
 
         // 1.
         self.stop_recovery.cancel();
@@ -398,6 +457,7 @@ impl App {
 
         // 4.
         self.stop_heartbeat.cancel();
+        self.stop_recorder.cancel();
         self.background.wait().await;
         if self.durability == Durability::Durable {
             match self.handles.service.release_leases().await {

@@ -44,6 +44,26 @@ fn rate(raw: &str) -> Result<f64, String> {
     }
 }
 
+/// The built-in traffic generator's bounds, in requests per second.
+pub const LOAD_RATE_MIN: f64 = 0.1;
+pub const LOAD_RATE_MAX: f64 = 5000.0;
+
+fn load_rate(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if (LOAD_RATE_MIN..=LOAD_RATE_MAX).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "expected orders per second from {LOAD_RATE_MIN} to {LOAD_RATE_MAX}, such as 20"
+        )),
+    }
+}
+
+fn timeline_interval(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d >= Duration::from_millis(10) && d <= Duration::from_secs(60) => Ok(d),
+        _ => Err("expected a duration from 10ms to 1m, such as 250ms".into()),
+    }
+}
+
 fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
     match raw.trim().parse::<T>() {
         Ok(n) if n >= T::from(1) => Ok(n),
@@ -203,6 +223,22 @@ pub struct Config {
     #[arg(long, env = "BREAKER_OPEN_DURATION", default_value = "30s", value_parser = positive_duration)]
     pub breaker_open_duration: Duration,
 
+    /// Built-in traffic at boot, in orders per second (0.1 to 5000); unset: none until PUT /admin/load.
+    #[arg(long, env = "LOAD_RATE", value_parser = load_rate)]
+    pub load_rate: Option<f64>,
+
+    /// How long the boot traffic of LOAD_RATE lasts; unset: until stopped.
+    #[arg(long, env = "LOAD_DURATION", value_parser = positive_duration)]
+    pub load_duration: Option<Duration>,
+
+    /// How often the timeline records a sample of the pipeline.
+    #[arg(long, env = "TIMELINE_INTERVAL", default_value = "250ms", value_parser = timeline_interval)]
+    pub timeline_interval: Duration,
+
+    /// How much of the timeline is kept (at most 100,000 samples).
+    #[arg(long, env = "TIMELINE_RETENTION", default_value = "15m", value_parser = positive_duration)]
+    pub timeline_retention: Duration,
+
     /// Bearer token required by /admin and /debug; when unset they are open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, value_parser = token)]
     pub admin_token: Option<String>,
@@ -262,6 +298,9 @@ impl Config {
                 humantime::format_duration(self.retry_initial_interval),
                 humantime::format_duration(self.retry_max_interval)
             ));
+        }
+        if self.load_duration.is_some() && self.load_rate.is_none() {
+            return Err("invalid LOAD_DURATION: set LOAD_RATE too, or unset LOAD_DURATION".into());
         }
         Ok(())
     }
@@ -466,6 +505,18 @@ mod tests {
                 "at least 1",
             ),
             (&["--log-format", "xml"][..], "LOG_FORMAT", "json"),
+            (&["--load-rate", "0"][..], "LOAD_RATE", "0.1 to 5000"),
+            (&["--load-rate", "5001"][..], "LOAD_RATE", "0.1 to 5000"),
+            (
+                &["--timeline-interval", "1ms"][..],
+                "TIMELINE_INTERVAL",
+                "10ms to 1m",
+            ),
+            (
+                &["--timeline-retention", "0s"][..],
+                "TIMELINE_RETENTION",
+                "above zero",
+            ),
             (&["--rust-log", "=[bad"][..], "RUST_LOG", "filter"),
         ] {
             let err = parse(args).unwrap_err();
@@ -473,6 +524,15 @@ mod tests {
             assert!(err.contains(var), "{err} should name {var}");
             assert!(err.contains(hint), "{err} should say {hint}");
         }
+    }
+
+    #[test]
+    fn a_load_duration_without_a_rate_is_refused() {
+        let err = parse(&["--load-duration", "5m"]).unwrap_err();
+        assert!(err.contains("LOAD_DURATION"), "{err}");
+        let ok = parse(&["--load-rate", "20", "--load-duration", "5m"]).unwrap();
+        assert_eq!(ok.load_rate, Some(20.0));
+        assert_eq!(ok.load_duration, Some(Duration::from_secs(300)));
     }
 
     #[test]
@@ -512,6 +572,10 @@ mod tests {
             "RETRY_ENABLED",
             "BREAKER_ENABLED",
             "ADMIN_TOKEN",
+            "LOAD_RATE",
+            "LOAD_DURATION",
+            "TIMELINE_INTERVAL",
+            "TIMELINE_RETENTION",
             "JOB_LEASE",
             "RECOVERY_INTERVAL",
             "HTTP_HEADER_READ_TIMEOUT",

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod lab;
 pub mod observability;
 pub mod orders;
 pub mod payment;

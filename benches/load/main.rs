@@ -6,6 +6,8 @@
 //! - p99 at half of the measured maximum rate (open loop);
 //! - the pipeline: orders per second from POST to completed, against the
 //!   admission rate;
+//! - `POST /orders` with five console event streams connected, against the
+//!   same without;
 //! - the retry + breaker wrapper's cost per call, against a bare call;
 //! - memory: peak RSS, and bytes per order after many orders in memory;
 //! - with Postgres: `POST /orders` against Postgres's own single-row INSERT
@@ -133,6 +135,55 @@ async fn phase(
         targets,
     })
     .await
+}
+
+/// Event-stream readers, as open console pages are: each reads
+/// `/admin/events` as fast as it comes.
+struct Streams {
+    readers: Vec<tokio::task::JoinHandle<usize>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Streams {
+    /// Ends the readers; returns the bytes they received.
+    async fn stop(self) -> usize {
+        self.stop.notify_waiters();
+        let mut total = 0;
+        for reader in self.readers {
+            total += reader.await.unwrap_or(0);
+        }
+        total
+    }
+}
+
+async fn console_streams(addr: SocketAddr, n: usize) -> Streams {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut readers = Vec::new();
+    for _ in 0..n {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(b"GET /admin/events HTTP/1.1\r\nhost: bench\r\n\r\n")
+            .await
+            .unwrap();
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut received = 0;
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return received,
+                    read = socket.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return received,
+                        Ok(n) => received += n,
+                    },
+                }
+            }
+        }));
+    }
+    Streams { readers, stop }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -528,6 +579,33 @@ async fn bench() {
         target: None,
         errors: Some(burst.errors),
     });
+    // The console's cost: POST at the maximum rate with five pages'
+    // event streams connected and read, against the same service without,
+    // alternating, from a drained queue each time.
+    eprintln!("console: POST with five event streams connected");
+    let (mut bare_post, mut watched_post) = (Series::default(), Series::default());
+    for round in 1..=rounds {
+        eprintln!("  round {round}/{rounds}");
+        wait_drained(service.addr).await;
+        bare_post.add(&phase(service.addr, Kind::Post, None, Arc::default()).await);
+        wait_drained(service.addr).await;
+        let streams = console_streams(service.addr, 5).await;
+        watched_post.add(&phase(service.addr, Kind::Post, None, Arc::default()).await);
+        let received: usize = streams.stop().await;
+        assert!(received > 0, "the event streams received nothing");
+    }
+    rows.push(Row {
+        figure: "POST /orders, 5 console streams".into(),
+        value: watched_post.rate(),
+        unit: "r/s",
+        reference: Some(("no streams".into(), bare_post.rate())),
+        target: Some((
+            ">= 0.95".into(),
+            watched_post.rate() / bare_post.rate() >= 0.95,
+        )),
+        errors: Some(watched_post.errors + bare_post.errors),
+    });
+
     let peak_mib = service.rss_kib("VmHWM") as f64 / 1024.0;
     rows.push(Row {
         figure: "peak RSS during the run".into(),

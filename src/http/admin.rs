@@ -73,7 +73,9 @@ pub async fn put_payment(
     State(state): State<AppState>,
     JsonBody(update): JsonBody<PaymentUpdate>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(state.lab.payment.update(update)?).into_response())
+    let view = state.lab.payment.update(update)?;
+    super::lab::payment_changed(&state, &view);
+    Ok(Json(view).into_response())
 }
 
 #[utoipa::path(get, path = "/admin/payment/ledger/{order_id}", tag = "admin", security(("admin_token" = [])),
@@ -159,6 +161,7 @@ pub async fn put_reliability(
         breaker_enabled: update.breaker_enabled.unwrap_or(current.breaker_enabled),
     };
     state.lab.reliability.set_switches(next);
+    super::lab::switches_changed(&state, next);
     tracing::warn!(?next, "reliability switches changed by the admin API");
     Json(next).into_response()
 }

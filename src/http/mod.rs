@@ -5,10 +5,12 @@
 
 mod admin;
 mod auth;
+mod console;
 mod debug;
 mod error;
 mod extract;
 mod handlers;
+mod lab;
 mod middleware;
 pub mod openapi;
 pub mod server;
@@ -26,6 +28,7 @@ use tower::util::{MapRequest, MapResponse};
 use tower::ServiceExt;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::lab::Instruments;
 use crate::observability::metrics::HttpMetrics;
 use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
@@ -78,6 +81,8 @@ pub struct LabHandles {
     pub queue: Arc<Dispatcher>,
     pub workers: usize,
     pub started: Instant,
+    /// The traffic generator, the timeline and their feed.
+    pub instruments: Instruments,
 }
 
 /// The routes, each noted as it is added so that the OpenAPI test can
@@ -112,6 +117,9 @@ fn public_routes() -> Routes {
         .route("/openapi.json", get(openapi::document))
         .route("/orders", post(handlers::create_order))
         .route("/orders/{id}", get(handlers::get_order))
+        .route("/", get(console::page))
+        .route("/console.js", get(console::script))
+        .route("/console.css", get(console::style))
 }
 
 /// Everything the lab's operator uses, behind the admin token when one is set.
@@ -129,6 +137,14 @@ fn operator_routes() -> Routes {
             get(admin::get_reliability).put(admin::put_reliability),
         )
         .route("/admin/state", get(admin::get_state))
+        .route(
+            "/admin/load",
+            get(lab::get_load)
+                .put(lab::put_load)
+                .delete(lab::delete_load),
+        )
+        .route("/admin/timeline", get(lab::get_timeline))
+        .route("/admin/events", get(lab::events))
         .route("/debug/pprof", get(debug::index_bare))
         .route("/debug/pprof/", get(debug::index))
         .route("/debug/pprof/profile", get(debug::profile))

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, debug, error, handlers};
+use super::{admin, console, debug, error, handlers, lab};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,14 @@ use super::{admin, debug, error, handlers};
         admin::get_reliability,
         admin::put_reliability,
         admin::get_state,
+        lab::get_load,
+        lab::put_load,
+        lab::delete_load,
+        lab::get_timeline,
+        lab::events,
+        console::page,
+        console::script,
+        console::style,
         debug::index_bare,
         debug::index,
         debug::profile,
@@ -48,6 +56,7 @@ use super::{admin, debug, error, handlers};
         (name = "service", description = "Health, readiness, version, metrics, this document"),
         (name = "admin", description = "The lab's controls: failure modes, switches, the breaker, snapshots"),
         (name = "debug", description = "CPU and heap profiles"),
+        (name = "console", description = "The live console page and its assets"),
     )
 )]
 pub struct ApiDoc;

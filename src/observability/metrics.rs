@@ -20,6 +20,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use super::latency::LatencyHistogram;
 use crate::payment::ProviderMetrics;
 use crate::reliability::{BreakerObserver, BreakerState, Rejection, RetryObserver};
 
@@ -45,6 +46,7 @@ pub struct Metrics {
     provider: ProviderMetrics,
     reliability: ReliabilityMetrics,
     leases: LeaseMetrics,
+    load: LoadMetrics,
     evictions: IntCounter,
     tokio_workers: IntGauge,
     tokio_alive_tasks: IntGauge,
@@ -122,6 +124,7 @@ impl Metrics {
                 "Orders taken over after their lease expired (their replica died or was stopped hard).",
             ),
         };
+        let load = LoadMetrics::register(&registry);
         let evictions = counter(
             &registry,
             "orders_evicted_total",
@@ -156,6 +159,7 @@ impl Metrics {
             provider,
             reliability,
             leases,
+            load,
             evictions,
             tokio_workers,
             tokio_alive_tasks,
@@ -191,6 +195,37 @@ impl Metrics {
     /// Lease recovery.
     pub fn leases(&self) -> LeaseMetrics {
         self.leases.clone()
+    }
+
+    /// The built-in traffic generator's requests by outcome.
+    pub fn load(&self) -> LoadMetrics {
+        self.load.clone()
+    }
+
+    /// The running totals the lab's timeline samples, read straight from
+    /// the counters (no rendering, no parsing).
+    pub fn totals(&self) -> Totals {
+        let w = &self.workers;
+        let r = &self.reliability;
+        Totals {
+            accepted: w.submitted.get(),
+            rejected: w.rejected.get(),
+            completed: w.completed.get(),
+            failed: w.failed.get(),
+            payment_failures: self.payment_calls.failures.get(),
+            payment_timeouts: self.payment_calls.timeouts.get(),
+            charges: self.provider.charges.get(),
+            duplicate_charges: self.provider.duplicate_charges.get(),
+            retries: r.retried.get(),
+            rejected_open: r.rejected_open.get(),
+            rejected_half_open: r.rejected_half_open.get(),
+        }
+    }
+
+    /// Created-to-finished latency of the orders finished since the last
+    /// read (the timeline empties it on every sample).
+    pub fn finish_latency(&self) -> LatencyHistogram {
+        self.workers.finish_latency.clone()
     }
 
     /// Orders the in-memory store evicted, for the store to count.
@@ -291,6 +326,7 @@ pub struct WorkerMetrics {
     rejected: IntCounter,
     queue_depth: IntGauge,
     busy: IntGauge,
+    finish_latency: LatencyHistogram,
 }
 
 impl WorkerMetrics {
@@ -312,6 +348,7 @@ impl WorkerMetrics {
                 "worker_busy_workers",
                 "Workers currently processing a job.",
             ),
+            finish_latency: LatencyHistogram::new(),
         }
     }
 
@@ -329,6 +366,11 @@ impl WorkerMetrics {
 
     pub fn job_rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// An order reached completed or failed this long after it was created.
+    pub fn finished_after(&self, latency: Duration) {
+        self.finish_latency.record(latency);
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
@@ -356,6 +398,62 @@ impl PaymentCallMetrics {
     /// A call that did not answer within its timeout.
     pub fn timeout(&self) {
         self.timeouts.inc();
+    }
+}
+
+/// Running totals of the counters the lab's timeline turns into rates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Orders put on the queue (new orders; with Postgres, recovered ones too).
+    pub accepted: u64,
+    /// Orders refused with 503 because the queue was full.
+    pub rejected: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub payment_failures: u64,
+    pub payment_timeouts: u64,
+    pub charges: u64,
+    pub duplicate_charges: u64,
+    pub retries: u64,
+    pub rejected_open: u64,
+    pub rejected_half_open: u64,
+}
+
+/// `load_requests_total{outcome}`: what the built-in traffic generator's
+/// requests came to.
+#[derive(Clone)]
+pub struct LoadMetrics {
+    outcomes: IntCounterVec,
+}
+
+/// Every outcome a generated request can have, in the order reports list them.
+pub const LOAD_OUTCOMES: [&str; 6] = [
+    "accepted",
+    "rejected",
+    "client_error",
+    "server_error",
+    "transport_error",
+    "skipped",
+];
+
+impl LoadMetrics {
+    fn register(registry: &Registry) -> Self {
+        let outcomes = counter_vec(
+            registry,
+            "load_requests_total",
+            "Requests of the built-in traffic generator by outcome: accepted (2xx), rejected (503, dropped), client_error (other 4xx), server_error (other 5xx), transport_error (no answer), skipped (too many in flight).",
+            &["outcome"],
+        );
+        for outcome in LOAD_OUTCOMES {
+            outcomes.with_label_values(&[outcome]);
+        }
+        Self { outcomes }
+    }
+
+    /// Counts one request; `outcome` is one of `LOAD_OUTCOMES`.
+    pub fn count(&self, outcome: &'static str) {
+        debug_assert!(LOAD_OUTCOMES.contains(&outcome));
+        self.outcomes.with_label_values(&[outcome]).inc();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Logs and metrics: how every failure mode stays visible.
 
 mod batched;
+pub mod latency;
 pub mod logging;
 pub mod metrics;
 pub mod profiling;

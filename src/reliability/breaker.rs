@@ -101,6 +101,24 @@ pub trait BreakerObserver: Send + Sync {
     fn rejected(&self, kind: Rejection);
 }
 
+/// Several observers, each told of every event, in order: the metrics and
+/// the lab's change feed both hear the breaker.
+pub struct Observers(pub Vec<Arc<dyn BreakerObserver>>);
+
+impl BreakerObserver for Observers {
+    fn state_changed(&self, from: BreakerState, to: BreakerState) {
+        for observer in &self.0 {
+            observer.state_changed(from, to);
+        }
+    }
+
+    fn rejected(&self, kind: Rejection) {
+        for observer in &self.0 {
+            observer.rejected(kind);
+        }
+    }
+}
+
 /// How the breaker trips and recovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -212,6 +230,7 @@ struct Inner {
     failures: Arc<AtomicU32>,
     mirror: Mutex<Mirror>,
     open_duration: Duration,
+    config: BreakerConfig,
     observer: Option<Arc<dyn BreakerObserver>>,
 }
 
@@ -264,6 +283,7 @@ impl Breaker {
                     generation: 0,
                 }),
                 open_duration: config.open_duration,
+                config,
                 observer,
             }),
         }
@@ -273,6 +293,11 @@ impl Breaker {
         // A panic while holding the lock cannot leave the mirror half-written
         // in a way that matters more than stopping the breaker would.
         self.inner.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How it was built to trip and recover.
+    pub fn config(&self) -> BreakerConfig {
+        self.inner.config
     }
 
     /// The current state. While open, it stays `Open` until the next call

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerSnapshot, BreakerState, Permit,
-    Rejection,
+    Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerSnapshot, BreakerState,
+    Observers, Permit, Rejection,
 };
 pub use retry::RetryPolicy;
 

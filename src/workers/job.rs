@@ -171,13 +171,15 @@ impl OrderProcessor {
             Outcome::Interrupted => change.with_last_error("interrupted by shutdown; handed back"),
         };
         match self.service.update_order(id, change).await {
-            Ok(_) => match &outcome {
+            Ok(updated) => match &outcome {
                 Outcome::Completed => {
                     self.jobs.job_completed();
+                    self.jobs.finished_after(since_created(&updated));
                     tracing::info!(attempts, "order completed");
                 }
                 Outcome::Failed(reason) => {
                     self.jobs.job_failed();
+                    self.jobs.finished_after(since_created(&updated));
                     tracing::warn!(attempts, reason = %reason, "order failed");
                 }
                 Outcome::Interrupted => {
@@ -189,6 +191,14 @@ impl OrderProcessor {
             }
         }
     }
+}
+
+/// How long an order took from creation to its final status, by the wall
+/// clock its `created_at` was read from (zero if that clock went back).
+fn since_created(order: &Order) -> Duration {
+    (order.updated_at - order.created_at)
+        .to_std()
+        .unwrap_or_default()
 }
 
 #[async_trait]

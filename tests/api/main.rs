@@ -2,12 +2,14 @@
 
 mod binary;
 mod connections;
+mod console;
 mod contract;
 mod crash;
 mod durability;
 mod hardening;
 mod helpers;
 mod http_api;
+mod instruments;
 mod lab_controls;
 mod metrics;
 mod openapi;

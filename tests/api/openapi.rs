@@ -5,6 +5,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::Value;
+use tower::ServiceExt;
 
 use crate::helpers::{get, send, Lab, LabOptions};
 
@@ -40,7 +41,8 @@ async fn every_route_and_method_of_the_router_is_in_the_document() {
                 .header("content-type", "application/json")
                 .body(Body::from("{}"))
                 .unwrap();
-            let (status, _, _) = send(&lab.router, request).await;
+            // The status only: an event stream's body never ends.
+            let status = lab.router.clone().oneshot(request).await.unwrap().status();
             let answered = status != StatusCode::METHOD_NOT_ALLOWED;
             let in_doc = operations.get(method.to_ascii_lowercase()).is_some();
             assert_eq!(

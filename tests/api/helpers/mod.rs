@@ -7,10 +7,12 @@
 
 mod app;
 mod binary;
+mod browser;
 mod http;
 mod postgres;
 
 pub use app::*;
 pub use binary::*;
+pub use browser::*;
 pub use http::*;
 pub use postgres::*;

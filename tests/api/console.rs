@@ -1,0 +1,291 @@
+//! The console page in a real headless Chromium, against the real binary:
+//! what a user sees and clicks.
+//!
+//! These tests wait on the wall clock (a browser has no paused clock), but
+//! only for things to appear, with generous deadlines; nothing asserts how
+//! fast.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::helpers::{spawn_binary, Browser, Running};
+
+/// A lab whose breaker story plays out in seconds: fast payments that
+/// rarely fail, a 2 s open period, a seed.
+async fn lab(extra: &[(&str, &str)]) -> Running {
+    let mut env = vec![
+        ("PAYMENT_SEED", "7"),
+        ("PAYMENT_FAILURE_RATE", "0.05"),
+        ("PAYMENT_LATENCY_MIN", "5ms"),
+        ("PAYMENT_LATENCY_MAX", "20ms"),
+        ("RETRY_INITIAL_INTERVAL", "20ms"),
+        ("RETRY_MAX_INTERVAL", "100ms"),
+        ("BREAKER_OPEN_DURATION", "2s"),
+    ];
+    env.extend_from_slice(extra);
+    spawn_binary(&env).await
+}
+
+fn number(v: &str) -> f64 {
+    v.trim().parse().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let lab = lab(&[]).await;
+    browser.open(&lab.url("/")).await;
+    browser
+        .wait_for(
+            "document.getElementById('connection').dataset.state === 'live'",
+            "the event stream",
+        )
+        .await;
+    browser
+        .wait_for(
+            "document.getElementById('queue-capacity').textContent === '100'",
+            "the hello event",
+        )
+        .await;
+    assert_eq!(browser.text("#breaker-state").await, "closed");
+    assert_eq!(browser.text("#payment-mode").await, "normal");
+    assert_eq!(browser.text("#breaker-threshold").await, "5");
+    assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
+
+    // A rate the API refuses: the page shows the API's own message, and
+    // nothing starts.
+    browser.type_into("#load-rate", "9999").await;
+    browser.click("#load-start").await;
+    browser
+        .wait_for(
+            "document.getElementById('message').textContent.includes('rate must be')",
+            "the refusal",
+        )
+        .await;
+    let message = browser.text("#message").await;
+    assert!(message.contains("from 0.1 to 5000"), "{message}");
+    let load = lab.get_json(&reqwest::Client::new(), "/admin/load").await;
+    assert_eq!(load["running"], false, "{load}");
+
+    // Latency min above max: refused, and the slider goes back.
+    browser
+        .eval("(() => { const e = document.getElementById('latency-min'); e.value = 1500; e.dispatchEvent(new Event('change')); })()")
+        .await;
+    browser
+        .wait_for(
+            "document.getElementById('message').textContent.includes('latency_min')",
+            "the latency refusal",
+        )
+        .await;
+
+    // Chromium logs each refused request; nothing else may appear.
+    let errors = browser.errors();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors.iter().all(|e| e.contains("status of 422")),
+        "{errors:#?}"
+    );
+}
+
+#[tokio::test]
+async fn traffic_and_an_outage_from_the_page_open_the_breaker_and_a_probe_closes_it() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let lab = lab(&[]).await;
+    let client = reqwest::Client::new();
+    browser.open(&lab.url("/")).await;
+    browser
+        .wait_for(
+            "document.getElementById('connection').dataset.state === 'live'",
+            "the event stream",
+        )
+        .await;
+
+    // Traffic from the page moves the counters and the charts.
+    browser.type_into("#load-rate", "40").await;
+    browser.click("#load-start").await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('total-completed').textContent) > 20",
+            "completed orders",
+        )
+        .await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('chart-orders').dataset.max) > 0",
+            "the orders chart",
+        )
+        .await;
+    let load = lab.get_json(&client, "/admin/load").await;
+    assert_eq!(load["running"], true, "{load}");
+    assert_eq!(load["rate"], 40.0, "{load}");
+    assert!(browser
+        .text("#load-status")
+        .await
+        .starts_with("running at 40/s"));
+    let dwell = std::env::var("CONSOLE_SCREENSHOT_DWELL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_secs(dwell)).await;
+
+    // Outage: the breaker opens, and the page says so in words and colour.
+    browser.click("#mode-outage").await;
+    browser
+        .wait_for(
+            "document.getElementById('breaker-card').dataset.state === 'open'",
+            "the breaker to open",
+        )
+        .await;
+    assert_eq!(browser.text("#breaker-state").await, "open");
+    let failed_before = number(&browser.text("#total-failed").await);
+    browser
+        .wait_for(
+            &format!(
+                "Number(document.getElementById('total-failed').textContent) > {failed_before}"
+            ),
+            "orders to fail fast",
+        )
+        .await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('chart-retries').dataset.max) > 0",
+            "rejections on the chart",
+        )
+        .await;
+    if dwell > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    let shot = std::env::var_os("CONSOLE_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("reliability-lab-console-outage.png"));
+    browser.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    // Provider back, then reset: closed at once.
+    browser.click("#mode-normal").await;
+    browser
+        .wait_for(
+            "document.getElementById('payment-mode').textContent === 'normal'",
+            "normal mode",
+        )
+        .await;
+    browser.click("#breaker-reset").await;
+    browser
+        .wait_for(
+            "document.getElementById('breaker-state').textContent === 'closed'",
+            "the reset",
+        )
+        .await;
+    let breaker = lab.get_json(&client, "/admin/breaker").await;
+    assert_eq!(breaker["state"], "closed", "{breaker}");
+
+    // Another outage, then normal: after the open period one probe decides,
+    // and the list of changes tells the story.
+    browser.click("#mode-outage").await;
+    browser
+        .wait_for(
+            "document.getElementById('breaker-card').dataset.state === 'open'",
+            "the breaker to open again",
+        )
+        .await;
+    browser.click("#mode-normal").await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('half_open → closed'))",
+            "the probe to close the breaker",
+        )
+        .await;
+    let changes = browser
+        .eval("[...document.querySelectorAll('#changes li')].map(li => li.textContent)")
+        .await;
+    let changes: Vec<&str> = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // Newest first: closed by the probe, after half-open, after open.
+    let position = |needle: &str| {
+        changes
+            .iter()
+            .position(|c| c.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} missing from {changes:#?}"))
+    };
+    assert!(position("half_open → closed") < position("open → half_open"));
+    assert!(position("open → half_open") < position("closed → open"));
+    assert_eq!(browser.text("#breaker-state").await, "closed");
+
+    browser.click("#load-stop").await;
+    browser
+        .wait_for(
+            "document.getElementById('load-status').textContent.startsWith('stopped')",
+            "traffic to stop",
+        )
+        .await;
+    assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
+}
+
+#[tokio::test]
+async fn with_an_admin_token_the_page_asks_for_it_and_says_when_it_is_wrong() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let lab = lab(&[("ADMIN_TOKEN", "correct-horse-battery")]).await;
+    browser.open(&lab.url("/")).await;
+    browser
+        .wait_for(
+            "!document.getElementById('token-form').hidden",
+            "the token prompt",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.getElementById('console').hidden")
+            .await,
+        true
+    );
+
+    browser.type_into("#token-input", "wrong-token-123").await;
+    browser.click("#token-submit").await;
+    browser
+        .wait_for(
+            "!document.getElementById('token-error').hidden",
+            "the wrong-token message",
+        )
+        .await;
+    let error = browser.text("#token-error").await;
+    assert!(error.contains("refused"), "{error}");
+
+    browser
+        .type_into("#token-input", "correct-horse-battery")
+        .await;
+    browser.click("#token-submit").await;
+    browser
+        .wait_for(
+            "document.getElementById('connection').dataset.state === 'live'",
+            "the event stream with the right token",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.getElementById('console').hidden")
+            .await,
+        false
+    );
+    // Controls work with the token too.
+    browser.click("#mode-outage").await;
+    browser
+        .wait_for(
+            "document.getElementById('payment-mode').textContent === 'outage'",
+            "the outage",
+        )
+        .await;
+    // The token never went into a URL.
+    let url = browser.eval("location.href").await;
+    assert!(!url.as_str().unwrap().contains("correct-horse"), "{url}");
+}
