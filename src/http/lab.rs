@@ -110,7 +110,7 @@ pub struct TimelineView {
 }
 
 #[utoipa::path(get, path = "/admin/timeline", tag = "admin", security(("admin_token" = [])),
-    params(("since" = Option<u64>, Query, description = "Only samples with a greater seq (default 0: all kept)")),
+    params(("since" = Option<i64>, Query, minimum = 0, description = "Only samples with a greater seq (default 0: all kept)")),
     responses(
         (status = 200, description = "The samples kept, oldest first", body = TimelineView),
         (status = 400, description = "since is not a whole number", body = ErrorBody),
@@ -122,11 +122,12 @@ pub async fn get_timeline(
 ) -> Result<Response, ApiError> {
     let since = match query.get("since") {
         None => 0,
-        Some(raw) => raw.parse::<u64>().map_err(|_| {
+        // Within i64, as the document's int64 says; a seq never gets near it.
+        Some(raw) => raw.parse::<i64>().ok().and_then(|n| u64::try_from(n).ok()).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_since",
-                format!("since must be a whole number (a sample's seq), got {raw:?}"),
+                format!("since must be a whole number from 0 to 9223372036854775807 (a sample's seq), got {raw:?}"),
             )
             .with_field("since")
         })?,

@@ -158,7 +158,16 @@ async fn traffic_and_an_outage_from_the_page_open_the_breaker_and_a_probe_closes
         )
         .await;
     if dwell > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        // Long enough for the fail-fast to show on the charts; then a moment
+        // when the breaker is open (its 2 s periods end in failed probes).
+        tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+        browser
+            .wait_for(
+                "document.getElementById('breaker-card').dataset.state === 'open' && \
+                 parseFloat(document.getElementById('breaker-countdown').textContent) > 1",
+                "the breaker open",
+            )
+            .await;
     }
     let shot = std::env::var_os("CONSOLE_SCREENSHOT")
         .map(PathBuf::from)

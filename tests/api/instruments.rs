@@ -211,9 +211,12 @@ async fn the_timeline_samples_rates_from_the_services_own_counters() {
     assert_eq!(later["samples"][0]["accepted_per_s"], 0.0);
     assert_eq!(later["samples"][0]["latency_p50_ms"], Value::Null);
 
-    let (status, _, error) = send(&lab.router, get("/admin/timeline?since=-1")).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(error["error"]["field"], "since");
+    for bad in ["-1", "x", "9223372036854775808"] {
+        let (status, _, error) =
+            send(&lab.router, get(&format!("/admin/timeline?since={bad}"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(error["error"]["field"], "since");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -338,7 +338,7 @@ const CHARTS = [
   { id: 'retries', series: [
     ['retries', (s) => s.retries_per_s], ['open', (s) => s.rejections_open_per_s, 'rejected: open'],
     ['half_open', (s) => s.rejections_half_open_per_s, 'rejected: half-open']] },
-  { id: 'latency', series: [
+  { id: 'latency', raw: true, series: [
     ['p50', (s) => s.latency_p50_ms], ['p99', (s) => s.latency_p99_ms]] },
 ];
 
@@ -382,8 +382,28 @@ function draw(chart) {
   const plotW = width - left - right, plotH = height - top - bottom;
   const tEnd = samples.length ? samples[samples.length - 1].t : WINDOW_SECONDS;
   const tStart = tEnd - WINDOW_SECONDS;
+  // Rates are averaged over the last second of samples: a quarter-second
+  // count of a few dozen orders jumps by a few either way.
+  const span = chart.raw || !samples.length ? 1 : Math.max(1, Math.round(1 / samples[samples.length - 1].interval));
+  const lines = chart.series.map(([key, value]) => {
+    const points = [];
+    let sum = 0;
+    const window = [];
+    for (const s of samples) {
+      const v = value(s);
+      if (span === 1 || v == null) {
+        points.push([s.t, v]);
+        continue;
+      }
+      window.push(v);
+      sum += v;
+      if (window.length > span) sum -= window.shift();
+      points.push([s.t, sum / window.length]);
+    }
+    return [key, points];
+  });
   let max = 0;
-  for (const s of samples) for (const [, value] of chart.series) max = Math.max(max, value(s) || 0);
+  for (const [, points] of lines) for (const [, v] of points) max = Math.max(max, v || 0);
   canvas.dataset.max = max;
   canvas.dataset.points = samples.length;
   const yMax = niceCeiling(max);
@@ -423,14 +443,13 @@ function draw(chart) {
   // The lines; a null value (no order finished) breaks a line.
   ctx.lineWidth = 1.8;
   ctx.lineJoin = 'round';
-  for (const [key, value] of chart.series) {
+  for (const [key, points] of lines) {
     ctx.strokeStyle = COLORS[key];
     ctx.beginPath();
     let pen = false;
-    for (const s of samples) {
-      const v = value(s);
+    for (const [t, v] of points) {
       if (v == null) { pen = false; continue; }
-      if (pen) ctx.lineTo(x(s.t), y(v)); else ctx.moveTo(x(s.t), y(v));
+      if (pen) ctx.lineTo(x(t), y(v)); else ctx.moveTo(x(t), y(v));
       pen = true;
     }
     ctx.stroke();

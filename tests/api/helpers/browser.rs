@@ -100,7 +100,7 @@ impl Browser {
                 "--disable-extensions",
                 "--disable-dev-shm-usage",
                 "--hide-scrollbars",
-                "--window-size=1400,1200",
+                "--window-size=1400,1400",
                 "--remote-debugging-port=0",
                 "--remote-allow-origins=*",
             ])
