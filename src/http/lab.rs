@@ -30,6 +30,8 @@ use crate::reliability::{BreakerSnapshot, Switches};
 
 /// How much history the `hello` event carries: what the console charts.
 const HELLO_HISTORY: Duration = Duration::from_secs(120);
+/// The most samples a `hello` carries.
+const HELLO_MAX_SAMPLES: usize = 2000;
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -187,7 +189,11 @@ pub async fn events(State(state): State<AppState>) -> Response {
     // rather than never (a page takes the newer sample by seq).
     let receiver = instruments.feed.subscribe();
     let timeline = &instruments.timeline;
-    let history = (HELLO_HISTORY.as_secs_f64() / timeline.interval().as_secs_f64()).ceil() as usize;
+    // Two minutes, but never more than HELLO_MAX_SAMPLES (a 10 ms interval
+    // would make it 12,000).
+    let history = ((HELLO_HISTORY.as_secs_f64() / timeline.interval().as_secs_f64()).ceil()
+        as usize)
+        .min(HELLO_MAX_SAMPLES);
     let config = lab.reliability.breaker().config();
     let hello = Hello {
         queue_capacity: lab.queue.capacity(),

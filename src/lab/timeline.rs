@@ -346,17 +346,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rates_are_per_second_over_the_time_that_passed() {
         let start = Instant::now();
-        let prev = reading(start, Totals::default(), 0);
-        tokio::time::advance(Duration::from_millis(500)).await;
-        let totals = Totals {
-            accepted: 10,
-            completed: 4,
-            failed: 1,
-            retries: 3,
-            rejected_open: 5,
+        let before = Totals {
+            accepted: 100,
+            completed: 50,
+            failed: 9,
+            retries: 7,
+            rejected_open: 2,
             ..Totals::default()
         };
-        let now = reading(Instant::now(), totals, 7);
+        let prev = reading(start, before, 40);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let totals = Totals {
+            accepted: 110,
+            completed: 54,
+            failed: 10,
+            retries: 10,
+            rejected_open: 7,
+            ..Totals::default()
+        };
+        let now = reading(Instant::now(), totals, 47);
         let s = Sample::between(1, 0.5, &prev, &now);
         assert_eq!(s.interval, 0.5);
         assert_eq!(s.accepted_per_s, 20.0);
@@ -365,7 +373,8 @@ mod tests {
         assert_eq!(s.retries_per_s, 6.0);
         assert_eq!(s.rejections_open_per_s, 10.0);
         assert_eq!(s.payment_calls_per_s, 14.0);
-        assert_eq!(s.accepted_total, 10);
+        assert_eq!(s.accepted_total, 110);
+        assert_eq!(s.payment_calls_total, 47);
         assert_eq!(s.queue_depth, 3);
         assert_eq!(s.latency_p50_ms, None);
     }

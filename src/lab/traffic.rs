@@ -536,6 +536,73 @@ mod tests {
         );
     }
 
+    /// A generator aimed at a port nothing listens on: every request is a
+    /// transport error at once, which leaves the schedule to look at.
+    fn unanswered() -> Traffic {
+        let metrics = crate::observability::Metrics::new();
+        let feed = Arc::new(Feed::new(Instant::now()));
+        Traffic::new(
+            "127.0.0.1:1".parse().unwrap(),
+            metrics.load(),
+            feed,
+            Some(1),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_k_goes_at_k_over_rate_whatever_happened_to_the_others() {
+        let traffic = unanswered();
+        traffic.start(LoadPlan::new(10.0, None).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The first at once, then one every 100 ms.
+        assert_eq!(traffic.status().sent, 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(traffic.status().sent, 3);
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        let status = traffic.status();
+        assert_eq!(status.sent, 11);
+        assert!(status.running);
+        let stopped = traffic.stop();
+        assert!(!stopped.running);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = traffic.status();
+        assert_eq!(after.sent, 11, "nothing is sent after a stop");
+        assert_eq!(after.outcomes.transport_error, 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_with_a_duration_sends_rate_times_duration_and_ends_by_itself() {
+        let traffic = unanswered();
+        let plan = LoadPlan::new(4.0, Some(Duration::from_secs(2))).unwrap();
+        traffic.start(plan).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let status = traffic.status();
+        assert!(!status.running);
+        assert_eq!(status.sent, 8);
+        // Ended when the last request went, at 7/4 s.
+        assert_eq!(status.elapsed_seconds, 1.75);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_run_replaces_the_one_in_progress_and_nothing_starts_after_shutdown() {
+        let traffic = unanswered();
+        traffic.start(LoadPlan::new(10.0, None).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        traffic.start(LoadPlan::new(1.0, None).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = traffic.status();
+        assert_eq!(status.rate, Some(1.0));
+        assert_eq!(status.sent, 2, "the new run counts from zero");
+        traffic
+            .shutdown(Instant::now() + Duration::from_secs(1))
+            .await;
+        assert!(!traffic.status().running);
+        let refused = traffic
+            .start(LoadPlan::new(1.0, None).unwrap())
+            .unwrap_err();
+        assert!(refused.message.contains("stopping"), "{refused}");
+    }
+
     #[test]
     fn synthetic_orders_are_valid_requests_and_follow_the_seed() {
         let mut a = StdRng::seed_from_u64(7);
