@@ -162,7 +162,8 @@ impl AppBuilder {
             config.retry_policy(),
             breaker,
             Arc::new(reliability_metrics),
-        );
+        )
+        .with_budget(config.budget_config());
         reliability.set_switches(config.switches());
         let payment = Arc::new(Simulator::new(
             config.payment_settings(),

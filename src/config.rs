@@ -64,6 +64,25 @@ fn timeline_interval(raw: &str) -> Result<Duration, String> {
     }
 }
 
+fn non_negative(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err("expected a number of at least 0, such as 1".into()),
+    }
+}
+
+fn budget_window(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d >= Duration::from_secs(1)
+            && d <= Duration::from_secs(3600)
+            && d.subsec_nanos() == 0 =>
+        {
+            Ok(d)
+        }
+        _ => Err("expected whole seconds from 1s to 1h, such as 10s".into()),
+    }
+}
+
 fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
     match raw.trim().parse::<T>() {
         Ok(n) if n >= T::from(1) => Ok(n),
@@ -215,6 +234,26 @@ pub struct Config {
     #[arg(long, env = "BREAKER_ENABLED", default_value = "true", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub breaker_enabled: bool,
 
+    /// Whether a breaker rejection ends the retry loop; off, it is retried with backoff like any failure (for the lab to show the cost; also switchable at run time).
+    #[arg(long, env = "BREAKER_REJECTION_PERMANENT", default_value = "true", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub breaker_rejection_permanent: bool,
+
+    /// Whether retries are limited by the retry budget (also switchable at run time).
+    #[arg(long, env = "RETRY_BUDGET", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub retry_budget: bool,
+
+    /// The retry budget: retries allowed per first attempt over the window, 0 to 1.
+    #[arg(long, env = "RETRY_BUDGET_RATIO", default_value = "0.2", value_parser = rate)]
+    pub retry_budget_ratio: f64,
+
+    /// The retry budget's floor: retries allowed per second whatever the traffic.
+    #[arg(long, env = "RETRY_BUDGET_MIN_PER_SECOND", default_value = "1", value_parser = non_negative)]
+    pub retry_budget_min_per_second: f64,
+
+    /// How far back the retry budget counts first attempts and retries (whole seconds, 1s to 1h).
+    #[arg(long, env = "RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = budget_window)]
+    pub retry_budget_window: Duration,
+
     /// Consecutive payment failures that open the circuit breaker.
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = at_least_one::<u32>)]
     pub breaker_failure_threshold: u32,
@@ -338,6 +377,16 @@ impl Config {
         Switches {
             retry_enabled: self.retry_enabled,
             breaker_enabled: self.breaker_enabled,
+            rejection_permanent: self.breaker_rejection_permanent,
+            retry_budget_enabled: self.retry_budget,
+        }
+    }
+
+    pub fn budget_config(&self) -> crate::reliability::BudgetConfig {
+        crate::reliability::BudgetConfig {
+            ratio: self.retry_budget_ratio,
+            min_per_second: self.retry_budget_min_per_second,
+            window: self.retry_budget_window,
         }
     }
 
@@ -506,6 +555,16 @@ mod tests {
             ),
             (&["--log-format", "xml"][..], "LOG_FORMAT", "json"),
             (&["--load-rate", "0"][..], "LOAD_RATE", "0.1 to 5000"),
+            (
+                &["--retry-budget-window", "1500ms"][..],
+                "RETRY_BUDGET_WINDOW",
+                "whole seconds",
+            ),
+            (
+                &["--retry-budget-min-per-second", "-1"][..],
+                "RETRY_BUDGET_MIN_PER_SECOND",
+                "at least 0",
+            ),
             (&["--load-rate", "5001"][..], "LOAD_RATE", "0.1 to 5000"),
             (
                 &["--timeline-interval", "1ms"][..],
@@ -571,6 +630,11 @@ mod tests {
             "PAYMENT_IDEMPOTENCY",
             "RETRY_ENABLED",
             "BREAKER_ENABLED",
+            "BREAKER_REJECTION_PERMANENT",
+            "RETRY_BUDGET",
+            "RETRY_BUDGET_RATIO",
+            "RETRY_BUDGET_MIN_PER_SECOND",
+            "RETRY_BUDGET_WINDOW",
             "ADMIN_TOKEN",
             "LOAD_RATE",
             "LOAD_DURATION",

@@ -129,6 +129,13 @@ pub struct SwitchesUpdate {
     #[serde(default, deserialize_with = "crate::units::de_switch")]
     #[schema(schema_with = crate::units::switch_schema)]
     breaker_enabled: Option<bool>,
+    /// Whether a breaker rejection ends the retry loop (false: the ablation).
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    rejection_permanent: Option<bool>,
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    retry_budget_enabled: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/admin/reliability", tag = "admin", security(("admin_token" = [])),
@@ -159,6 +166,12 @@ pub async fn put_reliability(
     let next = Switches {
         retry_enabled: update.retry_enabled.unwrap_or(current.retry_enabled),
         breaker_enabled: update.breaker_enabled.unwrap_or(current.breaker_enabled),
+        rejection_permanent: update
+            .rejection_permanent
+            .unwrap_or(current.rejection_permanent),
+        retry_budget_enabled: update
+            .retry_budget_enabled
+            .unwrap_or(current.retry_budget_enabled),
     };
     state.lab.reliability.set_switches(next);
     super::lab::switches_changed(&state, next);

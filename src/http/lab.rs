@@ -266,13 +266,21 @@ pub(super) fn payment_changed(state: &AppState, view: &SettingsView) {
 /// Publishes an admin's change of the switches on the lab's feed.
 pub(super) fn switches_changed(state: &AppState, switches: Switches) {
     let on_off = |b: bool| if b { "on" } else { "off" };
+    let mut summary = format!(
+        "retry {}, breaker {}",
+        on_off(switches.retry_enabled),
+        on_off(switches.breaker_enabled)
+    );
+    // The other two only when they are not at their defaults.
+    if !switches.rejection_permanent {
+        summary.push_str(", rejections retried");
+    }
+    if switches.retry_budget_enabled {
+        summary.push_str(", retry budget on");
+    }
     state.lab.instruments.feed.publish(
         ChangeKind::Reliability,
-        format!(
-            "retry {}, breaker {}",
-            on_off(switches.retry_enabled),
-            on_off(switches.breaker_enabled)
-        ),
+        summary,
         serde_json::to_value(switches).unwrap_or_default(),
     );
 }

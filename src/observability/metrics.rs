@@ -476,6 +476,9 @@ impl LeaseMetrics {
 pub struct ReliabilityMetrics {
     retried: IntCounter,
     permanent_failure: IntCounter,
+    backoff_closed: prometheus::Counter,
+    backoff_open: prometheus::Counter,
+    budget_exhausted: IntCounter,
     transitions: IntCounterVec,
     state: IntGauge,
     rejected_open: IntCounter,
@@ -505,9 +508,27 @@ impl ReliabilityMetrics {
             "Calls the breaker refused, by kind: open, half_open (probe in flight).",
             &["kind"],
         );
+        let backoff = register(
+            registry,
+            prometheus::CounterVec::new(
+                Opts::new(
+                    "retry_backoff_seconds_total",
+                    "Seconds of backoff the retry loop started sleeping, by the breaker's state when the wait began: closed, or open (open or half-open: the wait is spent against a breaker that cannot let the next attempt through).",
+                ),
+                &["breaker"],
+            )
+            .expect("valid metric"),
+        );
         Self {
             retried: retries.with_label_values(&["retried"]),
             permanent_failure: retries.with_label_values(&["permanent_failure"]),
+            backoff_closed: backoff.with_label_values(&["closed"]),
+            backoff_open: backoff.with_label_values(&["open"]),
+            budget_exhausted: counter(
+                registry,
+                "retry_budget_exhausted_total",
+                "Retries the retry budget refused (the order's loop ended there).",
+            ),
             transitions,
             state: gauge(
                 registry,
@@ -531,6 +552,20 @@ impl RetryObserver for ReliabilityMetrics {
     fn gave_up_on_rejection(&self, rejection: Rejection) {
         tracing::warn!(reason = %rejection, "payment not attempted: circuit breaker refused; no more retries");
         self.permanent_failure.inc();
+    }
+
+    fn backoff(&self, wait: Duration, breaker_open: bool) {
+        let counter = if breaker_open {
+            &self.backoff_open
+        } else {
+            &self.backoff_closed
+        };
+        counter.inc_by(wait.as_secs_f64());
+    }
+
+    fn budget_exhausted(&self) {
+        tracing::warn!("retry refused: the retry budget is spent; no more retries");
+        self.budget_exhausted.inc();
     }
 }
 
@@ -580,6 +615,9 @@ mod tests {
             "circuit_breaker_rejections_total{kind=\"half_open\"} 0",
             "retry_attempts_total{result=\"retried\"} 0",
             "retry_attempts_total{result=\"permanent_failure\"} 0",
+            "retry_backoff_seconds_total{breaker=\"closed\"} 0",
+            "retry_backoff_seconds_total{breaker=\"open\"} 0",
+            "retry_budget_exhausted_total 0",
             "worker_jobs_total{status=\"submitted\"} 0",
             "worker_jobs_total{status=\"completed\"} 0",
             "worker_jobs_total{status=\"failed\"} 0",

@@ -4,8 +4,12 @@
 //! the call. A breaker rejection (open, or half-open with its probe out)
 //! becomes a *permanent* error, so the retry loop ends at once instead of
 //! sleeping out its backoff against a breaker that cannot let it through.
+//! (`rejection_permanent: false` turns that off, for the lab to show what it
+//! costs.) A retry budget, off by default, is the third pattern: it caps
+//! retries at a share of first attempts.
 
 mod breaker;
+mod budget;
 mod retry;
 
 use std::fmt;
@@ -18,6 +22,7 @@ pub use breaker::{
     Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerSnapshot, BreakerState,
     Observers, Permit, Rejection,
 };
+pub use budget::{BudgetConfig, RetryBudget};
 pub use retry::RetryPolicy;
 
 /// How an error of the wrapped call is treated.
@@ -35,6 +40,12 @@ pub trait RetryObserver: Send + Sync {
     fn retrying(&self, error: &dyn fmt::Display, wait: Duration);
     /// Called when the breaker refused a call and the loop ends without waiting.
     fn gave_up_on_rejection(&self, rejection: Rejection);
+    /// Called with each wait as it starts, saying whether the breaker was
+    /// open (or half-open) then: time slept against a breaker that cannot
+    /// let the next attempt through is wasted.
+    fn backoff(&self, _wait: Duration, _breaker_open: bool) {}
+    /// Called when a retry was refused by the retry budget; the loop ends.
+    fn budget_exhausted(&self) {}
 }
 
 /// Why a wrapped call finally failed.
@@ -54,6 +65,12 @@ pub enum CallError<E> {
 pub struct Switches {
     pub retry_enabled: bool,
     pub breaker_enabled: bool,
+    /// A breaker rejection ends the retry loop (true, the right thing);
+    /// false treats it as one more transient failure, to show the backoff
+    /// then slept against an open breaker.
+    pub rejection_permanent: bool,
+    /// Retries only within the retry budget.
+    pub retry_budget_enabled: bool,
 }
 
 impl Default for Switches {
@@ -61,6 +78,8 @@ impl Default for Switches {
         Self {
             retry_enabled: true,
             breaker_enabled: true,
+            rejection_permanent: true,
+            retry_budget_enabled: false,
         }
     }
 }
@@ -72,25 +91,46 @@ pub struct Reliability {
     retry: RetryPolicy,
     breaker: Breaker,
     observer: Arc<dyn RetryObserver>,
+    budget: Arc<RetryBudget>,
     retry_enabled: Arc<AtomicBool>,
     breaker_enabled: Arc<AtomicBool>,
+    rejection_permanent: Arc<AtomicBool>,
+    retry_budget_enabled: Arc<AtomicBool>,
 }
 
 impl Reliability {
+    /// Both patterns on, rejections permanent, the budget (with its default
+    /// settings) off.
     pub fn new(retry: RetryPolicy, breaker: Breaker, observer: Arc<dyn RetryObserver>) -> Self {
+        let defaults = Switches::default();
         Self {
             retry,
             breaker,
             observer,
-            retry_enabled: Arc::new(AtomicBool::new(true)),
-            breaker_enabled: Arc::new(AtomicBool::new(true)),
+            budget: Arc::new(RetryBudget::new(BudgetConfig::default())),
+            retry_enabled: Arc::new(AtomicBool::new(defaults.retry_enabled)),
+            breaker_enabled: Arc::new(AtomicBool::new(defaults.breaker_enabled)),
+            rejection_permanent: Arc::new(AtomicBool::new(defaults.rejection_permanent)),
+            retry_budget_enabled: Arc::new(AtomicBool::new(defaults.retry_budget_enabled)),
         }
+    }
+
+    /// Uses a budget with these settings (whether it applies is a switch).
+    pub fn with_budget(mut self, config: BudgetConfig) -> Self {
+        self.budget = Arc::new(RetryBudget::new(config));
+        self
+    }
+
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
     }
 
     pub fn switches(&self) -> Switches {
         Switches {
             retry_enabled: self.retry_enabled.load(Ordering::SeqCst),
             breaker_enabled: self.breaker_enabled.load(Ordering::SeqCst),
+            rejection_permanent: self.rejection_permanent.load(Ordering::SeqCst),
+            retry_budget_enabled: self.retry_budget_enabled.load(Ordering::SeqCst),
         }
     }
 
@@ -100,6 +140,10 @@ impl Reliability {
             .store(switches.retry_enabled, Ordering::SeqCst);
         self.breaker_enabled
             .store(switches.breaker_enabled, Ordering::SeqCst);
+        self.rejection_permanent
+            .store(switches.rejection_permanent, Ordering::SeqCst);
+        self.retry_budget_enabled
+            .store(switches.retry_budget_enabled, Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -143,12 +187,19 @@ impl Reliability {
         };
         let breaker = switches.breaker_enabled.then_some(&self.breaker);
         let observer = &self.observer;
+        let budget = switches.retry_budget_enabled.then_some(&*self.budget);
+        let permanent_rejection = switches.rejection_permanent;
         let max_attempts = policy.max_attempts;
         let mut attempts_made = 0u32;
         backoff::future::retry_notify(
             policy.backoff(jitter_seed),
             || {
                 attempts_made += 1;
+                if attempts_made == 1 {
+                    // Counted whether or not the budget is on, so that
+                    // switching it on finds a window that reflects traffic.
+                    self.budget.first_attempt();
+                }
                 let attempts_left = attempts_made < max_attempts;
                 let attempt = op();
                 async move {
@@ -156,14 +207,35 @@ impl Reliability {
                         Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
                         None => attempt.await.map_err(BreakerError::Inner),
                     };
+                    // A retry is about to be scheduled: the budget may refuse it.
+                    let over_budget = || {
+                        let refused = attempts_left && budget.is_some_and(|b| !b.try_retry());
+                        if refused {
+                            observer.budget_exhausted();
+                        }
+                        refused
+                    };
                     match result {
                         Ok(value) => Ok(value),
-                        Err(BreakerError::Rejected(rejection)) => {
+                        Err(BreakerError::Rejected(rejection)) if permanent_rejection => {
                             observer.gave_up_on_rejection(rejection);
                             Err(backoff::Error::permanent(CallError::Rejected(rejection)))
                         }
+                        Err(BreakerError::Rejected(rejection)) => {
+                            // The ablation: a rejection as one more transient
+                            // failure, backoff and all.
+                            if over_budget() {
+                                return Err(backoff::Error::permanent(CallError::Rejected(
+                                    rejection,
+                                )));
+                            }
+                            Err(backoff::Error::transient(CallError::Rejected(rejection)))
+                        }
                         Err(BreakerError::Inner(err)) if err.is_retryable() => {
-                            if attempts_left
+                            if over_budget() {
+                                Err(backoff::Error::permanent(CallError::Failed(err)))
+                            } else if permanent_rejection
+                                && attempts_left
                                 && breaker.is_some_and(|b| b.state() != BreakerState::Closed)
                             {
                                 // This failure opened the breaker: waiting out a
@@ -184,7 +256,11 @@ impl Reliability {
                     }
                 }
             },
-            |err: CallError<E>, wait: Duration| observer.retrying(&err, wait),
+            |err: CallError<E>, wait: Duration| {
+                observer.retrying(&err, wait);
+                let open = breaker.is_some_and(|b| b.state() != BreakerState::Closed);
+                observer.backoff(wait, open);
+            },
         )
         .await
     }
@@ -224,6 +300,9 @@ mod tests {
     struct Waits {
         waits: Mutex<Vec<Duration>>,
         rejections: AtomicU32,
+        /// Time of the waits that began with the breaker open.
+        slept_open: Mutex<Duration>,
+        budget_refusals: AtomicU32,
     }
 
     impl RetryObserver for Waits {
@@ -232,6 +311,14 @@ mod tests {
         }
         fn gave_up_on_rejection(&self, _: Rejection) {
             self.rejections.fetch_add(1, Ordering::SeqCst);
+        }
+        fn backoff(&self, wait: Duration, breaker_open: bool) {
+            if breaker_open {
+                *self.slept_open.lock().unwrap() += wait;
+            }
+        }
+        fn budget_exhausted(&self) {
+            self.budget_refusals.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -357,5 +444,101 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         assert_eq!(before.elapsed(), Duration::ZERO);
         assert_eq!(waits.rejections.load(Ordering::SeqCst), 2);
+    }
+
+    fn switches(f: impl FnOnce(&mut Switches)) -> Switches {
+        let mut s = Switches::default();
+        f(&mut s);
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_rejections_not_permanent_the_loop_sleeps_its_backoff_against_the_open_breaker() {
+        let (r, waits) = lab(3, 1);
+        r.set_switches(switches(|s| s.rejection_permanent = false));
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        // One real call opened the breaker; the two retries were rejected,
+        // each after a full backoff wait against the open breaker.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(err, CallError::Rejected(Rejection::Open));
+        let slept: Duration = waits.waits.lock().unwrap().iter().sum();
+        assert_eq!(waits.waits.lock().unwrap().len(), 2);
+        assert!(
+            waits.waits.lock().unwrap().iter().all(|w| !w.is_zero()),
+            "no shortcut past the backoff: {:?}",
+            waits.waits.lock().unwrap()
+        );
+        assert_eq!(*waits.slept_open.lock().unwrap(), slept);
+        assert_eq!(waits.rejections.load(Ordering::SeqCst), 0);
+        assert!(started.elapsed() >= slept);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_rejections_permanent_no_backoff_is_slept_against_the_open_breaker() {
+        let (r, waits) = lab(3, 1);
+        let calls = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(err, CallError::Rejected(Rejection::Open));
+        assert_eq!(*waits.slept_open.lock().unwrap(), Duration::ZERO);
+        assert_eq!(waits.rejections.load(Ordering::SeqCst), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_ends_the_loop_with_the_failure() {
+        let (r, waits) = lab(3, 100);
+        let r = r.with_budget(BudgetConfig {
+            ratio: 0.0,
+            min_per_second: 0.0,
+            window: Duration::from_secs(10),
+        });
+        r.set_switches(switches(|s| s.retry_budget_enabled = true));
+        let calls = AtomicU32::new(0);
+        let err = always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Failed(Fault::Declined));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(waits.budget_refusals.load(Ordering::SeqCst), 1);
+        assert!(waits.waits.lock().unwrap().is_empty());
+
+        // A last attempt asks the budget for nothing.
+        let (single, single_waits) = lab(1, 100);
+        let single = single.with_budget(BudgetConfig {
+            ratio: 0.0,
+            min_per_second: 0.0,
+            window: Duration::from_secs(10),
+        });
+        single.set_switches(switches(|s| s.retry_budget_enabled = true));
+        always(&single, Fault::Declined, &AtomicU32::new(0))
+            .await
+            .unwrap_err();
+        assert_eq!(single_waits.budget_refusals.load(Ordering::SeqCst), 0);
+
+        // Switched off, the same budget refuses nothing.
+        r.set_switches(Switches::default());
+        let calls = AtomicU32::new(0);
+        always(&r, Fault::Declined, &calls).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_calls_at_one_plus_its_ratio_per_order() {
+        let (r, _) = lab(3, 1000);
+        let r = r.with_budget(BudgetConfig {
+            ratio: 0.5,
+            min_per_second: 0.0,
+            window: Duration::from_secs(3600),
+        });
+        r.set_switches(switches(|s| s.retry_budget_enabled = true));
+        let calls = AtomicU32::new(0);
+        for _ in 0..10 {
+            always(&r, Fault::Declined, &calls).await.unwrap_err();
+        }
+        // Without the budget: 30 calls. With it: 10 first attempts and at
+        // most half as many retries.
+        assert_eq!(calls.load(Ordering::SeqCst), 15);
     }
 }

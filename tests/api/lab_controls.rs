@@ -253,7 +253,12 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
     .await;
     assert_eq!(
         switches,
-        json!({"retry_enabled": true, "breaker_enabled": false})
+        json!({
+            "retry_enabled": true,
+            "breaker_enabled": false,
+            "rejection_permanent": true,
+            "retry_budget_enabled": false
+        })
     );
     let orders = run_orders(&lab, 6).await;
     assert!(orders.iter().all(|o| o.attempts == 3), "a retry storm");
@@ -520,5 +525,76 @@ async fn the_switches_take_the_same_spellings_as_the_environment() {
     assert!(
         !lab.reliability.switches().breaker_enabled,
         "nothing changed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_rejections_retried_the_backoff_slept_against_the_open_breaker_is_counted() {
+    let lab = Lab::new(LabOptions {
+        breaker: BreakerConfig {
+            failure_threshold: 1,
+            open_duration: Duration::from_secs(30),
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"rejection_permanent": "off"})),
+    )
+    .await;
+    assert_eq!(switches["rejection_permanent"], false);
+    run_orders(&lab, 1).await;
+    let m = scrape(&lab).await;
+    let slept = |breaker| value(&m, "retry_backoff_seconds_total", &[("breaker", breaker)]);
+    // 200 ms then 300 ms (no jitter in the harness), both against the open breaker.
+    assert_eq!(slept("open"), 0.5);
+    assert_eq!(slept("closed"), 0.0);
+    assert_eq!(lab.payment.calls(), 1);
+
+    // Back to the default: the second order sleeps nothing.
+    admin(
+        &lab,
+        put("/admin/reliability", json!({"rejection_permanent": true})),
+    )
+    .await;
+    lab.breaker.reset();
+    run_orders(&lab, 1).await;
+    let m = scrape(&lab).await;
+    assert_eq!(
+        value(&m, "retry_backoff_seconds_total", &[("breaker", "open")]),
+        0.5
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_switched_on_at_run_time_refuses_retries_and_counts_them() {
+    let lab = Lab::new(LabOptions {
+        breaker: BreakerConfig {
+            failure_threshold: 1000,
+            open_duration: Duration::from_secs(30),
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"retry_budget_enabled": true})),
+    )
+    .await;
+    assert_eq!(switches["retry_budget_enabled"], true);
+    // The default budget: 0.2 retries per first attempt plus one a second
+    // over 10 s, so 10 retries for 20 orders that all fail.
+    let orders = run_orders(&lab, 20).await;
+    let calls = lab.payment.calls();
+    assert!(orders.iter().all(|o| o.status == Status::Failed));
+    let refused = value(&scrape(&lab).await, "retry_budget_exhausted_total", &[]);
+    assert!(refused > 0.0);
+    let retries = calls - 20;
+    assert!(
+        retries <= 14,
+        "at most 0.2 x 20 orders + 1/s x 10 s retries; without the budget 40: {retries}"
     );
 }

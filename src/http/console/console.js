@@ -299,6 +299,8 @@ function setSlider(id, value, label) {
 function showSwitches(s) {
   $('retry-enabled').checked = s.retry_enabled;
   $('breaker-enabled').checked = s.breaker_enabled;
+  $('rejection-permanent').checked = s.rejection_permanent;
+  $('retry-budget-enabled').checked = s.retry_budget_enabled;
 }
 
 function showLoad(load) {
@@ -528,7 +530,10 @@ slider('ambiguous-rate', 'ambiguous_rate', (v) => v, (v) => v.toFixed(2));
 
 $('idempotency').addEventListener('change', (event) => putPayment({ idempotency: event.target.checked }));
 
-for (const [id, field] of [['retry-enabled', 'retry_enabled'], ['breaker-enabled', 'breaker_enabled']]) {
+for (const [id, field] of [
+  ['retry-enabled', 'retry_enabled'], ['breaker-enabled', 'breaker_enabled'],
+  ['rejection-permanent', 'rejection_permanent'], ['retry-budget-enabled', 'retry_budget_enabled'],
+]) {
   $(id).addEventListener('change', async (event) => {
     const switches = await api('PUT', '/admin/reliability', { [field]: event.target.checked });
     if (switches) showSwitches(switches);
