@@ -301,6 +301,33 @@ impl Config {
         Self::from_arg_matches(&matches).expect("the defaults parse")
     }
 
+    /// The documented defaults with `settings` applied, each named by its
+    /// environment variable (`("PAYMENT_FAILURE_RATE", "0.5")`), never
+    /// reading the environment: for experiments. An unknown name or a bad
+    /// value is one line naming it.
+    pub fn from_settings<'a>(
+        settings: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Self::command();
+        let mut args = vec!["reliability-lab".to_owned()];
+        for (name, value) in settings {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name))
+                .ok_or_else(|| format!("unknown setting {name}"))?;
+            let long = arg.get_long().expect("every knob has a long flag");
+            args.push(format!("--{long}={value}"));
+        }
+        let matches = command
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(args)
+            .map_err(|e| one_line(&e))?;
+        let config = Self::from_arg_matches(&matches).map_err(|e| one_line(&e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn load_from<I, T>(args: I) -> Result<Self, String>
     where
         I: IntoIterator<Item = T>,
@@ -561,7 +588,7 @@ mod tests {
                 "whole seconds",
             ),
             (
-                &["--retry-budget-min-per-second", "-1"][..],
+                &["--retry-budget-min-per-second=-1"][..],
                 "RETRY_BUDGET_MIN_PER_SECOND",
                 "at least 0",
             ),
@@ -583,6 +610,19 @@ mod tests {
             assert!(err.contains(var), "{err} should name {var}");
             assert!(err.contains(hint), "{err} should say {hint}");
         }
+    }
+
+    #[test]
+    fn settings_by_environment_name_apply_over_the_defaults() {
+        let c = Config::from_settings([("PAYMENT_FAILURE_RATE", "0.5"), ("RETRY_BUDGET", "on")])
+            .unwrap();
+        assert_eq!(c.payment_failure_rate, 0.5);
+        assert!(c.retry_budget);
+        assert_eq!(c.worker_count, 5);
+        let err = Config::from_settings([("NO_SUCH_KNOB", "1")]).unwrap_err();
+        assert!(err.contains("NO_SUCH_KNOB"), "{err}");
+        let err = Config::from_settings([("WORKER_COUNT", "0")]).unwrap_err();
+        assert!(err.contains("WORKER_COUNT"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod config;
+pub mod experiment;
 pub mod http;
 pub mod lab;
 pub mod observability;

@@ -9,6 +9,13 @@ use reliability_lab::observability::logging;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `reliability-lab experiment …` runs experiments; anything else runs
+    // the service.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "experiment") {
+        let _log_guard = logging::init(logging_format_for_experiments(), "error").ok();
+        return reliability_lab::experiment::main(args[1..].to_vec()).await;
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(line) => {
@@ -38,6 +45,13 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Experiments print progress and verdicts on stderr; the services they
+/// build log only errors, as readable lines (retries and breaker changes are
+/// the experiment's subject, and its report counts them).
+fn logging_format_for_experiments() -> reliability_lab::config::LogFormat {
+    reliability_lab::config::LogFormat::Pretty
 }
 
 /// Resolves on SIGINT or SIGTERM, logging which.

@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::events::{ChangeKind, Feed};
-use crate::observability::latency::{Interval, LatencyHistogram};
+use crate::observability::latency::{LatencyHistogram, Snapshot};
 use crate::observability::metrics::Totals;
 use crate::observability::Metrics;
 use crate::payment::{Mode, Simulator};
@@ -93,7 +93,9 @@ pub struct Reading {
     pub queue_depth: usize,
     pub busy_workers: usize,
     pub mode: Mode,
-    pub latency: Interval,
+    /// Cumulative latency counts of completed and of failed orders.
+    pub completed_latency: Snapshot,
+    pub failed_latency: Snapshot,
 }
 
 impl Sample {
@@ -108,6 +110,10 @@ impl Sample {
             }
         };
         let (p, n) = (&prev.totals, &now.totals);
+        let latency = now
+            .completed_latency
+            .since(&prev.completed_latency)
+            .merge(&now.failed_latency.since(&prev.failed_latency));
         Self {
             seq,
             t: round3(t),
@@ -128,9 +134,9 @@ impl Sample {
             until_half_open: now.breaker.until_half_open.map(|d| round3(d.as_secs_f64())),
             queue_depth: now.queue_depth,
             busy_workers: now.busy_workers,
-            finished: now.latency.count(),
-            latency_p50_ms: now.latency.quantile_ms(0.5).map(round3),
-            latency_p99_ms: now.latency.quantile_ms(0.99).map(round3),
+            finished: latency.count(),
+            latency_p50_ms: latency.quantile_ms(0.5).map(round3),
+            latency_p99_ms: latency.quantile_ms(0.99).map(round3),
             charges: n.charges,
             duplicate_charges: n.duplicate_charges,
             payment_mode: now.mode,
@@ -150,7 +156,8 @@ fn round3(v: f64) -> f64 {
 /// Where the recorder reads from: handles of the running service.
 pub struct Sources {
     pub metrics: Arc<Metrics>,
-    pub latency: LatencyHistogram,
+    pub completed_latency: LatencyHistogram,
+    pub failed_latency: LatencyHistogram,
     pub queue: Arc<Dispatcher>,
     pub reliability: Reliability,
     pub payment: Arc<Simulator>,
@@ -164,7 +171,8 @@ impl Sources {
         payment: Arc<Simulator>,
     ) -> Self {
         Self {
-            latency: metrics.finish_latency(),
+            completed_latency: metrics.completed_latency(),
+            failed_latency: metrics.failed_latency(),
             metrics,
             queue,
             reliability,
@@ -181,7 +189,8 @@ impl Sources {
             queue_depth: self.queue.depth(),
             busy_workers: self.queue.busy(),
             mode: self.payment.view().mode,
-            latency: self.latency.take(),
+            completed_latency: self.completed_latency.snapshot(),
+            failed_latency: self.failed_latency.snapshot(),
         }
     }
 }
@@ -339,7 +348,8 @@ mod tests {
             queue_depth: 3,
             busy_workers: 2,
             mode: Mode::Normal,
-            latency: LatencyHistogram::new().take(),
+            completed_latency: Snapshot::default(),
+            failed_latency: Snapshot::default(),
         }
     }
 

@@ -1,9 +1,10 @@
-//! A latency histogram that a reader empties on every read: quantiles over
-//! the interval since the last read, for the lab's timeline.
+//! A cumulative latency histogram: any reader takes snapshots, and the
+//! difference of two snapshots gives quantiles over the time between them
+//! (the timeline's interval, an experiment's fault window).
 //!
 //! Recording is one atomic add into a fixed bucket (no lock, no allocation),
-//! so the workers pay nothing noticeable for it; the reader swaps every
-//! bucket back to zero. Buckets grow by 1/16 of a power of two from 100 µs to
+//! so the workers pay nothing noticeable for it; readers only load. Buckets
+//! grow by 1/16 of a power of two from 100 µs to
 //! about 100 s, so a quantile is exact to within about 4.5%; anything faster
 //! lands in the first bucket, anything slower in the last.
 //!
@@ -65,25 +66,65 @@ impl LatencyHistogram {
         self.buckets[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Empties the histogram and returns what it held.
-    pub fn take(&self) -> Interval {
-        Interval {
+    /// Everything recorded so far.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
             counts: self
                 .buckets
                 .iter()
-                .map(|b| b.swap(0, Ordering::Relaxed))
+                .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
         }
     }
 }
 
-/// What was recorded between two reads.
+/// The counts at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    counts: Vec<u64>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; BUCKETS],
+        }
+    }
+}
+
+impl Snapshot {
+    /// What was recorded between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &Snapshot) -> Interval {
+        Interval {
+            counts: self
+                .counts
+                .iter()
+                .zip(&earlier.counts)
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect(),
+        }
+    }
+}
+
+/// What was recorded between two snapshots.
 #[derive(Debug, Clone)]
 pub struct Interval {
     counts: Vec<u64>,
 }
 
 impl Interval {
+    /// Both intervals' observations together.
+    pub fn merge(&self, other: &Interval) -> Interval {
+        Interval {
+            counts: self
+                .counts
+                .iter()
+                .zip(&other.counts)
+                .map(|(a, b)| a + b)
+                .collect(),
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }
@@ -117,10 +158,14 @@ mod tests {
         Duration::from_millis(v)
     }
 
+    fn all(h: &LatencyHistogram) -> Interval {
+        h.snapshot().since(&Snapshot::default())
+    }
+
     #[test]
     fn an_empty_interval_has_no_quantiles() {
         let h = LatencyHistogram::new();
-        assert_eq!(h.take().quantile_ms(0.5), None);
+        assert_eq!(all(&h).quantile_ms(0.5), None);
     }
 
     #[test]
@@ -130,7 +175,7 @@ mod tests {
         for v in 1..=100 {
             h.record(ms(v));
         }
-        let interval = h.take();
+        let interval = all(&h);
         assert_eq!(interval.count(), 100);
         let p50 = interval.quantile_ms(0.5).unwrap();
         let p99 = interval.quantile_ms(0.99).unwrap();
@@ -139,11 +184,19 @@ mod tests {
     }
 
     #[test]
-    fn reading_empties_it() {
+    fn the_difference_of_two_snapshots_is_what_came_between() {
         let h = LatencyHistogram::new();
         h.record(ms(3));
-        assert_eq!(h.take().count(), 1);
-        assert_eq!(h.take().count(), 0);
+        let first = h.snapshot();
+        h.record(ms(40));
+        h.record(ms(50));
+        let between = h.snapshot().since(&first);
+        assert_eq!(between.count(), 2);
+        assert!(between.quantile_ms(0.0).unwrap() >= 40.0);
+        assert_eq!(h.snapshot().since(&h.snapshot()).count(), 0);
+        let merged = between.merge(&first.since(&Snapshot::default()));
+        assert_eq!(merged.count(), 3);
+        assert!(merged.quantile_ms(0.01).unwrap() < 4.0);
     }
 
     #[test]
@@ -151,7 +204,7 @@ mod tests {
         let h = LatencyHistogram::new();
         h.record(Duration::from_micros(1));
         h.record(Duration::from_secs(10_000));
-        let interval = h.take();
+        let interval = all(&h);
         assert!(interval.quantile_ms(0.5).unwrap() < 0.11);
         assert!(interval.quantile_ms(1.0).unwrap() > 100_000.0);
     }

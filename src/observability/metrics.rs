@@ -219,13 +219,29 @@ impl Metrics {
             retries: r.retried.get(),
             rejected_open: r.rejected_open.get(),
             rejected_half_open: r.rejected_half_open.get(),
+            backoff_seconds: r.backoff_closed.get() + r.backoff_open.get(),
+            backoff_open_seconds: r.backoff_open.get(),
+            budget_exhausted: r.budget_exhausted.get(),
+            breaker_opened: [BreakerState::Closed, BreakerState::HalfOpen]
+                .iter()
+                .map(|from| {
+                    r.transitions
+                        .with_label_values(&[from.as_str(), BreakerState::Open.as_str()])
+                        .get()
+                })
+                .sum(),
         }
     }
 
-    /// Created-to-finished latency of the orders finished since the last
-    /// read (the timeline empties it on every sample).
-    pub fn finish_latency(&self) -> LatencyHistogram {
-        self.workers.finish_latency.clone()
+    /// Created-to-finished latency of completed orders (cumulative; readers
+    /// take snapshots).
+    pub fn completed_latency(&self) -> LatencyHistogram {
+        self.workers.completed_latency.clone()
+    }
+
+    /// Created-to-finished latency of failed orders: the time to fail.
+    pub fn failed_latency(&self) -> LatencyHistogram {
+        self.workers.failed_latency.clone()
     }
 
     /// Orders the in-memory store evicted, for the store to count.
@@ -326,7 +342,8 @@ pub struct WorkerMetrics {
     rejected: IntCounter,
     queue_depth: IntGauge,
     busy: IntGauge,
-    finish_latency: LatencyHistogram,
+    completed_latency: LatencyHistogram,
+    failed_latency: LatencyHistogram,
 }
 
 impl WorkerMetrics {
@@ -348,7 +365,8 @@ impl WorkerMetrics {
                 "worker_busy_workers",
                 "Workers currently processing a job.",
             ),
-            finish_latency: LatencyHistogram::new(),
+            completed_latency: LatencyHistogram::new(),
+            failed_latency: LatencyHistogram::new(),
         }
     }
 
@@ -368,9 +386,14 @@ impl WorkerMetrics {
         self.rejected.inc();
     }
 
-    /// An order reached completed or failed this long after it was created.
-    pub fn finished_after(&self, latency: Duration) {
-        self.finish_latency.record(latency);
+    /// An order reached completed this long after it was created.
+    pub fn completed_after(&self, latency: Duration) {
+        self.completed_latency.record(latency);
+    }
+
+    /// An order reached failed this long after it was created.
+    pub fn failed_after(&self, latency: Duration) {
+        self.failed_latency.record(latency);
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
@@ -402,7 +425,7 @@ impl PaymentCallMetrics {
 }
 
 /// Running totals of the counters the lab's timeline turns into rates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Totals {
     /// Orders put on the queue (new orders; with Postgres, recovered ones too).
     pub accepted: u64,
@@ -417,6 +440,13 @@ pub struct Totals {
     pub retries: u64,
     pub rejected_open: u64,
     pub rejected_half_open: u64,
+    /// Backoff seconds the retry loop slept, all of it and the part that
+    /// began with the breaker open.
+    pub backoff_seconds: f64,
+    pub backoff_open_seconds: f64,
+    pub budget_exhausted: u64,
+    /// Times the breaker opened (from closed, or after a failed probe).
+    pub breaker_opened: u64,
 }
 
 /// `load_requests_total{outcome}`: what the built-in traffic generator's

@@ -26,7 +26,7 @@
 //! its instrument records are read back without races.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -232,6 +232,10 @@ struct Inner {
     open_duration: Duration,
     config: BreakerConfig,
     observer: Option<Arc<dyn BreakerObserver>>,
+    /// Calls admitted as half-open probes, and half-open windows begun:
+    /// the lab's evidence that each window lets exactly one probe through.
+    probes: AtomicU64,
+    half_open_windows: AtomicU64,
 }
 
 /// A circuit breaker. Cheap to clone; clones share state.
@@ -285,6 +289,8 @@ impl Breaker {
                 open_duration: config.open_duration,
                 config,
                 observer,
+                probes: AtomicU64::new(0),
+                half_open_windows: AtomicU64::new(0),
             }),
         }
     }
@@ -293,6 +299,14 @@ impl Breaker {
         // A panic while holding the lock cannot leave the mirror half-written
         // in a way that matters more than stopping the breaker would.
         self.inner.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Probes admitted and half-open windows begun, since it was built.
+    pub fn probe_counts(&self) -> (u64, u64) {
+        (
+            self.inner.probes.load(Ordering::SeqCst),
+            self.inner.half_open_windows.load(Ordering::SeqCst),
+        )
     }
 
     /// How it was built to trip and recover.
@@ -325,6 +339,9 @@ impl Breaker {
         if let Some(to) = self.inner.events.take() {
             let from = mirror.state;
             if from != to {
+                if to == BreakerState::HalfOpen {
+                    self.inner.half_open_windows.fetch_add(1, Ordering::SeqCst);
+                }
                 mirror.state = to;
                 mirror.generation += 1;
                 mirror.probe_in_flight = false;
@@ -373,6 +390,7 @@ impl Breaker {
                 BreakerState::Closed => Ok((mirror.generation, false)),
                 BreakerState::HalfOpen if !mirror.probe_in_flight => {
                     mirror.probe_in_flight = true;
+                    self.inner.probes.fetch_add(1, Ordering::SeqCst);
                     Ok((mirror.generation, true))
                 }
                 BreakerState::HalfOpen => Err(Rejection::HalfOpenBusy),
@@ -594,8 +612,11 @@ mod tests {
             assert_eq!(err, Rejection::HalfOpenBusy);
             assert!(err.is_open());
         }
+        assert_eq!(b.probe_counts(), (1, 1), "one window, one probe");
         probe.success();
         assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.try_acquire().map(|p| p.is_probe()), Ok(false));
+        assert_eq!(b.probe_counts(), (1, 1), "calls while closed are no probes");
         assert_eq!(
             *rec.changes.lock().unwrap(),
             vec![

@@ -174,12 +174,12 @@ impl OrderProcessor {
             Ok(updated) => match &outcome {
                 Outcome::Completed => {
                     self.jobs.job_completed();
-                    self.jobs.finished_after(since_created(&updated));
+                    self.jobs.completed_after(since_created(&updated));
                     tracing::info!(attempts, "order completed");
                 }
                 Outcome::Failed(reason) => {
                     self.jobs.job_failed();
-                    self.jobs.finished_after(since_created(&updated));
+                    self.jobs.failed_after(since_created(&updated));
                     tracing::warn!(attempts, reason = %reason, "order failed");
                 }
                 Outcome::Interrupted => {

@@ -6,6 +6,7 @@ mod console;
 mod contract;
 mod crash;
 mod durability;
+mod experiments;
 mod hardening;
 mod helpers;
 mod http_api;

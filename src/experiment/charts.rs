@@ -1,0 +1,211 @@
+//! The report's charts: inline SVG drawn with plotters, one chart per
+//! quantity with the variants overlaid and the fault window shaded, and the
+//! breaker's state as one band per variant.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::run::{Outcome, VariantResult};
+use crate::lab::Sample;
+use crate::reliability::BreakerState;
+
+const WIDTH: u32 = 860;
+const HEIGHT: u32 = 280;
+const FAULT: RGBColor = RGBColor(220, 38, 38);
+
+/// A colour per variant, the same in every chart.
+fn colour(i: usize) -> RGBColor {
+    const COLOURS: [RGBColor; 6] = [
+        RGBColor(37, 99, 235),
+        RGBColor(234, 88, 12),
+        RGBColor(22, 163, 74),
+        RGBColor(124, 58, 237),
+        RGBColor(8, 145, 178),
+        RGBColor(190, 24, 93),
+    ];
+    COLOURS[i % COLOURS.len()]
+}
+
+/// One quantity per sample; `None` leaves a gap.
+type Series = fn(&Sample) -> Option<f64>;
+
+/// The charts a report shows, each with its title and unit.
+pub const CHARTS: [(&str, &str, Series); 5] = [
+    ("Completed orders per second", "orders/s", |s| {
+        Some(s.completed_per_s)
+    }),
+    ("Failed orders per second", "orders/s", |s| {
+        Some(s.failed_per_s)
+    }),
+    (
+        "Amplification: payment calls per finished order",
+        "calls/order",
+        |s| {
+            let finished = s.completed_per_s + s.failed_per_s;
+            (finished > 0.0).then(|| s.payment_calls_per_s / finished)
+        },
+    ),
+    ("Completion latency p99", "ms", |s| s.latency_p99_ms),
+    ("Retries per second", "retries/s", |s| Some(s.retries_per_s)),
+];
+
+fn extent(outcome: &Outcome, series: Series) -> (f64, f64) {
+    let mut t_max: f64 = 1.0;
+    let mut y_max: f64 = 0.0;
+    for v in &outcome.variants {
+        for s in &v.record.samples {
+            t_max = t_max.max(s.t);
+            if let Some(y) = series(s) {
+                if y.is_finite() {
+                    y_max = y_max.max(y);
+                }
+            }
+        }
+    }
+    (t_max, if y_max > 0.0 { y_max * 1.1 } else { 1.0 })
+}
+
+fn draw_line_chart(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    outcome: &Outcome,
+    title: &str,
+    unit: &str,
+    series: Series,
+) -> Result<(), Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let (t_max, y_max) = extent(outcome, series);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..t_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the start")
+        .y_desc(unit)
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+    // The fault window of the first variant that has one (they share the
+    // schedule, so the windows agree to within a sample).
+    if let Some(w) = outcome.variants.iter().find_map(|v| v.record.fault) {
+        let end = w.end.unwrap_or(t_max);
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(w.start, 0.0), (end, y_max)],
+            FAULT.mix(0.08).filled(),
+        )))?;
+    }
+    for (i, v) in outcome.variants.iter().enumerate() {
+        let c = colour(i);
+        let mut segments: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+        for s in &v.record.samples {
+            match series(s) {
+                Some(y) if y.is_finite() => segments.last_mut().expect("one").push((s.t, y)),
+                _ => segments.push(Vec::new()),
+            }
+        }
+        let mut first = true;
+        for segment in segments.into_iter().filter(|s| !s.is_empty()) {
+            let drawn = chart.draw_series(LineSeries::new(segment, c.stroke_width(2)))?;
+            if std::mem::take(&mut first) {
+                drawn.label(v.name.clone()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3))
+                });
+            }
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .draw()?;
+    Ok(())
+}
+
+fn state_colour(state: BreakerState) -> RGBColor {
+    match state {
+        BreakerState::Closed => RGBColor(31, 157, 85),
+        BreakerState::HalfOpen => RGBColor(217, 119, 6),
+        BreakerState::Open => RGBColor(220, 38, 38),
+    }
+}
+
+fn draw_bands(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    outcome: &Outcome,
+) -> Result<(), Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let t_max = outcome
+        .variants
+        .iter()
+        .flat_map(|v| v.record.samples.last().map(|s| s.t))
+        .fold(1.0, f64::max);
+    let rows = outcome.variants.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Breaker state (green closed, amber half-open, red open)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(140)
+        .build_cartesian_2d(0f64..t_max, 0f64..rows)?;
+    let names: Vec<String> = outcome.variants.iter().map(|v| v.name.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("seconds since the start")
+        .y_labels(names.len())
+        .y_label_formatter(&|y| {
+            let i = y.floor() as usize;
+            names.get(i).cloned().unwrap_or_default()
+        })
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+    for (i, v) in outcome.variants.iter().enumerate() {
+        let row = i as f64;
+        chart.draw_series(band(v, row))?;
+    }
+    Ok(())
+}
+
+fn band(v: &VariantResult, row: f64) -> Vec<Rectangle<(f64, f64)>> {
+    v.record
+        .samples
+        .iter()
+        .map(|s| {
+            Rectangle::new(
+                [(s.t - s.interval, row + 0.2), (s.t, row + 0.8)],
+                state_colour(s.breaker).filled(),
+            )
+        })
+        .collect()
+}
+
+/// Every chart of the report, each an `<svg>` element.
+pub fn svgs(outcome: &Outcome) -> Vec<String> {
+    let mut out = Vec::new();
+    for (title, unit, series) in CHARTS {
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+            if let Err(err) = draw_line_chart(&root, outcome, title, unit, series) {
+                tracing::error!(error = %err, chart = title, "a chart could not be drawn");
+            }
+            let _ = root.present();
+        }
+        out.push(svg);
+    }
+    let mut svg = String::new();
+    {
+        let height = 90 + 40 * outcome.variants.len() as u32;
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        if let Err(err) = draw_bands(&root, outcome) {
+            tracing::error!(error = %err, "the breaker bands could not be drawn");
+        }
+        let _ = root.present();
+    }
+    out.push(svg);
+    out
+}

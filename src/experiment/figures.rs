@@ -1,0 +1,150 @@
+//! The figures of one variant's run, from its timeline and the service's
+//! own counters.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::lab::Sample;
+use crate::observability::latency::Interval;
+use crate::observability::metrics::Totals;
+
+/// Every figure, in the order reports list them.
+pub const FIGURES: [&str; 25] = [
+    "accepted",
+    "completed",
+    "failed",
+    "rejected",
+    "success_ratio",
+    "payment_calls",
+    "amplification",
+    "retries",
+    "rejections_open",
+    "rejections_half_open",
+    "time_to_fail_p50_ms",
+    "time_to_fail_p99_ms",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "backoff_seconds",
+    "backoff_open_seconds",
+    "budget_exhausted",
+    "time_to_recover_s",
+    "charges",
+    "duplicate_charges",
+    "payment_timeouts",
+    "breaker_opened",
+    "half_open_windows",
+    "probes",
+    "probes_per_half_open_window",
+];
+
+/// Where the fault was, on the timeline's clock (seconds since the start).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FaultWindow {
+    pub start: f64,
+    pub end: Option<f64>,
+}
+
+/// What a variant's run leaves behind for its figures.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub samples: Vec<Sample>,
+    pub totals: Totals,
+    pub payment_calls: u64,
+    pub probes: u64,
+    pub half_open_windows: u64,
+    /// Created-to-finished latency of every order, and of the orders that
+    /// failed while the fault lasted.
+    pub latency: Interval,
+    pub failed_in_fault: Option<Interval>,
+    pub fault: Option<FaultWindow>,
+}
+
+/// A figure's value; `None` when it has none (no fault, nothing failed).
+pub type Figures = BTreeMap<&'static str, Option<f64>>;
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Seconds from the fault's end until completions per second, averaged
+/// over one second, are back within 10% of their rate before the fault.
+fn time_to_recover(samples: &[Sample], fault: FaultWindow) -> Option<f64> {
+    let end = fault.end?;
+    // Before the fault, after the first second of traffic.
+    let before: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.t > 1.0 && s.t <= fault.start)
+        .map(|s| s.completed_per_s)
+        .collect();
+    if before.is_empty() {
+        return None;
+    }
+    let normal = before.iter().sum::<f64>() / before.len() as f64;
+    if normal <= 0.0 {
+        return None;
+    }
+    let per_second = samples.first().map_or(4, |s| {
+        (1.0 / s.interval.max(0.001)).round().max(1.0) as usize
+    });
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.t > end).collect();
+    for (i, window) in after.windows(per_second).enumerate() {
+        let mean = window.iter().map(|s| s.completed_per_s).sum::<f64>() / window.len() as f64;
+        if mean >= 0.9 * normal {
+            // The window's first sample closes the interval the recovery began in.
+            let began = after[i].t - after[i].interval;
+            return Some((began - end).max(0.0));
+        }
+    }
+    None
+}
+
+pub fn compute(run: &RunRecord) -> Figures {
+    let t = &run.totals;
+    let finished = (t.completed + t.failed) as f64;
+    let mut f: Figures = BTreeMap::new();
+    let mut put = |name: &'static str, value: Option<f64>| {
+        debug_assert!(FIGURES.contains(&name), "{name}");
+        f.insert(name, value.map(round));
+    };
+    put("accepted", Some(t.accepted as f64));
+    put("completed", Some(t.completed as f64));
+    put("failed", Some(t.failed as f64));
+    put("rejected", Some(t.rejected as f64));
+    put("success_ratio", ratio(t.completed as f64, finished));
+    put("payment_calls", Some(run.payment_calls as f64));
+    put("amplification", ratio(run.payment_calls as f64, finished));
+    put("retries", Some(t.retries as f64));
+    put("rejections_open", Some(t.rejected_open as f64));
+    put("rejections_half_open", Some(t.rejected_half_open as f64));
+    let fail = run.failed_in_fault.as_ref();
+    put("time_to_fail_p50_ms", fail.and_then(|i| i.quantile_ms(0.5)));
+    put(
+        "time_to_fail_p99_ms",
+        fail.and_then(|i| i.quantile_ms(0.99)),
+    );
+    put("latency_p50_ms", run.latency.quantile_ms(0.5));
+    put("latency_p99_ms", run.latency.quantile_ms(0.99));
+    put("backoff_seconds", Some(t.backoff_seconds));
+    put("backoff_open_seconds", Some(t.backoff_open_seconds));
+    put("budget_exhausted", Some(t.budget_exhausted as f64));
+    put(
+        "time_to_recover_s",
+        run.fault.and_then(|w| time_to_recover(&run.samples, w)),
+    );
+    put("charges", Some(t.charges as f64));
+    put("duplicate_charges", Some(t.duplicate_charges as f64));
+    put("payment_timeouts", Some(t.payment_timeouts as f64));
+    put("breaker_opened", Some(t.breaker_opened as f64));
+    put("half_open_windows", Some(run.half_open_windows as f64));
+    put("probes", Some(run.probes as f64));
+    put(
+        "probes_per_half_open_window",
+        ratio(run.probes as f64, run.half_open_windows as f64),
+    );
+    f
+}

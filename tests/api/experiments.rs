@@ -1,0 +1,214 @@
+//! The lab's claims, as the shipped experiments state them, in their quick
+//! profile: a change that breaks a claim fails here. These run on the wall
+//! clock (each variant is a real service with real traffic) and take a few
+//! seconds each; the hypotheses compare variants, never speeds.
+
+use std::path::Path;
+use std::process::Command;
+
+use reliability_lab::experiment;
+
+async fn claims_hold(name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments")
+        .join(format!("{name}.toml"));
+    let e = experiment::load(&path, true).unwrap();
+    let mut progress = Vec::new();
+    let outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
+    let report = experiment::report::markdown(&outcome);
+    assert!(outcome.passed(), "{name}: a claim failed\n{report}");
+    assert!(!outcome.verdicts.is_empty());
+    assert!(
+        String::from_utf8_lossy(&progress).contains("variant"),
+        "progress names the variants"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outage_experiments_claims_hold() {
+    claims_hold("outage").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_double_charge_experiments_claims_hold() {
+    claims_hold("double-charge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_experiments_claims_hold() {
+    claims_hold("retry-budget").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_half_open_experiments_claims_hold() {
+    claims_hold("half-open").await;
+}
+
+#[test]
+fn every_shipped_experiment_file_is_valid_in_both_profiles() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let files = experiment::files(&dir).unwrap();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        for quick in [false, true] {
+            experiment::load(&file, quick).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_reliability-lab"))
+}
+
+#[test]
+fn the_command_line_lists_runs_and_reports_and_says_what_is_wrong_with_a_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let list = binary()
+        .args(["experiment", "list"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(list.status.success());
+    let listed = String::from_utf8_lossy(&list.stdout);
+    for name in ["outage", "double-charge", "retry-budget", "half-open"] {
+        assert!(listed.contains(name), "{listed}");
+    }
+
+    let dir = std::env::temp_dir().join(format!("reliability-lab-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bad = dir.join("bad.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        &bad,
+        "title = \"t\"\nclaim = \"c\"\n[base]\nPAYMENT_FAILURE_RATE = 3\n[[variants]]\nname = \"a\"\n[traffic]\nrate = 10\nduration = \"1s\"\n",
+    )
+    .unwrap();
+    let out = binary()
+        .args(["experiment", "run"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 4") && err.contains("PAYMENT_FAILURE_RATE"),
+        "{err}"
+    );
+
+    // A small experiment whose hypothesis fails: exit status 1, and the
+    // report is written all the same.
+    let failing = dir.join("failing.toml");
+    std::fs::write(
+        &failing,
+        "title = \"t\"\nclaim = \"c\"\n[base]\nPAYMENT_LATENCY_MIN = \"0ms\"\nPAYMENT_LATENCY_MAX = \"0ms\"\n\
+         [[variants]]\nname = \"a\"\n[traffic]\nrate = 20\nduration = \"500ms\"\n\
+         [[hypotheses]]\nclaim = \"impossible\"\nexpr = \"accepted[a] > 1000000\"\n",
+    )
+    .unwrap();
+    let report = dir.join("report");
+    let out = binary()
+        .args(["experiment", "run"])
+        .arg(&failing)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in ["report.md", "figures.json", "timeline.csv"] {
+        assert!(report.join(file).is_file(), "{file} missing");
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("**FAIL**"), "{md}");
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("figures.json")).unwrap())
+            .unwrap();
+    assert_eq!(figures["passed"], false);
+    assert_eq!(figures["variants"]["a"]["figures"]["accepted"], 10.0);
+    let csv = std::fs::read_to_string(report.join("timeline.csv")).unwrap();
+    assert!(csv.starts_with("variant,"), "{csv}");
+    assert!(csv.lines().count() > 2, "{csv}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_html_report_shows_every_chart_in_a_real_browser() {
+    let Some(browser) = crate::helpers::Browser::launch().await else {
+        return;
+    };
+    let text = r#"
+title = "A short outage"
+claim = "the breaker opens"
+[base]
+PAYMENT_FAILURE_RATE = 0
+PAYMENT_LATENCY_MIN = "1ms"
+PAYMENT_LATENCY_MAX = "3ms"
+BREAKER_OPEN_DURATION = "500ms"
+[[variants]]
+name = "both"
+[[variants]]
+name = "retry_only"
+settings = { BREAKER_ENABLED = false }
+[traffic]
+rate = 40
+duration = "2s"
+[[schedule]]
+at = "500ms"
+fault = "start"
+payment = { mode = "outage" }
+[[schedule]]
+at = "1500ms"
+fault = "end"
+payment = { mode = "normal" }
+[[hypotheses]]
+claim = "it opened"
+expr = "breaker_opened[both] >= 1"
+"#;
+    let e = experiment::file::parse("short-outage", text, false).unwrap();
+    let outcome = experiment::run::run(&e, None, &mut std::io::sink())
+        .await
+        .unwrap();
+    assert!(outcome.passed());
+    let dir = std::env::temp_dir().join(format!("reliability-lab-html-{}", std::process::id()));
+    experiment::report::write(&outcome, &dir).unwrap();
+    let page = dir.join("report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    // Self-contained: nothing is loaded from elsewhere (the SVG namespace
+    // URI is a name, not a fetch).
+    for fetch in ["src=", "href=", "url(", "@import"] {
+        assert!(!html.contains(fetch), "{fetch} in the report");
+    }
+
+    browser.open(&format!("file://{}", page.display())).await;
+    let charts = browser
+        .eval(
+            "[...document.querySelectorAll('figure svg')].map(s => { const r = s.getBoundingClientRect(); \
+             return [r.width, r.height, s.querySelectorAll('polyline, path, rect').length, s.textContent]; })",
+        )
+        .await;
+    let charts = charts.as_array().unwrap();
+    assert_eq!(charts.len(), 6, "five line charts and the breaker bands");
+    for chart in charts {
+        assert!(chart[0].as_f64().unwrap() > 400.0, "{chart}");
+        assert!(chart[1].as_f64().unwrap() > 100.0, "{chart}");
+        assert!(chart[2].as_u64().unwrap() > 5, "drawn marks: {chart}");
+        let text = chart[3].as_str().unwrap();
+        assert!(text.contains("seconds since the start"), "{text}");
+    }
+    // Both variants appear in a legend, and the verdict is on the page.
+    let legend = charts[0][3].as_str().unwrap();
+    assert!(
+        legend.contains("both") && legend.contains("retry_only"),
+        "{legend}"
+    );
+    assert_eq!(browser.text(".pass").await, "every hypothesis holds");
+    let shot = dir.join("report.png");
+    browser.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert_eq!(browser.errors(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
