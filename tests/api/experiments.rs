@@ -44,11 +44,16 @@ async fn the_half_open_experiments_claims_hold() {
     claims_hold("half-open").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brownout_timeout_experiments_claims_hold() {
+    claims_hold("brownout-timeout").await;
+}
+
 #[test]
 fn every_shipped_experiment_file_is_valid_in_both_profiles() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
     let files = experiment::files(&dir).unwrap();
-    assert!(files.len() >= 4, "{files:?}");
+    assert!(files.len() >= 5, "{files:?}");
     for file in files {
         for quick in [false, true] {
             experiment::load(&file, quick).unwrap_or_else(|e| panic!("{e}"));
@@ -70,7 +75,13 @@ fn the_command_line_lists_runs_and_reports_and_says_what_is_wrong_with_a_file() 
         .unwrap();
     assert!(list.status.success());
     let listed = String::from_utf8_lossy(&list.stdout);
-    for name in ["outage", "double-charge", "retry-budget", "half-open"] {
+    for name in [
+        "outage",
+        "double-charge",
+        "retry-budget",
+        "half-open",
+        "brownout-timeout",
+    ] {
         assert!(listed.contains(name), "{listed}");
     }
 
