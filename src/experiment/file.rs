@@ -42,6 +42,7 @@ use super::figures::FIGURES;
 use super::hypothesis::{self, Expr};
 use crate::config::Config;
 use crate::payment::PaymentUpdate;
+use crate::reliability::SwitchesUpdate;
 use crate::units::parse_duration;
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +92,7 @@ struct RawStep {
     #[serde(default)]
     payment: Option<toml::Value>,
     #[serde(default)]
-    reliability: Option<SwitchChange>,
+    reliability: Option<SwitchesUpdate>,
     #[serde(default)]
     reset_breaker: bool,
 }
@@ -133,16 +134,6 @@ pub enum FaultMark {
     End,
 }
 
-/// A partial change of the reliability switches.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SwitchChange {
-    pub retry_enabled: Option<bool>,
-    pub breaker_enabled: Option<bool>,
-    pub rejection_permanent: Option<bool>,
-    pub retry_budget_enabled: Option<bool>,
-}
-
 /// One variant: a name and the configuration it runs with.
 #[derive(Debug, Clone)]
 pub struct Variant {
@@ -158,7 +149,7 @@ pub struct Step {
     pub at: Duration,
     pub fault: Option<FaultMark>,
     pub payment: Option<PaymentUpdate>,
-    pub reliability: Option<SwitchChange>,
+    pub reliability: Option<SwitchesUpdate>,
     pub reset_breaker: bool,
     /// The step as written, for the report.
     pub text: String,
@@ -465,6 +456,7 @@ duration = "40s"
 at = "30s"
 fault = "end"
 payment = { mode = "normal" }
+reliability = { retry_budget_enabled = "on" }
 
 [[schedule]]
 at = "10s"
@@ -496,6 +488,13 @@ settings = { BREAKER_OPEN_DURATION = "2s" }
         assert_eq!(e.schedule[0].at, Duration::from_secs(10));
         assert_eq!(e.schedule[0].fault, Some(FaultMark::Start));
         assert_eq!(e.hypotheses.len(), 1);
+        assert_eq!(
+            e.schedule[1].reliability,
+            Some(SwitchesUpdate {
+                retry_budget_enabled: Some(true),
+                ..SwitchesUpdate::default()
+            })
+        );
     }
 
     #[test]

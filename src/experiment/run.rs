@@ -14,7 +14,6 @@ use super::file::{Experiment, FaultMark, Step, Variant};
 use crate::app::{App, AppHandles};
 use crate::lab::LoadPlan;
 use crate::observability::latency::Snapshot;
-use crate::reliability::Switches;
 
 /// The longest wait for the orders in flight to finish after the traffic.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
@@ -36,17 +35,8 @@ fn apply(step: &Step, h: &AppHandles) -> anyhow::Result<()> {
         h.instruments.feed.payment_mode_set(view.mode);
     }
     if let Some(change) = step.reliability {
-        let now = h.reliability.switches();
-        h.reliability.set_switches(Switches {
-            retry_enabled: change.retry_enabled.unwrap_or(now.retry_enabled),
-            breaker_enabled: change.breaker_enabled.unwrap_or(now.breaker_enabled),
-            rejection_permanent: change
-                .rejection_permanent
-                .unwrap_or(now.rejection_permanent),
-            retry_budget_enabled: change
-                .retry_budget_enabled
-                .unwrap_or(now.retry_budget_enabled),
-        });
+        h.reliability
+            .set_switches(change.apply_to(h.reliability.switches()));
     }
     if step.reset_breaker {
         h.reliability.breaker().reset();

@@ -5,13 +5,13 @@
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
 use crate::orders::OrderId;
 use crate::payment::{Charge, PaymentUpdate, SettingsView};
-use crate::reliability::{BreakerSnapshot, Switches};
+use crate::reliability::{BreakerSnapshot, Switches, SwitchesUpdate};
 
 /// An order's charges at the simulated provider.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -118,26 +118,6 @@ pub async fn reset_breaker(State(state): State<AppState>) -> Response {
     Json(breaker.snapshot()).into_response()
 }
 
-/// A partial change of the switches. Unknown fields are refused; a switch
-/// takes a boolean or any spelling the environment takes (`"off"`, `"no"`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SwitchesUpdate {
-    #[serde(default, deserialize_with = "crate::units::de_switch")]
-    #[schema(schema_with = crate::units::switch_schema)]
-    retry_enabled: Option<bool>,
-    #[serde(default, deserialize_with = "crate::units::de_switch")]
-    #[schema(schema_with = crate::units::switch_schema)]
-    breaker_enabled: Option<bool>,
-    /// Whether a breaker rejection ends the retry loop (false: the ablation).
-    #[serde(default, deserialize_with = "crate::units::de_switch")]
-    #[schema(schema_with = crate::units::switch_schema)]
-    rejection_permanent: Option<bool>,
-    #[serde(default, deserialize_with = "crate::units::de_switch")]
-    #[schema(schema_with = crate::units::switch_schema)]
-    retry_budget_enabled: Option<bool>,
-}
-
 #[utoipa::path(get, path = "/admin/reliability", tag = "admin", security(("admin_token" = [])),
     responses(
         (status = 200, description = "Whether retry and the breaker are on", body = Switches),
@@ -162,17 +142,7 @@ pub async fn put_reliability(
     State(state): State<AppState>,
     JsonBody(update): JsonBody<SwitchesUpdate>,
 ) -> Response {
-    let current = state.lab.reliability.switches();
-    let next = Switches {
-        retry_enabled: update.retry_enabled.unwrap_or(current.retry_enabled),
-        breaker_enabled: update.breaker_enabled.unwrap_or(current.breaker_enabled),
-        rejection_permanent: update
-            .rejection_permanent
-            .unwrap_or(current.rejection_permanent),
-        retry_budget_enabled: update
-            .retry_budget_enabled
-            .unwrap_or(current.retry_budget_enabled),
-    };
+    let next = update.apply_to(state.lab.reliability.switches());
     state.lab.reliability.set_switches(next);
     super::lab::switches_changed(&state, next);
     tracing::warn!(?next, "reliability switches changed by the admin API");

@@ -84,6 +84,42 @@ impl Default for Switches {
     }
 }
 
+/// A partial change of the switches. Unknown fields are refused; a switch
+/// takes a boolean or any spelling the environment takes (`"off"`, `"no"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchesUpdate {
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub retry_enabled: Option<bool>,
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub breaker_enabled: Option<bool>,
+    /// Whether a breaker rejection ends the retry loop (false: the ablation).
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub rejection_permanent: Option<bool>,
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub retry_budget_enabled: Option<bool>,
+}
+
+impl SwitchesUpdate {
+    /// `current` with the switches this update names changed.
+    pub fn apply_to(&self, current: Switches) -> Switches {
+        Switches {
+            retry_enabled: self.retry_enabled.unwrap_or(current.retry_enabled),
+            breaker_enabled: self.breaker_enabled.unwrap_or(current.breaker_enabled),
+            rejection_permanent: self
+                .rejection_permanent
+                .unwrap_or(current.rejection_permanent),
+            retry_budget_enabled: self
+                .retry_budget_enabled
+                .unwrap_or(current.retry_budget_enabled),
+        }
+    }
+}
+
 /// Retry around breaker, shared by every worker. Cheap to clone; clones
 /// share the breaker and the switches.
 #[derive(Clone)]
