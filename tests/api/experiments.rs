@@ -223,3 +223,32 @@ expr = "breaker_opened[both] >= 1"
     assert_eq!(browser.errors(), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_database_url_the_variants_run_on_postgres_and_the_claims_still_hold() {
+    let Some(db) = crate::helpers::TestDb::create().await else {
+        return;
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/double-charge.toml");
+    let e = experiment::load(&path, true).unwrap();
+    let outcome = experiment::run::run(&e, Some(&db.url), &mut std::io::sink())
+        .await
+        .unwrap();
+    assert!(
+        outcome.passed(),
+        "{}",
+        experiment::report::markdown(&outcome)
+    );
+    // The orders are in the database: both variants' accepted orders.
+    let accepted: f64 = outcome
+        .variants
+        .iter()
+        .map(|v| v.figures["accepted"].unwrap())
+        .sum();
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored as f64, accepted);
+    db.destroy().await;
+}
