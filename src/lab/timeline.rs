@@ -7,8 +7,8 @@
 //! never by rendering and parsing `/metrics`. Rates are per second over the
 //! time that actually passed between two reads, so a late tick does not
 //! inflate them. Completion latency is the created-to-finished time of the
-//! orders finished in the interval, from a histogram the recorder empties
-//! on every read.
+//! orders finished in the interval: the difference of two snapshots of the
+//! workers' cumulative histograms.
 //!
 //! Memory is bounded: the ring holds `retention / interval` samples (a few
 //! hundred bytes each; 3,600 for the default 15 minutes at 250 ms).
