@@ -26,6 +26,64 @@ fn number(v: Option<f64>) -> String {
     }
 }
 
+/// The settings section, in Markdown inline code, for both reports.
+struct Settings {
+    /// Traffic, base settings, the quick profile's settings.
+    paragraphs: Vec<String>,
+    /// One line per variant: its settings over the base.
+    variants: Vec<String>,
+    /// One line per scheduled change.
+    schedule: Vec<String>,
+}
+
+impl Settings {
+    fn of(e: &super::Experiment) -> Self {
+        let code = |pairs: &[(String, String)]| -> String {
+            pairs
+                .iter()
+                .map(|(k, v)| format!("`{k}={v}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut paragraphs = vec![format!(
+            "Traffic: {} orders per second for {}.",
+            e.rate,
+            format_duration(e.duration)
+        )];
+        if !e.base.is_empty() {
+            paragraphs.push(format!("Base: {}.", code(&e.base)));
+        }
+        if !e.quick_settings.is_empty() {
+            paragraphs.push(format!(
+                "Quick profile, over every variant: {}.",
+                code(&e.quick_settings)
+            ));
+        }
+        let variants = e
+            .variants
+            .iter()
+            .map(|v| {
+                let over = if v.overrides.is_empty() {
+                    "the base".to_owned()
+                } else {
+                    code(&v.overrides)
+                };
+                format!("`{}`: {over}", v.name)
+            })
+            .collect();
+        let schedule = e
+            .schedule
+            .iter()
+            .map(|step| format!("at {}: {}", format_duration(step.at), step.text))
+            .collect();
+        Self {
+            paragraphs,
+            variants,
+            schedule,
+        }
+    }
+}
+
 pub fn markdown(outcome: &Outcome) -> String {
     let e = &outcome.experiment;
     let mut md = String::new();
@@ -74,49 +132,17 @@ pub fn markdown(outcome: &Outcome) -> String {
         let _ = writeln!(md, "| {figure} | {} |", cells.join(" | "));
     }
     let _ = writeln!(md, "\n## Settings\n");
-    let _ = writeln!(
-        md,
-        "Traffic: {} orders per second for {}.\n",
-        e.rate,
-        format_duration(e.duration)
-    );
-    if !e.base.is_empty() {
-        let base: Vec<String> = e.base.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
-        let _ = writeln!(md, "Base: {}.\n", base.join(", "));
+    let settings = Settings::of(e);
+    for paragraph in &settings.paragraphs {
+        let _ = writeln!(md, "{paragraph}\n");
     }
-    if !e.quick_settings.is_empty() {
-        let quick: Vec<String> = e
-            .quick_settings
-            .iter()
-            .map(|(k, v)| format!("`{k}={v}`"))
-            .collect();
-        let _ = writeln!(
-            md,
-            "Quick profile, over every variant: {}.\n",
-            quick.join(", ")
-        );
+    for line in &settings.variants {
+        let _ = writeln!(md, "- {line}");
     }
-    for v in &e.variants {
-        let overrides: Vec<String> = v
-            .overrides
-            .iter()
-            .map(|(k, v)| format!("`{k}={v}`"))
-            .collect();
-        let _ = writeln!(
-            md,
-            "- `{}`: {}",
-            v.name,
-            if overrides.is_empty() {
-                "the base".to_owned()
-            } else {
-                overrides.join(", ")
-            }
-        );
-    }
-    if !e.schedule.is_empty() {
+    if !settings.schedule.is_empty() {
         let _ = writeln!(md, "\nSchedule:\n");
-        for step in &e.schedule {
-            let _ = writeln!(md, "- at {}: {}", format_duration(step.at), step.text);
+        for line in &settings.schedule {
+            let _ = writeln!(md, "- {line}");
         }
     }
     md
@@ -200,15 +226,35 @@ pub fn html(outcome: &Outcome) -> String {
         h.push_str("</tr>");
     }
     h.push_str("</table><h2>Settings</h2>");
-    // The settings as the Markdown report has them, one paragraph each.
-    let md = markdown(outcome);
-    let settings = md.split("## Settings").nth(1).unwrap_or_default();
-    for line in settings.lines().filter(|l| !l.trim().is_empty()) {
-        let _ = write!(
-            h,
-            "<p>{}</p>",
-            escape(line.trim_start_matches("- ")).replace('`', "")
-        );
+    // Inline code in the Markdown lines becomes <code> here.
+    let html_line = |line: &str| {
+        escape(line)
+            .split('`')
+            .enumerate()
+            .map(|(i, part)| {
+                if i % 2 == 1 {
+                    format!("<code>{part}</code>")
+                } else {
+                    part.to_owned()
+                }
+            })
+            .collect::<String>()
+    };
+    let settings = Settings::of(e);
+    for paragraph in &settings.paragraphs {
+        let _ = write!(h, "<p>{}</p>", html_line(paragraph));
+    }
+    h.push_str("<ul>");
+    for line in &settings.variants {
+        let _ = write!(h, "<li>{}</li>", html_line(line));
+    }
+    h.push_str("</ul>");
+    if !settings.schedule.is_empty() {
+        h.push_str("<p>Schedule:</p><ul>");
+        for line in &settings.schedule {
+            let _ = write!(h, "<li>{}</li>", html_line(line));
+        }
+        h.push_str("</ul>");
     }
     h.push_str("</body></html>\n");
     h

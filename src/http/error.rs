@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::lab::LoadError;
 use crate::observability::profiling::ProfileError;
 use crate::orders::{OrderError, StoreError};
 use crate::payment::{LedgerError, SettingsError};
@@ -191,6 +192,17 @@ impl From<SettingsError> for ApiError {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
             err.to_string(),
+        )
+        .with_field(err.field)
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(err: LoadError) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            err.message,
         )
         .with_field(err.field)
     }

@@ -24,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
-use crate::lab::{Change, ChangeKind, LabEvent, LoadError, LoadPlan, LoadStatus, Sample};
+use crate::lab::{Change, ChangeKind, LabEvent, LoadPlan, LoadStatus, Sample};
 use crate::payment::SettingsView;
 use crate::reliability::{BreakerSnapshot, Switches};
 
@@ -34,17 +34,6 @@ const HELLO_HISTORY: Duration = Duration::from_secs(120);
 const HELLO_MAX_SAMPLES: usize = 2000;
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-
-impl From<LoadError> for ApiError {
-    fn from(err: LoadError) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            err.message,
-        )
-        .with_field(err.field)
-    }
-}
 
 /// What `PUT /admin/load` takes. Unknown fields are refused.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

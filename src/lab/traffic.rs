@@ -134,9 +134,20 @@ struct RunCounts {
     sent: AtomicU64,
     outcomes: [AtomicU64; 6],
     done: AtomicBool,
+    /// When the run ended (stopped, or ran its course).
+    ended: Mutex<Option<Instant>>,
 }
 
 impl RunCounts {
+    /// Marks the run ended now; true only for the call that did it.
+    fn finish(&self) -> bool {
+        let first = !self.done.swap(true, Ordering::SeqCst);
+        if first {
+            *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        first
+    }
+
     fn outcomes(&self) -> LoadOutcomes {
         let get = |i: usize| self.outcomes[i].load(Ordering::Relaxed);
         LoadOutcomes {
@@ -153,7 +164,6 @@ impl RunCounts {
 struct Run {
     plan: LoadPlan,
     started: Instant,
-    ended: Arc<Mutex<Option<Instant>>>,
     counts: Arc<RunCounts>,
     stop: CancellationToken,
 }
@@ -299,11 +309,11 @@ impl Traffic {
             let run = Run {
                 plan,
                 started: Instant::now(),
-                ended: Arc::new(Mutex::new(None)),
                 counts: Arc::new(RunCounts {
                     sent: AtomicU64::new(0),
                     outcomes: Default::default(),
                     done: AtomicBool::new(false),
+                    ended: Mutex::new(None),
                 }),
                 stop: CancellationToken::new(),
             };
@@ -312,7 +322,6 @@ impl Traffic {
                 plan,
                 run.started,
                 run.counts.clone(),
-                run.ended.clone(),
                 run.stop.clone(),
                 Sender {
                     connections: self.connections.clone(),
@@ -399,23 +408,20 @@ impl Traffic {
 /// Marks a run as ended now (once).
 fn end(run: &Run) {
     run.stop.cancel();
-    if !run.counts.done.swap(true, Ordering::SeqCst) {
-        *run.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    }
+    run.counts.finish();
 }
 
 fn status_of(run: &Run, in_flight: &Semaphore) -> LoadStatus {
-    status(&run.plan, run.started, &run.ended, &run.counts, in_flight)
+    status(&run.plan, run.started, &run.counts, in_flight)
 }
 
 fn status(
     plan: &LoadPlan,
     started: Instant,
-    ended: &Mutex<Option<Instant>>,
     counts: &RunCounts,
     in_flight: &Semaphore,
 ) -> LoadStatus {
-    let ended = *ended.lock().unwrap_or_else(|p| p.into_inner());
+    let ended = *counts.ended.lock().unwrap_or_else(|p| p.into_inner());
     let until = ended.unwrap_or_else(Instant::now);
     LoadStatus {
         running: !counts.done.load(Ordering::SeqCst),
@@ -474,7 +480,6 @@ async fn generate(
     plan: LoadPlan,
     started: Instant,
     counts: Arc<RunCounts>,
-    ended: Arc<Mutex<Option<Instant>>>,
     stop: CancellationToken,
     sender: Sender,
     mut rng: StdRng,
@@ -504,9 +509,8 @@ async fn generate(
         }
     }
     // Ran its course.
-    if !counts.done.swap(true, Ordering::SeqCst) {
-        *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        let status = status(&plan, started, &ended, &counts, &sender.in_flight);
+    if counts.finish() {
+        let status = status(&plan, started, &counts, &sender.in_flight);
         sender.feed.publish(
             ChangeKind::Load,
             format!("traffic finished: {sent} requests sent"),

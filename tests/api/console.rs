@@ -27,6 +27,22 @@ async fn lab(extra: &[(&str, &str)]) -> Running {
     spawn_binary(&env).await
 }
 
+/// Waits until the page says its event stream is live.
+async fn wait_live(browser: &Browser, what: &str) {
+    browser
+        .wait_for(
+            "document.getElementById('connection').dataset.state === 'live'",
+            what,
+        )
+        .await;
+}
+
+/// Opens the console and waits for its event stream.
+async fn open_live(browser: &Browser, lab: &Running) {
+    browser.open(&lab.url("/")).await;
+    wait_live(browser, "the event stream").await;
+}
+
 fn number(v: &str) -> f64 {
     v.trim().parse().unwrap_or(0.0)
 }
@@ -37,13 +53,7 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
         return;
     };
     let lab = lab(&[]).await;
-    browser.open(&lab.url("/")).await;
-    browser
-        .wait_for(
-            "document.getElementById('connection').dataset.state === 'live'",
-            "the event stream",
-        )
-        .await;
+    open_live(&browser, &lab).await;
     browser
         .wait_for(
             "document.getElementById('queue-capacity').textContent === '100'",
@@ -97,13 +107,7 @@ async fn traffic_and_an_outage_from_the_page_open_the_breaker_and_a_probe_closes
     };
     let lab = lab(&[]).await;
     let client = reqwest::Client::new();
-    browser.open(&lab.url("/")).await;
-    browser
-        .wait_for(
-            "document.getElementById('connection').dataset.state === 'live'",
-            "the event stream",
-        )
-        .await;
+    open_live(&browser, &lab).await;
 
     // Traffic from the page moves the counters and the charts.
     browser.type_into("#load-rate", "40").await;
@@ -274,12 +278,7 @@ async fn with_an_admin_token_the_page_asks_for_it_and_says_when_it_is_wrong() {
         .type_into("#token-input", "correct-horse-battery")
         .await;
     browser.click("#token-submit").await;
-    browser
-        .wait_for(
-            "document.getElementById('connection').dataset.state === 'live'",
-            "the event stream with the right token",
-        )
-        .await;
+    wait_live(&browser, "the event stream with the right token").await;
     assert_eq!(
         browser
             .eval("document.getElementById('console').hidden")
