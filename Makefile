@@ -37,8 +37,5 @@ fuzz: ## The API contract: schemathesis against the release binary's /openapi.js
 bench: ## Load benchmark against a reference server and Postgres's own ceiling, then micro-benchmarks
 	scripts/bench.sh
 
-experiments: ## Every experiment in experiments/ at full length; reports in reports/<name>/ (QUICK=1: the quick profile)
-	cargo build --release --bin reliability-lab
-	@status=0; for f in experiments/*.toml; do \
-		target/release/reliability-lab experiment run "$$f" $(if $(QUICK),--quick) || status=1; \
-	done; exit $$status
+experiments: ## Every experiment in experiments/ at full length; reports in reports/<name>/ (QUICK=1: the quick profile; a throwaway PostgreSQL for those with replicas)
+	scripts/experiments.sh

@@ -141,12 +141,22 @@ impl AppBuilder {
         let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.workers()));
         let mut service =
             Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())));
-        if let Some(seed) = config.payment_seed {
-            tracing::warn!(
+        // Ids follow the seed only in memory: a database outlives the
+        // process, and a second run with the same seed would draw the ids it
+        // already holds (every POST refused as a conflict).
+        match config.payment_seed {
+            Some(seed) if durability == Durability::None => {
+                tracing::warn!(
+                    seed,
+                    "PAYMENT_SEED is set: runs are reproducible, and order ids are drawn from the seed, so they are predictable"
+                );
+                service = service.with_seeded_ids(seed);
+            }
+            Some(seed) => tracing::info!(
                 seed,
-                "PAYMENT_SEED is set: runs are reproducible, and order ids are drawn from the seed, so they are predictable"
-            );
-            service = service.with_seeded_ids(seed);
+                "PAYMENT_SEED is set: the provider's draws follow it; order ids stay random with a database"
+            ),
+            None => {}
         }
         let started = tokio::time::Instant::now();
         let feed = Arc::new(Feed::new(started));

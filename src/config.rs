@@ -206,7 +206,7 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
     pub payment_timeout: Duration,
 
-    /// Seed for reproducible runs: payment draws, retry jitter and order ids follow from it.
+    /// Seed for reproducible runs: payment draws, retry jitter and, in memory, order ids follow from it.
     #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
     pub payment_seed: Option<u64>,
 

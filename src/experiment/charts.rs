@@ -5,7 +5,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::run::{Outcome, VariantResult};
+use super::run::Outcome;
 use crate::lab::Sample;
 use crate::reliability::BreakerState;
 
@@ -49,11 +49,21 @@ pub const CHARTS: [(&str, &str, Series); 5] = [
     ("Retries per second", "retries/s", |s| Some(s.retries_per_s)),
 ];
 
+/// Every timeline of the outcome, named: one per variant, or one per
+/// replica of a variant.
+fn timelines(outcome: &Outcome) -> Vec<(String, &[Sample])> {
+    outcome
+        .variants
+        .iter()
+        .flat_map(|v| v.record.timelines(&v.name))
+        .collect()
+}
+
 fn extent(outcome: &Outcome, series: Series) -> (f64, f64) {
     let mut t_max: f64 = 1.0;
     let mut y_max: f64 = 0.0;
-    for v in &outcome.variants {
-        for s in &v.record.samples {
+    for (_, samples) in timelines(outcome) {
+        for s in samples {
             t_max = t_max.max(s.t);
             if let Some(y) = series(s) {
                 if y.is_finite() {
@@ -95,10 +105,10 @@ fn draw_line_chart(
             FAULT.mix(0.08).filled(),
         )))?;
     }
-    for (i, v) in outcome.variants.iter().enumerate() {
+    for (i, (name, samples)) in timelines(outcome).into_iter().enumerate() {
         let c = colour(i);
         let mut segments: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
-        for s in &v.record.samples {
+        for s in samples {
             match series(s) {
                 Some(y) if y.is_finite() => segments.last_mut().expect("one").push((s.t, y)),
                 _ => segments.push(Vec::new()),
@@ -108,7 +118,7 @@ fn draw_line_chart(
         for segment in segments.into_iter().filter(|s| !s.is_empty()) {
             let drawn = chart.draw_series(LineSeries::new(segment, c.stroke_width(2)))?;
             if std::mem::take(&mut first) {
-                drawn.label(v.name.clone()).legend(move |(x, y)| {
+                drawn.label(name.clone()).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3))
                 });
             }
@@ -136,12 +146,12 @@ fn draw_bands(
     outcome: &Outcome,
 ) -> Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
-    let t_max = outcome
-        .variants
+    let lines = timelines(outcome);
+    let t_max = lines
         .iter()
-        .flat_map(|v| v.record.samples.last().map(|s| s.t))
+        .flat_map(|(_, samples)| samples.last().map(|s| s.t))
         .fold(1.0, f64::max);
-    let rows = outcome.variants.len().max(1) as f64;
+    let rows = lines.len().max(1) as f64;
     let mut chart = ChartBuilder::on(root)
         .caption(
             "Breaker state (green closed, amber half-open, red open)",
@@ -151,34 +161,42 @@ fn draw_bands(
         .x_label_area_size(36)
         .y_label_area_size(140)
         .build_cartesian_2d(0f64..t_max, 0f64..rows)?;
-    let names: Vec<String> = outcome.variants.iter().map(|v| v.name.clone()).collect();
+    let names: Vec<String> = lines.iter().map(|(name, _)| name.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("seconds since the start")
-        .y_labels(names.len())
+        // Ticks every half row; only the middle of a row is named.
+        .y_labels(names.len() * 2 + 1)
         .y_label_formatter(&|y| {
-            let i = y.floor() as usize;
-            names.get(i).cloned().unwrap_or_default()
+            let row = y - 0.5;
+            if row >= 0.0 && (row - row.round()).abs() < 1e-6 {
+                names.get(row.round() as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    for (i, v) in outcome.variants.iter().enumerate() {
-        let row = i as f64;
-        chart.draw_series(band(v, row))?;
+    for (i, (_, samples)) in lines.iter().enumerate() {
+        chart.draw_series(band(samples, i as f64))?;
     }
     Ok(())
 }
 
-fn band(v: &VariantResult, row: f64) -> Vec<Rectangle<(f64, f64)>> {
-    v.record
-        .samples
+fn band(samples: &[Sample], row: f64) -> Vec<Rectangle<(f64, f64)>> {
+    // Each sample from where the one before it ended (its own interval for
+    // the first), so clock jitter between them leaves no hairline gaps.
+    let mut from = samples.first().map_or(0.0, |s| s.t - s.interval);
+    samples
         .iter()
         .map(|s| {
-            Rectangle::new(
-                [(s.t - s.interval, row + 0.2), (s.t, row + 0.8)],
+            let rect = Rectangle::new(
+                [(from, row + 0.2), (s.t, row + 0.8)],
                 state_colour(s.breaker).filled(),
-            )
+            );
+            from = s.t;
+            rect
         })
         .collect()
 }
@@ -199,7 +217,7 @@ pub fn svgs(outcome: &Outcome) -> Vec<String> {
     }
     let mut svg = String::new();
     {
-        let height = 90 + 40 * outcome.variants.len() as u32;
+        let height = 90 + 40 * timelines(outcome).len() as u32;
         let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
         if let Err(err) = draw_bands(&root, outcome) {
             tracing::error!(error = %err, "the breaker bands could not be drawn");

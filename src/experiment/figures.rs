@@ -10,10 +10,11 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 25] = [
+pub const FIGURES: [&str; 30] = [
     "accepted",
     "completed",
     "failed",
+    "open_orders",
     "rejected",
     "success_ratio",
     "payment_calls",
@@ -36,6 +37,10 @@ pub const FIGURES: [&str; 25] = [
     "half_open_windows",
     "probes",
     "probes_per_half_open_window",
+    "in_hand_at_kill",
+    "taken_over",
+    "takeover_s",
+    "takeover_bound_s",
 ];
 
 /// Where the fault was, on the timeline's clock (seconds since the start).
@@ -58,6 +63,42 @@ pub struct RunRecord {
     pub latency: Interval,
     pub failed_in_fault: Option<Interval>,
     pub fault: Option<FaultWindow>,
+    /// With replicas: each one's timeline by name (`samples` is then
+    /// empty), its `t` on the run's clock.
+    pub replicas: Vec<(String, Vec<Sample>)>,
+    /// With a replica killed: what happened to the orders it held.
+    pub takeover: Option<Takeover>,
+}
+
+impl RunRecord {
+    /// The timelines to chart: the service's, or each replica's as
+    /// `variant/replica`.
+    pub fn timelines<'a>(&'a self, variant: &str) -> Vec<(String, &'a [Sample])> {
+        if self.replicas.is_empty() {
+            vec![(variant.to_owned(), &self.samples)]
+        } else {
+            self.replicas
+                .iter()
+                .map(|(name, samples)| (format!("{variant}/{name}"), samples.as_slice()))
+                .collect()
+        }
+    }
+}
+
+/// The orders a killed replica held (leased, pending or processing) and
+/// how they were taken over.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Takeover {
+    /// Open orders leased to the replica when it was killed.
+    pub in_hand: u64,
+    /// Of those, the ones another replica took over.
+    pub taken_over: u64,
+    /// The longest time from the kill to a takeover, in seconds (none
+    /// taken over: none).
+    pub longest_s: Option<f64>,
+    /// What the design promises: the lease, one recovery interval and a
+    /// second to spare.
+    pub bound_s: f64,
 }
 
 /// A figure's value; `None` when it has none (no fault, nothing failed).
@@ -114,6 +155,10 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("accepted", Some(t.accepted as f64));
     put("completed", Some(t.completed as f64));
     put("failed", Some(t.failed as f64));
+    put(
+        "open_orders",
+        Some(t.accepted.saturating_sub(t.completed + t.failed) as f64),
+    );
     put("rejected", Some(t.rejected as f64));
     put("success_ratio", ratio(t.completed as f64, finished));
     put("payment_calls", Some(run.payment_calls as f64));
@@ -146,5 +191,24 @@ pub fn compute(run: &RunRecord) -> Figures {
         "probes_per_half_open_window",
         ratio(run.probes as f64, run.half_open_windows as f64),
     );
+    if !run.replicas.is_empty() {
+        // Counters a replica's timeline does not carry: not measured.
+        for name in [
+            "backoff_seconds",
+            "backoff_open_seconds",
+            "budget_exhausted",
+            "breaker_opened",
+            "half_open_windows",
+            "probes",
+            "probes_per_half_open_window",
+        ] {
+            put(name, None);
+        }
+    }
+    let takeover = run.takeover.as_ref();
+    put("in_hand_at_kill", takeover.map(|k| k.in_hand as f64));
+    put("taken_over", takeover.map(|k| k.taken_over as f64));
+    put("takeover_s", takeover.and_then(|k| k.longest_s));
+    put("takeover_bound_s", takeover.map(|k| k.bound_s));
     f
 }

@@ -62,10 +62,24 @@ struct RawFile {
     hypotheses: Vec<RawHypothesis>,
     #[serde(default)]
     quick: RawQuick,
+    #[serde(default = "default_replicas")]
+    replicas: u32,
 }
 
 fn default_seed() -> u64 {
     1
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// The most replicas an experiment starts.
+pub const MAX_REPLICAS: u32 = 4;
+
+/// A replica's name in schedules and reports: `a`, `b`, …
+pub fn replica_name(index: usize) -> String {
+    char::from(b'a' + index as u8).to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +109,8 @@ struct RawStep {
     reliability: Option<SwitchesUpdate>,
     #[serde(default)]
     reset_breaker: bool,
+    #[serde(default)]
+    kill: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +156,9 @@ pub struct Variant {
     pub name: String,
     /// Its settings over the base, for the report.
     pub overrides: Vec<(String, String)>,
+    /// Every setting it runs with (base, its own, the quick profile's), as
+    /// the environment spells them: what a replica process is started with.
+    pub settings: Vec<(String, String)>,
     pub config: Config,
 }
 
@@ -151,6 +170,8 @@ pub struct Step {
     pub payment: Option<PaymentUpdate>,
     pub reliability: Option<SwitchesUpdate>,
     pub reset_breaker: bool,
+    /// The replica (by index) to kill with SIGKILL.
+    pub kill: Option<usize>,
     /// The step as written, for the report.
     pub text: String,
 }
@@ -178,6 +199,17 @@ pub struct Experiment {
     pub schedule: Vec<Step>,
     pub hypotheses: Vec<Hypothesis>,
     pub quick: bool,
+    /// 1: each variant is an in-process service. More: each variant is that
+    /// many replica processes sharing one Postgres, the traffic split
+    /// evenly between them.
+    pub replicas: usize,
+}
+
+impl Experiment {
+    /// Replicas share their orders through Postgres only.
+    pub fn needs_postgres(&self) -> bool {
+        self.replicas > 1
+    }
 }
 
 /// The line (1-based) where `needle` first appears at the start of a line
@@ -290,6 +322,10 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let all: Vec<(&str, &str)> = merged.into_iter().collect();
+        let settings: Vec<(String, String)> = all
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let config = Config::from_settings(all).map_err(|e| {
             let key = e
                 .split_whitespace()
@@ -302,6 +338,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         variants.push(Variant {
             name: v.name.clone(),
             overrides,
+            settings,
             config,
         });
     }
@@ -312,6 +349,15 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
     crate::lab::LoadPlan::new(raw.traffic.rate, Some(duration))
         .map_err(|e| at_line(source, "rate", format!("traffic.{}: {e}", e.field)))?;
 
+    if raw.replicas == 0 || raw.replicas > MAX_REPLICAS {
+        return Err(at_line(
+            source,
+            "replicas",
+            format!("replicas must be 1 to {MAX_REPLICAS}, got {}", raw.replicas),
+        ));
+    }
+    let replicas = raw.replicas as usize;
+    let mut killed = Vec::new();
     let mut schedule = Vec::new();
     for step in &raw.schedule {
         let at = parse_duration(&step.at).map_err(|e| {
@@ -338,6 +384,43 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
                 Some(update)
             }
         };
+        let kill = match &step.kill {
+            None => None,
+            Some(name) => {
+                let here =
+                    |message: String| at_line(source, &format!("kill = \"{name}\""), message);
+                if replicas < 2 {
+                    return Err(here(
+                        "schedule.kill needs replicas = 2 or more (one must survive)".into(),
+                    ));
+                }
+                let Some(index) = (0..replicas).find(|&i| replica_name(i) == *name) else {
+                    return Err(here(format!(
+                        "schedule.kill: no replica named {name:?}; with {replicas} replicas they are {}",
+                        (0..replicas).map(replica_name).collect::<Vec<_>>().join(", ")
+                    )));
+                };
+                if killed.contains(&index) {
+                    return Err(here(format!(
+                        "schedule.kill: replica {name} is killed twice"
+                    )));
+                }
+                killed.push(index);
+                if killed.len() == replicas {
+                    return Err(here("schedule.kill: every replica would be killed; one must survive to take the orders over".into()));
+                }
+                Some(index)
+            }
+        };
+        if replicas > 1
+            && (step.payment.is_some() || step.reliability.is_some() || step.reset_breaker)
+        {
+            return Err(at_line(
+                source,
+                &format!("at = \"{}\"", step.at),
+                "with replicas, the schedule can only kill them (and mark the fault): set payment and reliability in [base] or the variants".into(),
+            ));
+        }
         let mut text = vec![];
         if let Some(f) = step.fault {
             text.push(format!(
@@ -358,12 +441,16 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         if step.reset_breaker {
             text.push("breaker reset".into());
         }
+        if let Some(i) = kill {
+            text.push(format!("replica {} killed (SIGKILL)", replica_name(i)));
+        }
         schedule.push(Step {
             at,
             fault: step.fault,
             payment,
             reliability: step.reliability,
             reset_breaker: step.reset_breaker,
+            kill,
             text: text.join(", "),
         });
     }
@@ -425,6 +512,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         schedule,
         hypotheses,
         quick,
+        replicas,
     })
 }
 
@@ -507,6 +595,95 @@ settings = { BREAKER_OPEN_DURATION = "2s" }
             e.variants[0].config.breaker_open_duration,
             Duration::from_secs(2)
         );
+    }
+
+    const REPLICAS: &str = r#"
+title = "t"
+claim = "c"
+replicas = 2
+
+[base]
+JOB_LEASE = "5s"
+
+[[variants]]
+name = "two"
+
+[traffic]
+rate = 40
+duration = "30s"
+
+[[schedule]]
+at = "10s"
+fault = "start"
+kill = "a"
+"#;
+
+    #[test]
+    fn replicas_and_a_kill_are_read_and_every_variant_keeps_its_settings_for_the_processes() {
+        let e = parse("crash", REPLICAS, false).unwrap();
+        assert_eq!(e.replicas, 2);
+        assert!(e.needs_postgres());
+        assert_eq!(e.schedule[0].kill, Some(0));
+        assert!(
+            e.schedule[0].text.contains("replica a killed"),
+            "{}",
+            e.schedule[0].text
+        );
+        assert_eq!(
+            e.variants[0].settings,
+            vec![("JOB_LEASE".to_owned(), "5s".to_owned())]
+        );
+        // Without replicas nothing needs Postgres.
+        let one = parse(
+            "x",
+            &REPLICAS
+                .replace("replicas = 2", "replicas = 1")
+                .replace("kill = \"a\"\n", ""),
+            false,
+        )
+        .unwrap();
+        assert!(!one.needs_postgres());
+    }
+
+    #[test]
+    fn a_kill_that_cannot_happen_is_refused_naming_the_line() {
+        for (from, to, hint) in [
+            (
+                "replicas = 2",
+                "replicas = 1",
+                "line 19: schedule.kill needs replicas = 2",
+            ),
+            (
+                "replicas = 2",
+                "replicas = 9",
+                "line 4: replicas must be 1 to 4, got 9",
+            ),
+            ("replicas = 2", "replicas = 0", "replicas must be 1 to 4"),
+            (
+                "kill = \"a\"",
+                "kill = \"c\"",
+                "no replica named \"c\"; with 2 replicas they are a, b",
+            ),
+            (
+                "kill = \"a\"",
+                "kill = \"a\"\n\n[[schedule]]\nat = \"12s\"\nkill = \"b\"",
+                "every replica would be killed",
+            ),
+            (
+                "kill = \"a\"",
+                "kill = \"a\"\n\n[[schedule]]\nat = \"12s\"\nkill = \"a\"",
+                "replica a is killed twice",
+            ),
+            (
+                "kill = \"a\"",
+                "payment = { mode = \"outage\" }",
+                "with replicas, the schedule can only kill them",
+            ),
+        ] {
+            let text = REPLICAS.replace(from, to);
+            let err = parse("x", &text, false).unwrap_err();
+            assert!(err.contains(hint), "{to}: {err}");
+        }
     }
 
     #[test]

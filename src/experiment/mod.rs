@@ -10,6 +10,7 @@ pub mod charts;
 pub mod figures;
 pub mod file;
 pub mod hypothesis;
+pub mod replicas;
 pub mod report;
 pub mod run;
 
@@ -44,7 +45,9 @@ enum Command {
         /// Every duration scaled down (the file's [quick] section).
         #[arg(long)]
         quick: bool,
-        /// Run against Postgres instead of the in-memory store.
+        /// Run against Postgres instead of the in-memory store. Experiments
+        /// with replicas need it (DATABASE_URL is read for them when this
+        /// is absent); without either they are skipped.
         #[arg(long)]
         database_url: Option<String>,
     },
@@ -103,6 +106,23 @@ pub async fn main(args: Vec<String>) -> ExitCode {
                     eprintln!("reliability-lab: {err}");
                     return ExitCode::from(2);
                 }
+            };
+            let database_url = match database_url {
+                Some(url) => Some(url),
+                None if experiment.needs_postgres() => {
+                    match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+                        Some(url) => Some(url),
+                        None => {
+                            eprintln!(
+                                "{}: skipped: its {} replicas share their orders through Postgres; \
+                                 give --database-url URL (or set DATABASE_URL)",
+                                experiment.name, experiment.replicas
+                            );
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                }
+                None => None,
             };
             let out = out.unwrap_or_else(|| Path::new("reports").join(&experiment.name));
             let mut progress = std::io::stderr();

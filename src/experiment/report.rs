@@ -26,6 +26,18 @@ fn number(v: Option<f64>) -> String {
     }
 }
 
+/// The figures some variant has a value for, and those none has (a fault
+/// that never ended has no recovery time; a run without a kill, no
+/// takeover).
+fn figure_rows(outcome: &Outcome) -> (Vec<&'static str>, Vec<&'static str>) {
+    FIGURES.iter().partition(|figure| {
+        outcome
+            .variants
+            .iter()
+            .any(|v| v.figures.get(*figure).copied().flatten().is_some())
+    })
+}
+
 /// The settings section, in Markdown inline code, for both reports.
 struct Settings {
     /// Traffic, base settings, the quick profile's settings.
@@ -46,9 +58,18 @@ impl Settings {
                 .join(", ")
         };
         let mut paragraphs = vec![format!(
-            "Traffic: {} orders per second for {}.",
+            "Traffic: {} orders per second for {}{}.",
             e.rate,
-            format_duration(e.duration)
+            format_duration(e.duration),
+            if e.replicas > 1 {
+                format!(
+                    ", split evenly across {} replica processes sharing one Postgres \
+                     (a replica's share stops when it is killed)",
+                    e.replicas
+                )
+            } else {
+                String::new()
+            }
         )];
         if !e.base.is_empty() {
             paragraphs.push(format!("Base: {}.", code(&e.base)));
@@ -123,13 +144,17 @@ pub fn markdown(outcome: &Outcome) -> String {
     let names: Vec<&str> = outcome.variants.iter().map(|v| v.name.as_str()).collect();
     let _ = writeln!(md, "| figure | {} |", names.join(" | "));
     let _ = writeln!(md, "|---|{}", "---:|".repeat(names.len()));
-    for figure in FIGURES {
+    let (shown, absent) = figure_rows(outcome);
+    for figure in shown {
         let cells: Vec<String> = outcome
             .variants
             .iter()
             .map(|v| number(v.figures.get(figure).copied().flatten()))
             .collect();
         let _ = writeln!(md, "| {figure} | {} |", cells.join(" | "));
+    }
+    if !absent.is_empty() {
+        let _ = writeln!(md, "\nNo variant has a value for: {}.", absent.join(", "));
     }
     let _ = writeln!(md, "\n## Settings\n");
     let settings = Settings::of(e);
@@ -214,7 +239,8 @@ pub fn html(outcome: &Outcome) -> String {
         let _ = write!(h, "<th>{}</th>", escape(&v.name));
     }
     h.push_str("</tr>");
-    for figure in FIGURES {
+    let (shown, absent) = figure_rows(outcome);
+    for figure in shown {
         let _ = write!(h, "<tr><td>{figure}</td>");
         for v in &outcome.variants {
             let _ = write!(
@@ -225,7 +251,15 @@ pub fn html(outcome: &Outcome) -> String {
         }
         h.push_str("</tr>");
     }
-    h.push_str("</table><h2>Settings</h2>");
+    h.push_str("</table>");
+    if !absent.is_empty() {
+        let _ = write!(
+            h,
+            "<p>No variant has a value for: {}.</p>",
+            escape(&absent.join(", "))
+        );
+    }
+    h.push_str("<h2>Settings</h2>");
     // Inline code in the Markdown lines becomes <code> here.
     let html_line = |line: &str| {
         escape(line)
@@ -291,8 +325,12 @@ fn figures_json(outcome: &Outcome) -> serde_json::Value {
 fn timeline_csv(outcome: &Outcome) -> String {
     let mut csv = String::new();
     let mut header: Option<Vec<String>> = None;
-    for v in &outcome.variants {
-        for sample in &v.record.samples {
+    for (name, samples) in outcome
+        .variants
+        .iter()
+        .flat_map(|v| v.record.timelines(&v.name))
+    {
+        for sample in samples {
             let serde_json::Value::Object(map) = serde_json::to_value(sample).unwrap_or_default()
             else {
                 continue;
@@ -310,7 +348,7 @@ fn timeline_csv(outcome: &Outcome) -> String {
                     other => other.to_string(),
                 })
                 .collect();
-            let _ = writeln!(csv, "{},{}", v.name, cells.join(","));
+            let _ = writeln!(csv, "{},{}", name, cells.join(","));
         }
     }
     csv

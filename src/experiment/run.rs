@@ -4,6 +4,7 @@
 //! the same seed.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,11 +13,11 @@ use tokio::time::Instant;
 use super::figures::{self, FaultWindow, Figures, RunRecord};
 use super::file::{Experiment, FaultMark, Step, Variant};
 use crate::app::{App, AppHandles};
-use crate::lab::LoadPlan;
+use crate::lab::{LoadOutcomes, LoadPlan};
 use crate::observability::latency::Snapshot;
 
 /// The longest wait for the orders in flight to finish after the traffic.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+pub(super) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// One variant's outcome.
 #[derive(Debug, Clone)]
@@ -40,6 +41,35 @@ fn apply(step: &Step, h: &AppHandles) -> anyhow::Result<()> {
     }
     if step.reset_breaker {
         h.reliability.breaker().reset();
+    }
+    Ok(())
+}
+
+/// What the generated traffic came to. Orders refused with a 4xx mean the
+/// setup is broken (the run measured nothing of what it meant to), so the
+/// run fails; 5xx, lost requests and skipped sends are reported.
+pub(super) fn check_traffic(
+    variant: &str,
+    outcomes: &LoadOutcomes,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let sent = outcomes.accepted
+        + outcomes.rejected
+        + outcomes.client_error
+        + outcomes.server_error
+        + outcomes.transport_error;
+    if outcomes.client_error > 0 {
+        anyhow::bail!(
+            "variant {variant}: {} of {sent} generated orders were refused with a 4xx, so the run measured nothing it meant to (the service's log says why)",
+            outcomes.client_error
+        );
+    }
+    if outcomes.server_error + outcomes.transport_error + outcomes.skipped > 0 {
+        let _ = writeln!(
+            progress,
+            "  {variant}: of {sent} generated orders, {} were answered 5xx and {} got no answer; {} were not sent (too many in flight)",
+            outcomes.server_error, outcomes.transport_error, outcomes.skipped
+        );
     }
     Ok(())
 }
@@ -129,6 +159,11 @@ pub async fn run_variant(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    check_traffic(
+        &variant.name,
+        &h.instruments.traffic.status().outcomes,
+        progress,
+    )?;
     // A fault that never ended is measured to the end of the run.
     let finished = (h.instruments.feed.clock(), failed.snapshot());
     // Wait for one more sample so the timeline covers the drain.
@@ -163,6 +198,8 @@ pub async fn run_variant(
             .merge(&failed.snapshot().since(&Snapshot::default())),
         failed_in_fault,
         fault,
+        replicas: Vec::new(),
+        takeover: None,
     };
     let _ = stop.send(());
     server
@@ -201,16 +238,39 @@ impl Outcome {
     }
 }
 
-/// Runs every variant in turn, then judges the hypotheses.
+/// Runs every variant in turn, then judges the hypotheses. Replicas are
+/// processes of this program's own executable.
 pub async fn run(
     experiment: &Experiment,
     database_url: Option<&str>,
     progress: &mut (dyn Write + Send),
 ) -> anyhow::Result<Outcome> {
+    let binary = std::env::current_exe().context("cannot find this program's executable")?;
+    run_using(experiment, database_url, &binary, progress).await
+}
+
+/// `run`, with replicas started from `binary`.
+pub async fn run_using(
+    experiment: &Experiment,
+    database_url: Option<&str>,
+    binary: &Path,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Outcome> {
     let mut variants = Vec::new();
     for variant in &experiment.variants {
         let _ = writeln!(progress, "{}: variant {}", experiment.name, variant.name);
-        variants.push(run_variant(experiment, variant, database_url, progress).await?);
+        let result = if experiment.needs_postgres() {
+            let url = database_url.with_context(|| {
+                format!(
+                    "{} runs {} replicas, which share their orders through Postgres: give --database-url",
+                    experiment.name, experiment.replicas
+                )
+            })?;
+            super::replicas::run_variant(experiment, variant, url, binary, progress).await?
+        } else {
+            run_variant(experiment, variant, database_url, progress).await?
+        };
+        variants.push(result);
     }
     let lookup = |figure: &str, variant: &str| -> Option<f64> {
         variants

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,7 @@ pub const MAX_SAMPLES: usize = 100_000;
 
 /// One interval of the pipeline. Rates are per second; `*_total` fields and
 /// the charges are running totals since the service started.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sample {
     /// 1 for the first sample, one more for each after.
     pub seq: u64,

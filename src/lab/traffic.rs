@@ -96,7 +96,9 @@ impl LoadPlan {
 }
 
 /// Counts of generated requests by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct LoadOutcomes {
     /// Answered 2xx: an order was taken (or given back for a repeated key).
     pub accepted: u64,

@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use failsafe::failure_policy::{consecutive_failures, ConsecutiveFailures};
 use failsafe::{FailurePolicy, Instrument, StateMachine};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// The breaker's state, with the gauge value each one has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,

@@ -18,6 +18,13 @@ async fn claims_hold(name: &str) {
     let report = experiment::report::markdown(&outcome);
     assert!(outcome.passed(), "{name}: a claim failed\n{report}");
     assert!(!outcome.verdicts.is_empty());
+    for v in &outcome.variants {
+        assert!(
+            v.figures["accepted"].unwrap() > 0.0,
+            "{name}/{}: no order was taken, so the claims were not tested\n{report}",
+            v.name
+        );
+    }
     assert!(
         String::from_utf8_lossy(&progress).contains("variant"),
         "progress names the variants"
@@ -250,5 +257,83 @@ async fn with_a_database_url_the_variants_run_on_postgres_and_the_claims_still_h
         .await
         .unwrap();
     assert_eq!(stored as f64, accepted);
+    // Both variants ran on one database with the same seed: each still took
+    // its orders (seeded ids would have collided with the first variant's).
+    for v in &outcome.variants {
+        assert!(v.figures["accepted"].unwrap() > 0.0, "{}", v.name);
+    }
     db.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgres() {
+    let Some(db) = crate::helpers::TestDb::create().await else {
+        return;
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/crash.toml");
+    let e = experiment::load(&path, true).unwrap();
+    let mut progress = Vec::new();
+    let outcome = experiment::run::run_using(
+        &e,
+        Some(&db.url),
+        Path::new(env!("CARGO_BIN_EXE_reliability-lab")),
+        &mut progress,
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", String::from_utf8_lossy(&progress)));
+    let report = experiment::report::markdown(&outcome);
+    assert!(outcome.passed(), "a claim failed\n{report}");
+    let v = &outcome.variants[0];
+    // What the figures say is what the database holds.
+    let (stored, open): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status IN ('pending', 'processing')) FROM orders",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(v.figures["accepted"], Some(stored as f64), "{report}");
+    assert_eq!(open, 0);
+    // Each replica's timeline is kept: the killed one's ends at the kill.
+    let fault = v.record.fault.expect("the kill marks the fault");
+    let timelines = v.record.timelines(&v.name);
+    assert_eq!(timelines.len(), 2);
+    assert_eq!(timelines[0].0, "two_replicas/a");
+    let a_end = timelines[0].1.last().unwrap().t;
+    let b_end = timelines[1].1.last().unwrap().t;
+    assert!(
+        a_end <= fault.start + 0.5 && b_end > fault.start + 1.0,
+        "a until {a_end}, b until {b_end}, kill at {}",
+        fault.start
+    );
+    let progress = String::from_utf8_lossy(&progress);
+    assert!(
+        progress.contains("replica a killed (SIGKILL)"),
+        "{progress}"
+    );
+    db.destroy().await;
+}
+
+#[test]
+fn an_experiment_with_replicas_is_skipped_with_a_line_saying_why_when_there_is_no_postgres() {
+    let out = std::env::temp_dir().join(format!("rl-skip-{}", std::process::id()));
+    let output = binary()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("DATABASE_URL")
+        .args([
+            "experiment",
+            "run",
+            "experiments/crash.toml",
+            "--quick",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("crash: skipped: its 2 replicas share their orders through Postgres; give --database-url"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a skipped experiment writes no report");
 }

@@ -1,0 +1,616 @@
+//! Experiments with replicas: each variant is `replicas` processes of this
+//! binary sharing one Postgres, the traffic split evenly between them (each
+//! replica's own generator, started through `PUT /admin/load` once all are
+//! listening), and a schedule that may SIGKILL one of them.
+//!
+//! Processes, not in-process services, because the point is a replica dying
+//! with work in hand: its leases stop being renewed, and another replica
+//! must take its orders over. The figures therefore come from where the
+//! truth is after a crash: the database (orders, the shared payment ledger,
+//! leases), counting only the orders created since the variant started; the
+//! replicas' timelines (polled over HTTP, up to the kill for the killed one)
+//! give the rates, retries and rejections, and the charts.
+//!
+//! Takeover is watched from the database every 100 ms: an order held at the
+//! kill counts as taken over once another replica owns its lease or has
+//! leased it. The time is measured on this process's clock, so it is an
+//! upper bound by at most one watch period plus a query.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use axum::body::Body;
+use chrono::{DateTime, Utc};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::figures::{self, FaultWindow, RunRecord, Takeover};
+use super::file::{replica_name, Experiment, FaultMark, Variant};
+use super::run::{check_traffic, VariantResult, DRAIN_LIMIT};
+use crate::lab::{LoadOutcomes, Sample};
+use crate::observability::latency::{LatencyHistogram, Snapshot};
+use crate::observability::metrics::Totals;
+
+/// How long a replica may take to listen.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// How often the takeover of a killed replica's orders is looked for.
+const WATCH_PERIOD: Duration = Duration::from_millis(100);
+/// How often the replicas' timelines are read.
+const POLL_PERIOD: Duration = Duration::from_secs(1);
+/// How long a replica may take to stop after SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+/// Log lines kept per replica, for the error when one fails.
+const LOG_LINES: usize = 40;
+
+/// One replica process.
+struct Replica {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    /// Its lease owner id, from its log.
+    owner: String,
+    samples: Vec<Sample>,
+    last_seq: u64,
+    logs: Arc<Mutex<VecDeque<String>>>,
+    alive: bool,
+}
+
+impl Replica {
+    fn last_logs(&self) -> String {
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        logs.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn keep(logs: &Mutex<VecDeque<String>>, line: String) {
+    let mut logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+    if logs.len() == LOG_LINES {
+        logs.pop_front();
+    }
+    logs.push_back(line);
+}
+
+/// Starts one replica and waits until it listens.
+async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow::Result<Replica> {
+    let mut cmd = Command::new(binary);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("replica {name}: cannot start {}", binary.display()))?;
+    let logs = Arc::new(Mutex::new(VecDeque::new()));
+    let (found, mut found_rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
+    let stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = stdout.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "reliability-lab listening" {
+                    let _ = found.send((true, v["addr"].as_str().unwrap_or("").to_owned()));
+                } else if let Some(owner) = v["replica"].as_str() {
+                    let _ = found.send((false, owner.to_owned()));
+                }
+            }
+            keep(&sink, line);
+        }
+    });
+    let stderr = tokio::io::BufReader::new(child.stderr.take().expect("piped"));
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = stderr.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            keep(&sink, line);
+        }
+    });
+    let deadline = Instant::now() + START_LIMIT;
+    let (mut addr, mut owner) = (None, None);
+    while addr.is_none() || owner.is_none() {
+        tokio::select! {
+            got = found_rx.recv() => match got {
+                Some((true, a)) => addr = Some(a),
+                Some((false, o)) => owner = Some(o),
+                None => {
+                    // Its output ended: it exited.
+                    let status = child.wait().await.ok();
+                    let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+                    bail!(
+                        "replica {name} exited before it listened ({}):\n{}",
+                        status.map_or("unknown status".into(), |s| s.to_string()),
+                        logs.iter().cloned().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                bail!("replica {name} did not listen within {START_LIMIT:?}");
+            }
+        }
+    }
+    let addr: SocketAddr = addr
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("replica {name}: the address it logged"))?;
+    Ok(Replica {
+        name,
+        child,
+        addr,
+        owner: owner.unwrap_or_default(),
+        samples: Vec::new(),
+        last_seq: 0,
+        logs,
+        alive: true,
+    })
+}
+
+/// One HTTP/1.1 request to a replica; its status and body.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, axum::body::Bytes)> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut builder = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(body))?,
+            None => builder.body(Body::empty())?,
+        };
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(Body::new(response.into_body()), 64 << 20).await?;
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {path}: no answer within 10s"))?
+}
+
+#[derive(Deserialize)]
+struct TimelinePage {
+    last_seq: u64,
+    samples: Vec<Sample>,
+}
+
+/// Reads what is new on a replica's timeline, with `t` put on the run's
+/// clock (seconds since `start`).
+async fn poll(replica: &mut Replica, start: DateTime<Utc>, token: Option<&str>) {
+    let path = format!("/admin/timeline?since={}", replica.last_seq);
+    let page = match request(replica.addr, "GET", &path, None, token).await {
+        Ok((200, body)) => serde_json::from_slice::<TimelinePage>(&body).ok(),
+        _ => None,
+    };
+    if let Some(page) = page {
+        replica.last_seq = page.last_seq.max(replica.last_seq);
+        for mut s in page.samples {
+            s.t = (s.at - start).num_milliseconds() as f64 / 1000.0;
+            if s.t > 0.0 {
+                replica.samples.push(s);
+            }
+        }
+    }
+}
+
+/// A replica's generator: whether it is done, and what its requests came to.
+async fn load_status(r: &Replica, token: Option<&str>) -> Option<(bool, LoadOutcomes)> {
+    let (status, body) = request(r.addr, "GET", "/admin/load", None, token)
+        .await
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let done = v["running"] == false && v["in_flight"] == 0;
+    Some((done, serde_json::from_value(v["outcomes"].clone()).ok()?))
+}
+
+fn add(total: &mut LoadOutcomes, more: LoadOutcomes) {
+    total.accepted += more.accepted;
+    total.rejected += more.rejected;
+    total.client_error += more.client_error;
+    total.server_error += more.server_error;
+    total.transport_error += more.transport_error;
+    total.skipped += more.skipped;
+}
+
+/// Counts of the orders created since `since`, by status.
+async fn counts(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<(u64, u64, u64)> {
+    let row = sqlx::query(
+        "SELECT count(*) AS accepted,
+                count(*) FILTER (WHERE status = 'completed') AS completed,
+                count(*) FILTER (WHERE status = 'failed') AS failed
+           FROM orders WHERE created_at >= $1",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await?;
+    let get = |c: &str| -> u64 { row.try_get::<i64, _>(c).unwrap_or(0).max(0) as u64 };
+    Ok((get("accepted"), get("completed"), get("failed")))
+}
+
+/// The orders of `watched` another replica than `killed` has taken over.
+async fn taken_over(pool: &PgPool, watched: &[Uuid], killed: &str) -> anyhow::Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT o.id FROM orders o
+          WHERE o.id = ANY($1)
+            AND ((o.lease_owner IS NOT NULL AND o.lease_owner <> $2)
+                 OR EXISTS (SELECT 1 FROM order_lease_history h
+                             WHERE h.order_id = o.id AND h.owner <> $2))",
+    )
+    .bind(watched)
+    .bind(killed)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A count summed over samples from their rates.
+fn summed(replicas: &[Replica], rate: fn(&Sample) -> f64) -> u64 {
+    replicas
+        .iter()
+        .flat_map(|r| &r.samples)
+        .map(|s| rate(s) * s.interval)
+        .sum::<f64>()
+        .round() as u64
+}
+
+fn sigterm(child: &Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+/// Runs one variant as `experiment.replicas` processes of `binary`.
+pub async fn run_variant(
+    experiment: &Experiment,
+    variant: &Variant,
+    database_url: &str,
+    binary: &Path,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<VariantResult> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(database_url)
+        .await
+        .context("cannot connect to Postgres (--database-url)")?;
+    let token = variant
+        .settings
+        .iter()
+        .find(|(k, _)| k == "ADMIN_TOKEN")
+        .map(|(_, v)| v.clone());
+    let token = token.as_deref();
+    let interval = variant.config.timeline_interval;
+    let retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
+
+    // One after another: the first creates the tables.
+    let mut replicas: Vec<Replica> = Vec::new();
+    for i in 0..experiment.replicas {
+        let mut env: Vec<(String, String)> = variant
+            .settings
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "LOAD_RATE" | "LOAD_DURATION"))
+            .cloned()
+            .collect();
+        env.push(("DATABASE_URL".into(), database_url.into()));
+        env.push((
+            "PAYMENT_SEED".into(),
+            (experiment.seed + i as u64).to_string(),
+        ));
+        env.push((
+            "TIMELINE_RETENTION".into(),
+            format!("{}s", retention.as_secs()),
+        ));
+        let replica = spawn(binary, replica_name(i), &env).await?;
+        let _ = writeln!(
+            progress,
+            "  {:<24} replica {} listening on {} (lease owner {})",
+            variant.name, replica.name, replica.addr, replica.owner
+        );
+        replicas.push(replica);
+    }
+
+    let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
+    let share = experiment.rate / experiment.replicas as f64;
+    let load = serde_json::json!({
+        "rate": share,
+        "duration": format!("{}ms", experiment.duration.as_millis()),
+    })
+    .to_string();
+    let start = Instant::now();
+    let start_wall = Utc::now();
+    for r in &replicas {
+        let (status, body) = request(r.addr, "PUT", "/admin/load", Some(load.clone()), token)
+            .await
+            .with_context(|| format!("replica {}: starting its traffic", r.name))?;
+        if !(200..300).contains(&status) {
+            bail!(
+                "replica {}: PUT /admin/load answered {status}: {}",
+                r.name,
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    let mut fault_start: Option<f64> = None;
+    let mut fault_end: Option<f64> = None;
+    // The killed replica: its owner id, when, and the orders it held.
+    let mut kill: Option<(String, Instant)> = None;
+    let mut in_hand: Vec<Uuid> = Vec::new();
+    let mut watched: Vec<Uuid> = Vec::new();
+    let mut takeover_times: HashMap<Uuid, f64> = HashMap::new();
+    let mut steps = experiment.schedule.iter().peekable();
+    let end = start + experiment.duration;
+    let mut next_poll = start + POLL_PERIOD;
+    let mut next_report = start;
+    let drain_deadline = end + DRAIN_LIMIT;
+    let mut drained = false;
+    // What the generators' requests came to: the killed replica's up to its
+    // kill, the survivors' at the end.
+    let mut traffic = LoadOutcomes::default();
+    let mut survivors_traffic: LoadOutcomes;
+    loop {
+        tokio::time::sleep(WATCH_PERIOD).await;
+        let now = Instant::now();
+        let t = now.duration_since(start).as_secs_f64();
+        while let Some(step) = steps.next_if(|s| start + s.at <= now) {
+            if let Some(index) = step.kill {
+                let r = &mut replicas[index];
+                // Its samples and its traffic up to the moment it dies.
+                poll(r, start_wall, token).await;
+                if let Some((_, outcomes)) = load_status(r, token).await {
+                    add(&mut traffic, outcomes);
+                }
+                r.child.start_kill().context("SIGKILL")?;
+                let _ = r.child.wait().await;
+                r.alive = false;
+                let killed_at = Instant::now();
+                in_hand = sqlx::query_scalar(
+                    "SELECT id FROM orders
+                      WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+                )
+                .bind(&r.owner)
+                .fetch_all(&pool)
+                .await?;
+                watched = in_hand.clone();
+                let _ = writeln!(
+                    progress,
+                    "  {:<24} {t:>5.1}s  replica {} killed (SIGKILL) holding {} orders",
+                    variant.name,
+                    r.name,
+                    in_hand.len()
+                );
+                kill = Some((r.owner.clone(), killed_at));
+            }
+            match step.fault {
+                Some(FaultMark::Start) => fault_start = Some(t),
+                Some(FaultMark::End) => fault_end = Some(t),
+                None => {}
+            }
+        }
+        if let Some((owner, killed_at)) = &kill {
+            if !watched.is_empty() {
+                let seen = Instant::now().duration_since(*killed_at).as_secs_f64();
+                for id in taken_over(&pool, &watched, owner).await? {
+                    takeover_times.entry(id).or_insert(seen);
+                }
+                watched.retain(|id| !takeover_times.contains_key(id));
+            }
+        }
+        if now >= next_poll {
+            for r in replicas.iter_mut().filter(|r| r.alive) {
+                poll(r, start_wall, token).await;
+            }
+            next_poll = now + POLL_PERIOD;
+        }
+        let (accepted, completed, failed) = counts(&pool, since).await?;
+        if now >= next_report {
+            let _ = writeln!(
+                progress,
+                "  {:<24} {t:>5.1}s / {:.0}s  {accepted} orders, {completed} completed, {failed} failed",
+                variant.name,
+                experiment.duration.as_secs_f64(),
+            );
+            next_report = now + Duration::from_secs(2);
+        }
+        if now >= end && steps.peek().is_none() {
+            let mut loads_done = true;
+            survivors_traffic = LoadOutcomes::default();
+            for r in replicas.iter().filter(|r| r.alive) {
+                match load_status(r, token).await {
+                    Some((done, outcomes)) => {
+                        loads_done &= done;
+                        add(&mut survivors_traffic, outcomes);
+                    }
+                    None => loads_done = false,
+                }
+            }
+            if loads_done && accepted == completed + failed {
+                drained = true;
+                break;
+            }
+            if now >= drain_deadline {
+                break;
+            }
+        }
+    }
+    add(&mut traffic, survivors_traffic);
+    if !drained {
+        let _ = writeln!(
+            progress,
+            "  {}: orders still open after {DRAIN_LIMIT:?}; figures count what finished",
+            variant.name
+        );
+    }
+    // One more sample from each survivor, then stop them as an operator would.
+    tokio::time::sleep(interval * 2).await;
+    for r in replicas.iter_mut().filter(|r| r.alive) {
+        poll(r, start_wall, token).await;
+        sigterm(&r.child);
+    }
+    for r in replicas.iter_mut().filter(|r| r.alive) {
+        match tokio::time::timeout(STOP_LIMIT, r.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => {
+                let _ = writeln!(
+                    progress,
+                    "  replica {} stopped with {status}:\n{}",
+                    r.name,
+                    r.last_logs()
+                );
+            }
+            _ => {
+                let _ = r.child.start_kill();
+                let _ = writeln!(
+                    progress,
+                    "  replica {} did not stop within {STOP_LIMIT:?}",
+                    r.name
+                );
+            }
+        }
+        r.alive = false;
+    }
+
+    check_traffic(&variant.name, &traffic, progress)?;
+    let record = record(
+        &pool,
+        since,
+        &replicas,
+        kill.is_some(),
+        &in_hand,
+        &takeover_times,
+        variant,
+    )
+    .await?;
+    let record = RunRecord {
+        fault: fault_start.map(|start| FaultWindow {
+            start,
+            end: fault_end,
+        }),
+        ..record
+    };
+    pool.close().await;
+    let figures = figures::compute(&record);
+    Ok(VariantResult {
+        name: variant.name.clone(),
+        record,
+        figures,
+    })
+}
+
+/// What the run left behind: the database's counts, the replicas'
+/// timelines and the takeover.
+async fn record(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    replicas: &[Replica],
+    killed: bool,
+    in_hand: &[Uuid],
+    takeover_times: &HashMap<Uuid, f64>,
+    variant: &Variant,
+) -> anyhow::Result<RunRecord> {
+    let (accepted, completed, failed) = counts(pool, since).await?;
+    // Every charge the shared ledger holds for these orders, and those
+    // beyond an order's first.
+    let row = sqlx::query(
+        "SELECT coalesce(sum(n), 0)::bigint AS charges,
+                coalesce(sum(n - 1), 0)::bigint AS duplicates
+           FROM (SELECT count(*) AS n FROM payment_ledger
+                  WHERE order_id IN (SELECT id FROM orders WHERE created_at >= $1)
+                  GROUP BY order_id) per_order",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await?;
+    let charges: i64 = row.try_get("charges")?;
+    let duplicates: i64 = row.try_get("duplicates")?;
+    let latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM (updated_at - created_at))::float8 FROM orders
+          WHERE created_at >= $1 AND status IN ('completed', 'failed')",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    let histogram = LatencyHistogram::new();
+    for l in latencies {
+        histogram.record(Duration::from_secs_f64(l.max(0.0)));
+    }
+    let totals = Totals {
+        accepted,
+        completed,
+        failed,
+        rejected: summed(replicas, |s| s.rejected_per_s),
+        payment_failures: summed(replicas, |s| s.payment_failures_per_s),
+        payment_timeouts: summed(replicas, |s| s.payment_timeouts_per_s),
+        charges: charges.max(0) as u64,
+        duplicate_charges: duplicates.max(0) as u64,
+        retries: summed(replicas, |s| s.retries_per_s),
+        rejected_open: summed(replicas, |s| s.rejections_open_per_s),
+        rejected_half_open: summed(replicas, |s| s.rejections_half_open_per_s),
+        ..Totals::default()
+    };
+    let payment_calls = replicas
+        .iter()
+        .filter_map(|r| r.samples.last().map(|s| s.payment_calls_total))
+        .sum();
+    let takeover = killed.then(|| Takeover {
+        in_hand: in_hand.len() as u64,
+        taken_over: takeover_times.len() as u64,
+        longest_s: takeover_times
+            .values()
+            .copied()
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
+        bound_s: (variant.config.job_lease + variant.config.recovery_interval).as_secs_f64() + 1.0,
+    });
+    Ok(RunRecord {
+        samples: Vec::new(),
+        totals,
+        payment_calls,
+        probes: 0,
+        half_open_windows: 0,
+        latency: histogram.snapshot().since(&Snapshot::default()),
+        failed_in_fault: None,
+        fault: None,
+        replicas: replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.samples.clone()))
+            .collect(),
+        takeover,
+    })
+}
