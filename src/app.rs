@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::http::{self, AdminToken, AppParts, AppState, LabHandles};
 use crate::lab::{timeline, Feed, Instruments, LoadPlan, Timeline, Traffic};
+use crate::observability::metrics::StoreMetrics;
 use crate::observability::profiling::Profiler;
 use crate::observability::Metrics;
 use crate::orders::memory::MemoryStore;
@@ -78,7 +79,11 @@ impl Stores {
     }
 
     /// Both in Postgres, as a new replica with its own lease owner id.
-    pub async fn postgres(url: &str, config: &Config) -> anyhow::Result<Self> {
+    pub async fn postgres(
+        url: &str,
+        config: &Config,
+        metrics: StoreMetrics,
+    ) -> anyhow::Result<Self> {
         let lease = Lease::for_new_replica(config.job_lease);
         tracing::info!(replica = %lease.owner, job_lease = ?config.job_lease, "replica id for order leases");
         let store = PostgresStore::connect(
@@ -87,7 +92,8 @@ impl Stores {
             config.database_startup_timeout,
             lease,
         )
-        .await?;
+        .await?
+        .with_group_commit(config.database_batch_max, metrics);
         // The simulated provider keeps its ledger in the same database, so
         // every replica sees one provider, as with a real payment API.
         let ledger = PostgresLedger::new(store.pool().clone());
@@ -126,7 +132,7 @@ impl AppBuilder {
         let metrics = Arc::new(Metrics::new());
         let stores = match (self.stores, &config.database_url) {
             (Some(stores), _) => stores,
-            (None, Some(url)) => Stores::postgres(url, &config).await?,
+            (None, Some(url)) => Stores::postgres(url, &config, metrics.store()).await?,
             (None, None) => {
                 tracing::info!(
                     max_orders = config.memory_max_orders,

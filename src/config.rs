@@ -90,6 +90,18 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Resu
     }
 }
 
+/// The largest group commit the store accepts.
+pub const DATABASE_BATCH_MAX_LIMIT: usize = 1000;
+
+fn batch_max(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=DATABASE_BATCH_MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {DATABASE_BATCH_MAX_LIMIT}"
+        )),
+    }
+}
+
 fn env_filter(raw: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(raw)
         .map(|_| raw.to_owned())
@@ -127,6 +139,10 @@ pub struct Config {
     /// Most connections in the Postgres pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "10", value_parser = at_least_one::<u32>)]
     pub database_max_connections: u32,
+
+    /// With Postgres: most new orders written in one statement (group commit); 1 writes each alone.
+    #[arg(long, env = "DATABASE_BATCH_MAX", default_value = "256", value_parser = batch_max)]
+    pub database_batch_max: usize,
 
     /// How long startup keeps retrying an unreachable database before giving up.
     #[arg(long, env = "DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -479,6 +495,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.database_max_connections, 10);
+        assert_eq!(c.database_batch_max, 256);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.queue_capacity, 100);
@@ -650,6 +667,7 @@ mod tests {
             "LISTEN_ADDR",
             "DATABASE_URL",
             "DATABASE_MAX_CONNECTIONS",
+            "DATABASE_BATCH_MAX",
             "LOG_FORMAT",
             "RUST_LOG",
             "SHUTDOWN_TIMEOUT",

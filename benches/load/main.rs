@@ -10,12 +10,14 @@
 //!   same without;
 //! - the retry + breaker wrapper's cost per call, against a bare call;
 //! - memory: peak RSS, and bytes per order after many orders in memory;
-//! - with Postgres: `POST /orders` against Postgres's own single-row INSERT
-//!   ceiling measured with pgbench at the same concurrency.
+//! - with Postgres: `POST /orders` (group commit, and each insert alone)
+//!   against Postgres's own single-row INSERT ceiling measured with pgbench
+//!   at the same concurrency; p50 and p99 at 100 r/s with and without
+//!   batching; p99 at half the maximum rate; the pipeline, POST to completed.
 //!
 //! Knobs (environment): BENCH_SECONDS (5), BENCH_CONNECTIONS (32),
 //! BENCH_ROUNDS (3), BENCH_MEMORY_ORDERS (1000000), BENCH_DATABASE_URL,
-//! PGBENCH. Results: a table on stdout, and JSON in bench/.
+//! PGBENCH, BENCH_ONLY=postgres (only the Postgres figures). Results: a table on stdout, and JSON in bench/.
 
 mod client;
 #[path = "../common/mod.rs"]
@@ -404,6 +406,11 @@ async fn bench() {
     let connections: usize = env_or("BENCH_CONNECTIONS", 32);
     let seconds: u64 = env_or("BENCH_SECONDS", 5);
     let mut rows = Vec::new();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("postgres") {
+        rows.extend(postgres_rows(rounds, connections, seconds).await);
+        print_table(&rows);
+        return;
+    }
 
     let service = start_service(&[]).await;
     let reference = start_reference().await;
@@ -668,51 +675,7 @@ async fn bench() {
         });
     }
 
-    // Postgres: POST /orders against pgbench's INSERT ceiling.
-    match (
-        std::env::var("BENCH_DATABASE_URL"),
-        std::env::var("PGBENCH"),
-    ) {
-        (Ok(admin_url), pgbench) => {
-            let pgbench = pgbench.unwrap_or_else(|_| "pgbench".into());
-            eprintln!("Postgres: POST /orders, then pgbench's INSERT ceiling");
-            let url = fresh_database(&admin_url, "reliability_lab_bench").await;
-            let service = start_service(&[("DATABASE_URL", url.as_str())]).await;
-            let pg_post = phase(service.addr, Kind::Post, None, Arc::default()).await;
-            drop(service);
-            let url_idle = fresh_database(&admin_url, "reliability_lab_bench_idle").await;
-            let idle = start_service(&[
-                ("DATABASE_URL", url_idle.as_str()),
-                ("PAYMENT_LATENCY_MIN", "60s"),
-                ("PAYMENT_LATENCY_MAX", "60s"),
-            ])
-            .await;
-            let pg_idle = phase(idle.addr, Kind::Post, None, Arc::default()).await;
-            drop(idle);
-            match postgres_ceiling(&pgbench, &url, connections, seconds) {
-                Some(ceiling) => {
-                    rows.push(Row {
-                        figure: "POST /orders with Postgres".into(),
-                        value: pg_post.rate(),
-                        unit: "r/s",
-                        reference: Some(("pgbench INSERT tps".into(), ceiling)),
-                        target: Some((">= 0.70".into(), pg_post.rate() / ceiling >= 0.70)),
-                        errors: Some(pg_post.errors),
-                    });
-                    rows.push(Row {
-                        figure: "  diag: POST with Postgres, pipeline idle".into(),
-                        value: pg_idle.rate(),
-                        unit: "r/s",
-                        reference: Some(("pgbench INSERT tps".into(), ceiling)),
-                        target: None,
-                        errors: Some(pg_idle.errors),
-                    });
-                }
-                None => eprintln!("pgbench did not run: the Postgres ceiling is skipped"),
-            }
-        }
-        _ => eprintln!("BENCH_DATABASE_URL unset: the Postgres figures are skipped"),
-    }
+    rows.extend(postgres_rows(rounds, connections, seconds).await);
 
     print_table(&rows);
     let machine = json!({
@@ -739,6 +702,133 @@ async fn bench() {
     let path = dir.join("latest.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     println!("wrote {}", path.display());
+}
+
+/// POST to completed, from a drained pipeline: a burst at the maximum rate,
+/// then until every order of it finished. Orders per second.
+async fn pipeline_rate(addr: SocketAddr) -> (f64, u64) {
+    wait_drained(addr).await;
+    let before = finished(&admin_state(addr).await);
+    let start = Instant::now();
+    let burst = phase(addr, Kind::Post, None, Arc::default()).await;
+    let target = before + burst.requests;
+    while finished(&admin_state(addr).await) < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (
+        burst.requests as f64 / start.elapsed().as_secs_f64(),
+        burst.errors,
+    )
+}
+
+/// With Postgres: `POST /orders` (group commit, and each insert alone with
+/// `DATABASE_BATCH_MAX=1`) against pgbench's single-row INSERT at the same
+/// concurrency, alternating, medians of the rounds; the latency at 100
+/// requests per second with and without batching; p99 at half the maximum
+/// rate; the pipeline from POST to completed.
+async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let Ok(admin_url) = std::env::var("BENCH_DATABASE_URL") else {
+        eprintln!("BENCH_DATABASE_URL unset: the Postgres figures are skipped");
+        return rows;
+    };
+    let pgbench = std::env::var("PGBENCH").unwrap_or_else(|_| "pgbench".into());
+    let url = fresh_database(&admin_url, "reliability_lab_bench").await;
+    let batched = start_service(&[("DATABASE_URL", url.as_str())]).await;
+    let single =
+        start_service(&[("DATABASE_URL", url.as_str()), ("DATABASE_BATCH_MAX", "1")]).await;
+    let (mut grouped, mut alone, mut ceiling) = (Series::default(), Series::default(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("Postgres round {round}/{rounds}: POST batched, POST alone, pgbench INSERT");
+        wait_drained(batched.addr).await;
+        grouped.add(&phase(batched.addr, Kind::Post, None, Arc::default()).await);
+        wait_drained(single.addr).await;
+        alone.add(&phase(single.addr, Kind::Post, None, Arc::default()).await);
+        wait_drained(single.addr).await;
+        match postgres_ceiling(&pgbench, &url, connections, seconds) {
+            Some(tps) => ceiling.push(tps),
+            None => {
+                eprintln!("pgbench did not run: the Postgres figures are skipped");
+                return rows;
+            }
+        }
+    }
+    let ceiling = median(ceiling);
+    let pg_rate = grouped.rate();
+    rows.push(Row {
+        figure: "POST /orders with Postgres".into(),
+        value: pg_rate,
+        unit: "r/s",
+        reference: Some(("pgbench INSERT tps".into(), ceiling)),
+        target: Some((">= 1.0".into(), pg_rate / ceiling >= 1.0)),
+        errors: Some(grouped.errors),
+    });
+    rows.push(Row {
+        figure: "  diag: the same, DATABASE_BATCH_MAX=1".into(),
+        value: alone.rate(),
+        unit: "r/s",
+        reference: Some(("pgbench INSERT tps".into(), ceiling)),
+        target: None,
+        errors: Some(alone.errors),
+    });
+
+    // Low load must not pay for batching: open loop at 100 r/s, alternating.
+    eprintln!("Postgres: POST at 100 r/s, batched and alone");
+    let (mut low_grouped, mut low_alone) = (Series::default(), Series::default());
+    for _ in 0..rounds {
+        wait_drained(batched.addr).await;
+        low_grouped.add(&phase(batched.addr, Kind::Post, Some(100.0), Arc::default()).await);
+        wait_drained(single.addr).await;
+        low_alone.add(&phase(single.addr, Kind::Post, Some(100.0), Arc::default()).await);
+    }
+    let (p50, p50_alone) = (low_grouped.p50(), low_alone.p50());
+    rows.push(Row {
+        figure: "POST with Postgres p50 at 100 r/s".into(),
+        value: p50,
+        unit: "ms",
+        reference: Some(("DATABASE_BATCH_MAX=1".into(), p50_alone)),
+        target: Some(("<= 1.10".into(), p50 <= 1.10 * p50_alone)),
+        errors: Some(low_grouped.errors + low_alone.errors),
+    });
+    rows.push(Row {
+        figure: "POST with Postgres p99 at 100 r/s".into(),
+        value: low_grouped.p99(),
+        unit: "ms",
+        reference: Some(("DATABASE_BATCH_MAX=1".into(), low_alone.p99())),
+        target: None,
+        errors: Some(low_grouped.errors + low_alone.errors),
+    });
+    drop(single);
+
+    eprintln!("Postgres: p99 at half the maximum rate");
+    wait_drained(batched.addr).await;
+    let half = phase(
+        batched.addr,
+        Kind::Post,
+        Some(pg_rate / 2.0),
+        Arc::default(),
+    )
+    .await;
+    rows.push(Row {
+        figure: format!("POST with Postgres p99 at {:.0} r/s (half)", pg_rate / 2.0),
+        value: half.percentile_ms(99.0),
+        unit: "ms",
+        reference: None,
+        target: Some(("< 10 ms".into(), half.percentile_ms(99.0) < 10.0)),
+        errors: Some(half.errors),
+    });
+
+    eprintln!("Postgres: the pipeline, POST to completed");
+    let (pipeline, errors) = pipeline_rate(batched.addr).await;
+    rows.push(Row {
+        figure: "pipeline with Postgres: POST to completed".into(),
+        value: pipeline,
+        unit: "o/s",
+        reference: Some(("Postgres POST rate".into(), pg_rate)),
+        target: Some((">= 0.5".into(), pipeline / pg_rate >= 0.5)),
+        errors: Some(errors),
+    });
+    rows
 }
 
 fn main() {

@@ -46,6 +46,7 @@ pub struct Metrics {
     provider: ProviderMetrics,
     reliability: ReliabilityMetrics,
     leases: LeaseMetrics,
+    store: StoreMetrics,
     load: LoadMetrics,
     evictions: IntCounter,
     tokio_workers: IntGauge,
@@ -124,6 +125,26 @@ impl Metrics {
                 "Orders taken over after their lease expired (their replica died or was stopped hard).",
             ),
         };
+        let store = StoreMetrics {
+            insert_batch_size: register(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "store_insert_batch_size",
+                        "New orders written per statement (group commit, Postgres).",
+                    )
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+                    ]),
+                )
+                .expect("valid histogram"),
+            ),
+            insert_batch_fallbacks: counter(
+                &registry,
+                "store_insert_batch_fallbacks_total",
+                "Batches of new orders that failed on a row and were written one by one.",
+            ),
+        };
         let load = LoadMetrics::register(&registry);
         let evictions = counter(
             &registry,
@@ -159,6 +180,7 @@ impl Metrics {
             provider,
             reliability,
             leases,
+            store,
             load,
             evictions,
             tokio_workers,
@@ -195,6 +217,10 @@ impl Metrics {
     /// Lease recovery.
     pub fn leases(&self) -> LeaseMetrics {
         self.leases.clone()
+    }
+
+    pub fn store(&self) -> StoreMetrics {
+        self.store.clone()
     }
 
     /// The built-in traffic generator's requests by outcome.
@@ -484,6 +510,44 @@ impl LoadMetrics {
     pub fn count(&self, outcome: &'static str) {
         debug_assert!(LOAD_OUTCOMES.contains(&outcome));
         self.outcomes.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// The Postgres store's group commit of new orders.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    insert_batch_size: prometheus::Histogram,
+    insert_batch_fallbacks: IntCounter,
+}
+
+impl StoreMetrics {
+    /// Metrics registered nowhere (stores built without a service).
+    pub fn unregistered() -> Self {
+        Self {
+            insert_batch_size: prometheus::Histogram::with_opts(HistogramOpts::new("b", "b"))
+                .expect("valid histogram"),
+            insert_batch_fallbacks: IntCounter::new("f", "f").expect("valid counter"),
+        }
+    }
+
+    pub fn batch(&self, rows: usize) {
+        self.insert_batch_size.observe(rows as f64);
+    }
+
+    pub fn fallback(&self) {
+        self.insert_batch_fallbacks.inc();
+    }
+
+    /// Statements written and the rows in them.
+    pub fn batches(&self) -> (u64, u64) {
+        (
+            self.insert_batch_size.get_sample_count(),
+            self.insert_batch_size.get_sample_sum() as u64,
+        )
+    }
+
+    pub fn fallbacks(&self) -> u64 {
+        self.insert_batch_fallbacks.get()
     }
 }
 

@@ -10,6 +10,7 @@
 //! UPDATE), and completes or fails it only while it still owns it. Postgres's
 //! clock (`now()`) is the only clock leases are compared against.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,9 @@ use super::{
     Amount, Currency, CustomerId, Durability, KeyedInsert, Order, OrderId, OrderRepository, Status,
     StatusChange, StatusCounts, StoreError, UpdateOutcome,
 };
+
+use super::group_commit::{GroupCommit, Keyed, Written};
+use crate::observability::metrics::StoreMetrics;
 
 /// The migrations, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -53,6 +57,8 @@ impl Lease {
 pub struct PostgresStore {
     pool: PgPool,
     lease: Lease,
+    /// New orders go through group commit when set.
+    group: Option<Arc<GroupCommit>>,
 }
 
 /// Maps sqlx errors to the domain's: connection trouble is "unavailable"
@@ -79,7 +85,18 @@ pub fn map_err(err: sqlx::Error) -> StoreError {
 impl PostgresStore {
     /// Wraps an existing pool (tests build their own).
     pub fn from_pool(pool: PgPool, lease: Lease) -> Self {
-        Self { pool, lease }
+        Self {
+            pool,
+            lease,
+            group: None,
+        }
+    }
+
+    /// New orders are written in groups of at most `max` (see
+    /// `group_commit`); `max` 1 writes each alone, as without it.
+    pub fn with_group_commit(mut self, max: usize, metrics: StoreMetrics) -> Self {
+        self.group = (max > 1).then(|| GroupCommit::start(self.clone(), max, metrics));
+        self
     }
 
     pub fn lease(&self) -> &Lease {
@@ -137,11 +154,11 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("applying database migrations failed: {e}"))?;
-        Ok(Self { pool, lease })
+        Ok(Self::from_pool(pool, lease))
     }
 }
 
-fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
+pub(super) fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
     let bad = |what: &str, e: &dyn std::fmt::Display| {
         StoreError::Other(format!("stored order has an invalid {what}: {e}"))
     };
@@ -177,7 +194,8 @@ fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
 
 const COLUMNS: &str =
     "id, customer_id, amount, currency, status, attempts, last_error, created_at, updated_at";
-const QUALIFIED: &str = "o.id, o.customer_id, o.amount, o.currency, o.status, o.attempts, \
+pub(super) const QUALIFIED: &str =
+    "o.id, o.customer_id, o.amount, o.currency, o.status, o.attempts, \
      o.last_error, o.created_at, o.updated_at";
 
 #[async_trait]
@@ -199,6 +217,9 @@ impl OrderRepository for PostgresStore {
     }
 
     async fn insert(&self, order: &Order) -> Result<bool, StoreError> {
+        if let Some(group) = &self.group {
+            return Ok(group.write(order, None).await? == Written::Stored);
+        }
         let result = insert_order(order, &self.lease.owner, self.lease_secs())
             .execute(&self.pool)
             .await
@@ -212,6 +233,27 @@ impl OrderRepository for PostgresStore {
         key: &str,
         request_digest: &str,
     ) -> Result<KeyedInsert, StoreError> {
+        if let Some(group) = &self.group {
+            let key = Keyed {
+                key: key.to_owned(),
+                digest: request_digest.to_owned(),
+            };
+            return match group.write(order, Some(key)).await? {
+                Written::Stored => Ok(KeyedInsert::Created),
+                Written::KeyTaken {
+                    order,
+                    same_request,
+                } => Ok(KeyedInsert::Existing {
+                    order,
+                    same_request,
+                }),
+                // As alone: the order's id was taken; the key is not claimed.
+                Written::IdTaken => Err(StoreError::Other(format!(
+                    "an order with id {} already exists",
+                    order.id
+                ))),
+            };
+        }
         // One transaction: the order, then the key. Of two racing requests
         // with one key, the second waits on the unique index until the first
         // commits, then finds the key taken and rolls its order back.

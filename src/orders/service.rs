@@ -7,7 +7,7 @@ use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
-use tracing::instrument;
+use tracing::{instrument, Instrument};
 
 use sha2::{Digest, Sha256};
 
@@ -146,11 +146,38 @@ impl Service {
         let request_digest = idempotency_key.map(|_| digest(&new));
         let order = Order::new(self.next_id(), new, Utc::now());
         tracing::Span::current().record("order_id", tracing::field::display(order.id));
-        match (idempotency_key, request_digest) {
-            (Some(key), Some(request_digest)) => {
+        // Stored and queued in a task of its own, so that a caller who goes
+        // away mid-write (a closed connection drops the request's future)
+        // cannot leave an order stored but never queued: nothing would
+        // process it, and with Postgres its own live replica keeps renewing
+        // its lease, so no other would take it over either.
+        let this = self.clone();
+        let key = idempotency_key.map(str::to_owned);
+        let write = tokio::spawn(
+            async move {
+                this.store_and_queue(order, key.zip(request_digest), slot)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        );
+        match write.await {
+            Ok(created) => created,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => Err(OrderError::ShuttingDown),
+        }
+    }
+
+    async fn store_and_queue(
+        &self,
+        order: Order,
+        key: Option<(String, String)>,
+        slot: Box<dyn super::QueueSlot>,
+    ) -> Result<Creation, OrderError> {
+        match key {
+            Some((key, request_digest)) => {
                 match self
                     .repo
-                    .insert_with_key(&order, key, &request_digest)
+                    .insert_with_key(&order, &key, &request_digest)
                     .await?
                 {
                     KeyedInsert::Created => {}
@@ -161,7 +188,7 @@ impl Service {
                     KeyedInsert::Existing { .. } => return Err(OrderError::IdempotencyKeyReused),
                 }
             }
-            _ => {
+            None => {
                 if !self.repo.insert(&order).await? {
                     return Err(OrderError::Duplicate(order.id));
                 }

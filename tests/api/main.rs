@@ -7,6 +7,7 @@ mod contract;
 mod crash;
 mod durability;
 mod experiments;
+mod group_commit;
 mod hardening;
 mod helpers;
 mod http_api;

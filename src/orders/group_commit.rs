@@ -1,0 +1,352 @@
+//! Group commit of new orders for the Postgres store.
+//!
+//! One INSERT per request caps admission at what Postgres does with one
+//! single-row transaction per client. Here the requests that arrive while a
+//! write is running wait for it to end and then go together: one transaction,
+//! one `INSERT … SELECT … FROM UNNEST(…)` for their orders and one for their
+//! Idempotency-Keys. There is no timer: a lone request is written at once
+//! (with the same statements as without batching), and a batch is only ever
+//! what piled up during the previous write, up to `DATABASE_BATCH_MAX` rows.
+//! Every request is answered after its own row committed.
+//!
+//! What each request gets is what it would get alone:
+//! - an Idempotency-Key seen before (stored earlier, or by a concurrent
+//!   transaction that committed first) gives back the stored order, replay
+//!   or conflict by the request's digest; two requests with one key in one
+//!   batch store one order, the first's, and the second gets it back (or a
+//!   conflict when its body differs), as if it had come just after;
+//! - a batch that fails on a row (a constraint, a deadlock with another
+//!   replica's keys) is rolled back and its requests are written one by one,
+//!   so one bad row fails only itself;
+//! - a batch that fails because Postgres cannot be reached fails every
+//!   request in it with that error (503), and nothing of it is stored: it
+//!   was one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::postgres::{map_err, row_to_order, PostgresStore, QUALIFIED};
+use super::{KeyedInsert, Order, OrderRepository, StoreError};
+use crate::observability::metrics::StoreMetrics;
+
+/// What a new order's write came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Stored (and its key, if it had one, now names it).
+    Stored,
+    /// An order with its id already exists; nothing was stored.
+    IdTaken,
+    /// Its key named an order already: nothing was stored.
+    KeyTaken { order: Order, same_request: bool },
+}
+
+/// An Idempotency-Key and the digest of the request it came with.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    pub key: String,
+    pub digest: String,
+}
+
+struct Pending {
+    order: Order,
+    key: Option<Keyed>,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+/// The writer: requests go in through a channel, one task writes them.
+pub struct GroupCommit {
+    requests: mpsc::UnboundedSender<Pending>,
+}
+
+impl GroupCommit {
+    /// Starts the writing task. `single` writes one order alone (the store
+    /// without group commit): a lone request, and each of a failed batch.
+    /// The task ends when the last handle is dropped, after the requests
+    /// already sent are answered.
+    pub fn start(single: PostgresStore, max: usize, metrics: StoreMetrics) -> Arc<Self> {
+        let (requests, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(single, receiver, max.max(1), metrics));
+        Arc::new(Self { requests })
+    }
+
+    /// Writes one new order (with its key), in whatever batch it joins.
+    pub async fn write(&self, order: &Order, key: Option<Keyed>) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Pending {
+                order: order.clone(),
+                key,
+                reply,
+            })
+            .map_err(|_| StoreError::Unavailable("the order writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Other("the order writer stopped mid-write".into()))?
+    }
+}
+
+async fn write_loop(
+    single: PostgresStore,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+    max: usize,
+    metrics: StoreMetrics,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match receiver.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        metrics.batch(batch.len());
+        if batch.len() == 1 {
+            let p = batch.pop().expect("one");
+            let written = alone(&single, &p.order, p.key.as_ref()).await;
+            let _ = p.reply.send(written);
+            continue;
+        }
+        match together(&single, &batch).await {
+            Ok(written) => {
+                for (p, w) in batch.into_iter().zip(written) {
+                    let _ = p.reply.send(w);
+                }
+            }
+            Err(err @ StoreError::Unavailable(_)) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(err.clone()));
+                }
+            }
+            Err(err) => {
+                metrics.fallback();
+                tracing::warn!(error = %err, rows = batch.len(), "a batch of new orders failed; writing them one by one");
+                let writes = batch
+                    .iter()
+                    .map(|p| alone(&single, &p.order, p.key.as_ref()));
+                let written = futures_util::future::join_all(writes).await;
+                for (p, w) in batch.into_iter().zip(written) {
+                    let _ = p.reply.send(w);
+                }
+            }
+        }
+    }
+}
+
+/// One order, with the store's own single-row statements.
+async fn alone(
+    single: &PostgresStore,
+    order: &Order,
+    key: Option<&Keyed>,
+) -> Result<Written, StoreError> {
+    match key {
+        None => Ok(if single.insert(order).await? {
+            Written::Stored
+        } else {
+            Written::IdTaken
+        }),
+        Some(k) => Ok(
+            match single.insert_with_key(order, &k.key, &k.digest).await? {
+                KeyedInsert::Created => Written::Stored,
+                KeyedInsert::Existing {
+                    order,
+                    same_request,
+                } => Written::KeyTaken {
+                    order,
+                    same_request,
+                },
+            },
+        ),
+    }
+}
+
+/// A batch in one transaction. The outer error is the transaction's (nothing
+/// was stored); after the commit each request has its own answer, in order.
+async fn together(
+    single: &PostgresStore,
+    batch: &[Pending],
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    // Who stores an order: every request without a key, and the first of
+    // each key. The others with that key get what the first left.
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    let mut writers: Vec<usize> = Vec::new();
+    for (i, p) in batch.iter().enumerate() {
+        match &p.key {
+            None => writers.push(i),
+            Some(k) => {
+                if !first_with_key.contains_key(k.key.as_str()) {
+                    first_with_key.insert(k.key.as_str(), i);
+                    writers.push(i);
+                }
+            }
+        }
+    }
+
+    let orders: Vec<&Order> = writers.iter().map(|&i| &batch[i].order).collect();
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.id.as_uuid()).collect();
+    let customers: Vec<&str> = orders.iter().map(|o| o.customer_id.as_str()).collect();
+    let amounts: Vec<i64> = orders.iter().map(|o| o.amount.value()).collect();
+    let currencies: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
+    let statuses: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
+    let attempts: Vec<i32> = orders
+        .iter()
+        .map(|o| i32::try_from(o.attempts).unwrap_or(i32::MAX))
+        .collect();
+    let errors: Vec<Option<&str>> = orders.iter().map(|o| o.last_error.as_deref()).collect();
+    let created: Vec<DateTime<Utc>> = orders.iter().map(|o| o.created_at).collect();
+    let updated: Vec<DateTime<Utc>> = orders.iter().map(|o| o.updated_at).collect();
+
+    let mut tx = single.pool().begin().await.map_err(map_err)?;
+    let stored: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO orders (id, customer_id, amount, currency, status, attempts, last_error,
+                             created_at, updated_at, lease_owner, lease_expires_at)
+         SELECT n.id, n.customer_id, n.amount, n.currency, n.status, n.attempts, n.last_error,
+                n.created_at, n.updated_at, $10, now() + make_interval(secs => $11)
+           FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int4[],
+                       $7::text[], $8::timestamptz[], $9::timestamptz[])
+                AS n(id, customer_id, amount, currency, status, attempts, last_error,
+                     created_at, updated_at)
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&amounts)
+    .bind(&currencies)
+    .bind(&statuses)
+    .bind(&attempts)
+    .bind(&errors)
+    .bind(&created)
+    .bind(&updated)
+    .bind(&single.lease().owner)
+    .bind(single.lease().duration.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    let stored: HashSet<Uuid> = stored.into_iter().collect();
+
+    // The keys of the first requests whose order went in, sorted so that
+    // two replicas' batches lock the key index in the same order.
+    let mut claims: Vec<(&str, &str, Uuid)> = first_with_key
+        .values()
+        .map(|&i| &batch[i])
+        .filter(|p| stored.contains(&p.order.id.as_uuid()))
+        .map(|p| {
+            let k = p.key.as_ref().expect("keyed");
+            (k.key.as_str(), k.digest.as_str(), p.order.id.as_uuid())
+        })
+        .collect();
+    claims.sort_unstable();
+    let claimed: HashSet<String> = if claims.is_empty() {
+        HashSet::new()
+    } else {
+        let keys: Vec<&str> = claims.iter().map(|c| c.0).collect();
+        let digests: Vec<&str> = claims.iter().map(|c| c.1).collect();
+        let ids: Vec<Uuid> = claims.iter().map(|c| c.2).collect();
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO idempotency_keys (key, request_digest, order_id)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[])
+             ON CONFLICT (key) DO NOTHING
+             RETURNING key",
+        )
+        .bind(&keys)
+        .bind(&digests)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        claimed.into_iter().collect()
+    };
+    // Orders whose key was taken meanwhile go again, inside the transaction.
+    let unclaimed: Vec<Uuid> = claims
+        .iter()
+        .filter(|c| !claimed.contains(c.0))
+        .map(|c| c.2)
+        .collect();
+    if !unclaimed.is_empty() {
+        sqlx::query("DELETE FROM orders WHERE id = ANY($1)")
+            .bind(&unclaimed)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    tx.commit().await.map_err(map_err)?;
+
+    // From here the batch is committed: a failure fails only the requests
+    // it concerns, and never sends the batch round again.
+    let claimed_by = |i: usize, k: &Keyed| {
+        first_with_key.get(k.key.as_str()) == Some(&i) && claimed.contains(&k.key)
+    };
+    // Requests whose key names another order: read what it names.
+    let to_read: Vec<&str> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.key.as_ref().filter(|k| !claimed_by(i, k)))
+        .map(|k| k.key.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let existing = read_keys(single, &to_read).await;
+
+    Ok(batch
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match &p.key {
+            None => Ok(if stored.contains(&p.order.id.as_uuid()) {
+                Written::Stored
+            } else {
+                Written::IdTaken
+            }),
+            Some(k) if claimed_by(i, k) => Ok(Written::Stored),
+            Some(k)
+                if first_with_key.get(k.key.as_str()) == Some(&i)
+                    && !stored.contains(&p.order.id.as_uuid()) =>
+            {
+                Ok(Written::IdTaken)
+            }
+            Some(k) => match &existing {
+                Err(err) => Err(err.clone()),
+                Ok(existing) => match existing.get(&k.key) {
+                    Some((digest, order)) => Ok(Written::KeyTaken {
+                        order: order.clone(),
+                        same_request: *digest == k.digest,
+                    }),
+                    None => Err(StoreError::Other(format!(
+                        "Idempotency-Key {:?} was taken but names no order",
+                        k.key
+                    ))),
+                },
+            },
+        })
+        .collect())
+}
+
+/// The digest and the order each of `keys` names.
+async fn read_keys(
+    single: &PostgresStore,
+    keys: &[&str],
+) -> Result<HashMap<String, (String, Order)>, StoreError> {
+    let mut existing = HashMap::new();
+    if keys.is_empty() {
+        return Ok(existing);
+    }
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT k.key, k.request_digest, {QUALIFIED}
+           FROM idempotency_keys k JOIN orders o ON o.id = k.order_id
+          WHERE k.key = ANY($1)"
+    )))
+    .bind(keys)
+    .fetch_all(single.pool())
+    .await
+    .map_err(map_err)?;
+    for row in rows {
+        let key: String = row.try_get("key").map_err(map_err)?;
+        let digest: String = row.try_get("request_digest").map_err(map_err)?;
+        existing.insert(key, (digest, row_to_order(&row)?));
+    }
+    Ok(existing)
+}

@@ -1,0 +1,219 @@
+//! Group commit of new orders on a real Postgres: what each request of a
+//! batch gets is what it would get alone.
+//!
+//! The tests run on tokio's current-thread runtime and send a batch's
+//! requests with `join_all`: its first poll sends every request before the
+//! writer task can run, so the writer finds them all waiting and writes them
+//! as one batch. The store's histogram says how they were grouped.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::future::join_all;
+use reliability_lab::observability::metrics::StoreMetrics;
+use reliability_lab::orders::postgres::PostgresStore;
+use reliability_lab::orders::{
+    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderId, OrderRepository,
+    StoreError,
+};
+
+use crate::helpers::TestDb;
+
+fn order(customer: &str, amount: i64) -> Order {
+    Order::new(
+        OrderId::new_random(),
+        NewOrder {
+            customer_id: CustomerId::parse(customer).unwrap(),
+            amount: Amount::parse(amount).unwrap(),
+            currency: Currency::parse("USD").unwrap(),
+        },
+        Utc::now(),
+    )
+}
+
+fn grouped(db: &TestDb) -> (PostgresStore, StoreMetrics) {
+    let metrics = StoreMetrics::unregistered();
+    let store = db
+        .replica(Duration::from_secs(30))
+        .with_group_commit(256, metrics.clone());
+    (store, metrics)
+}
+
+async fn stored(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_with_a_bad_row_stores_every_other_row_and_fails_only_that_one() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // A row the database refuses though the service would accept it.
+    sqlx::query("ALTER TABLE orders ADD CONSTRAINT no_bad_rows CHECK (customer_id <> 'bad-row')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (store, metrics) = grouped(&db);
+    let orders: Vec<Order> = (0..20)
+        .map(|i| order(if i == 7 { "bad-row" } else { "cust-1" }, 100 + i))
+        .collect();
+    let results = join_all(orders.iter().map(|o| store.insert(o))).await;
+
+    for (i, r) in results.iter().enumerate() {
+        if i == 7 {
+            let err = r.as_ref().unwrap_err();
+            assert!(
+                matches!(err, StoreError::Other(m) if m.contains("no_bad_rows")),
+                "{err:?}"
+            );
+        } else {
+            assert_eq!(r, &Ok(true), "row {i}");
+        }
+    }
+    assert_eq!(stored(&db).await, 19);
+    for (i, o) in orders.iter().enumerate() {
+        let found = store.get(o.id).await.unwrap();
+        assert_eq!(found.is_some(), i != 7, "row {i}");
+    }
+    assert_eq!(
+        metrics.batches(),
+        (1, 20),
+        "one statement of 20 rows was tried"
+    );
+    assert_eq!(metrics.fallbacks(), 1);
+    db.destroy().await;
+}
+
+#[tokio::test]
+async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back_or_a_conflict() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (store, metrics) = grouped(&db);
+    // A key stored before the batch, alone.
+    let earlier = order("cust-9", 900);
+    assert_eq!(
+        store.insert_with_key(&earlier, "old-key", "digest-z").await,
+        Ok(KeyedInsert::Created)
+    );
+
+    let first = order("cust-1", 100);
+    let same = order("cust-1", 100);
+    let other_body = order("cust-2", 200);
+    let replay_of_earlier = order("cust-9", 900);
+    let unkeyed = order("cust-3", 300);
+    let results = join_all([
+        store.insert_with_key(&first, "new-key", "digest-a"),
+        store.insert_with_key(&same, "new-key", "digest-a"),
+        store.insert_with_key(&other_body, "new-key", "digest-b"),
+        store.insert_with_key(&replay_of_earlier, "old-key", "digest-z"),
+    ])
+    .await;
+    let plain = store.insert(&unkeyed).await;
+
+    assert_eq!(results[0], Ok(KeyedInsert::Created));
+    let existing = |r: &Result<KeyedInsert, StoreError>| match r {
+        Ok(KeyedInsert::Existing {
+            order,
+            same_request,
+        }) => (order.id, *same_request),
+        other => panic!("expected the stored order back, got {other:?}"),
+    };
+    assert_eq!(existing(&results[1]), (first.id, true), "a replay");
+    assert_eq!(existing(&results[2]), (first.id, false), "a conflict (422)");
+    assert_eq!(
+        existing(&results[3]),
+        (earlier.id, true),
+        "a replay of the earlier key"
+    );
+    assert_eq!(plain, Ok(true));
+    // Stored: the earlier order, the first of the batch, the unkeyed one.
+    assert_eq!(stored(&db).await, 3);
+    assert!(store.get(same.id).await.unwrap().is_none());
+    assert!(store.get(other_body.id).await.unwrap().is_none());
+    assert!(store.get(replay_of_earlier.id).await.unwrap().is_none());
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 2);
+    // The lone writes went alone; the four went as one statement.
+    assert_eq!(metrics.batches(), (3, 6));
+    assert_eq!(metrics.fallbacks(), 0);
+    db.destroy().await;
+}
+
+#[tokio::test]
+async fn a_batch_cut_off_by_postgres_fails_every_request_in_it_and_stores_nothing() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (store, metrics) = grouped(&db);
+    // Hold the batch's INSERT at the table lock, then end its connection as
+    // a server going away would.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let orders: Vec<Order> = (0..10).map(|i| order("cust-1", 100 + i)).collect();
+    let batch = tokio::spawn({
+        let store = store.clone();
+        let orders = orders.clone();
+        async move {
+            let writes = orders.iter().enumerate().map(|(i, o)| {
+                let store = store.clone();
+                async move {
+                    if i % 2 == 0 {
+                        store.insert(o).await.map(|_| ())
+                    } else {
+                        let key = format!("key-{i}");
+                        store.insert_with_key(o, &key, "digest").await.map(|_| ())
+                    }
+                }
+            });
+            join_all(writes).await
+        }
+    });
+    let waiting_pid = loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE 'INSERT INTO orders%'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(waiting_pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let results = batch.await.unwrap();
+    blocker.rollback().await.unwrap();
+
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "request {i}: {r:?} (the API answers Unavailable with 503)"
+        );
+    }
+    assert_eq!(stored(&db).await, 0, "nothing of the batch is stored");
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0);
+    assert_eq!(metrics.batches(), (1, 10));
+    // The next write finds a fresh connection.
+    assert_eq!(store.insert(&order("cust-1", 1)).await, Ok(true));
+    db.destroy().await;
+}
