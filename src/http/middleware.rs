@@ -18,6 +18,7 @@ use std::panic::AssertUnwindSafe;
 use futures_util::FutureExt;
 
 use super::AppState;
+use crate::observability::access_log;
 use crate::observability::metrics::UNMATCHED_ROUTE;
 
 /// Methods outside the common set share one label value.
@@ -65,18 +66,26 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     let status = response.status();
     let route = route.as_deref().unwrap_or(UNMATCHED_ROUTE);
     state.http_metrics.observe(method, route, status, latency);
-    // Plain `&str` fields: a `%`-formatted field goes through `fmt` and
-    // costs more per request (the request line is the hottest log line).
-    tracing::info!(
-        target: "reliability_lab::http",
-        request_id = request_id.as_str(),
+    let line = access_log::RequestLine {
+        request_id: &request_id,
         method,
-        path = path.as_str(),
+        path: &path,
         route,
-        status = status.as_u16(),
-        latency_ms = round_ms(latency),
-        "request"
-    );
+        status: status.as_u16(),
+        latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+    };
+    if !access_log::write(&line) {
+        tracing::info!(
+            target: "reliability_lab::http",
+            request_id = request_id.as_str(),
+            method,
+            path = path.as_str(),
+            route,
+            status = status.as_u16(),
+            latency_ms = round_ms(latency),
+            "request"
+        );
+    }
     response
 }
 

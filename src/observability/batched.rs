@@ -103,6 +103,13 @@ impl BatchedWriter {
     }
 }
 
+impl BatchedWriter {
+    /// Appends a whole line (newline included) to the pending batch.
+    pub fn append_line(&self, line: &[u8]) {
+        self.shared.append(line);
+    }
+}
+
 impl Write for BatchedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.shared.append(buf);

@@ -19,17 +19,21 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<FlushGuard> {
     let (writer, guard) = BatchedWriter::new(std::io::stdout());
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(writer)
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_target(true),
-            )
-            .try_init()?,
+        LogFormat::Json => {
+            // The request line skips the generic formatter (access_log.rs).
+            super::access_log::install(writer.clone());
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(writer)
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false)
+                        .with_target(true),
+                )
+                .try_init()?
+        }
         LogFormat::Pretty => registry
             .with(
                 tracing_subscriber::fmt::layer()

@@ -1,5 +1,6 @@
 //! Logs and metrics: how every failure mode stays visible.
 
+pub mod access_log;
 mod batched;
 pub mod latency;
 pub mod logging;

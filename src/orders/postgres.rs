@@ -310,6 +310,9 @@ impl OrderRepository for PostgresStore {
         id: OrderId,
         change: &StatusChange,
     ) -> Result<UpdateOutcome, StoreError> {
+        if let Some(group) = &self.group {
+            return group.move_status(id, change).await;
+        }
         // One statement moves the order, if it is in the expected status and
         // the lease allows it, and keeps the lease history in step:
         // - pending -> processing: the lease must be ours, free or expired;

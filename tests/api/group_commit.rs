@@ -217,3 +217,76 @@ async fn a_batch_cut_off_by_postgres_fails_every_request_in_it_and_stores_nothin
     assert_eq!(store.insert(&order("cust-1", 1)).await, Ok(true));
     db.destroy().await;
 }
+
+#[tokio::test]
+async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
+    use reliability_lab::orders::{Status, StatusChange, UpdateOutcome};
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (ours, _) = grouped(&db);
+    let other = db.replica(Duration::from_secs(30));
+    let mine: Vec<Order> = (0..3).map(|i| order("cust-1", 10 + i)).collect();
+    for o in &mine {
+        assert_eq!(ours.insert(o).await, Ok(true));
+    }
+    let theirs = order("cust-2", 20);
+    assert_eq!(other.insert(&theirs).await, Ok(true));
+
+    let claim = StatusChange::new(Status::Pending, Status::Processing);
+    let finish = StatusChange::new(Status::Processing, Status::Completed);
+    let results = join_all([
+        ours.update_status(mine[0].id, &claim),
+        ours.update_status(mine[1].id, &claim),
+        // Not where the move expects it.
+        ours.update_status(mine[2].id, &finish),
+        // Leased to a live replica.
+        ours.update_status(theirs.id, &claim),
+        // The same order twice: the second waits for the first.
+        ours.update_status(mine[0].id, &claim),
+    ])
+    .await;
+    let status = |r: &Result<UpdateOutcome, StoreError>| match r {
+        Ok(UpdateOutcome::Updated(o)) => format!("moved to {}", o.status),
+        Ok(UpdateOutcome::WrongStatus(s)) => format!("is {s}"),
+        Ok(UpdateOutcome::LeaseHeldElsewhere) => "leased elsewhere".into(),
+        other => format!("{other:?}"),
+    };
+    let seen: Vec<String> = results.iter().map(status).collect();
+    assert_eq!(
+        seen,
+        [
+            "moved to processing",
+            "moved to processing",
+            "is pending",
+            "leased elsewhere",
+            "is processing"
+        ]
+    );
+    // Each claim opened one lease history row, under our name.
+    let opened: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_lease_history WHERE ended_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(opened, 2);
+
+    // Finishing both in one batch closes their rows and frees their leases.
+    let done = join_all([
+        ours.update_status(mine[0].id, &finish),
+        ours.update_status(mine[1].id, &finish),
+    ])
+    .await;
+    assert!(done
+        .iter()
+        .all(|r| matches!(r, Ok(UpdateOutcome::Updated(o)) if o.status == Status::Completed)));
+    let (open, freed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM order_lease_history WHERE ended_at IS NULL),
+                (SELECT count(*) FROM orders WHERE status = 'completed' AND lease_owner IS NULL)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((open, freed), (0, 2));
+    db.destroy().await;
+}
