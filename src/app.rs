@@ -96,7 +96,8 @@ impl Stores {
         .with_group_commit(config.database_batch_max, metrics);
         // The simulated provider keeps its ledger in the same database, so
         // every replica sees one provider, as with a real payment API.
-        let ledger = PostgresLedger::new(store.pool().clone());
+        let ledger =
+            PostgresLedger::new(store.pool().clone()).with_group_commit(config.database_batch_max);
         Ok(Self {
             orders: Arc::new(store),
             ledger: Arc::new(ledger),

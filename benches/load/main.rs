@@ -442,7 +442,7 @@ async fn bench() {
         value: post_rate,
         unit: "r/s",
         reference: Some(("reference".into(), ref_post_rate)),
-        target: Some((">= 0.60".into(), post_rate / ref_post_rate >= 0.60)),
+        target: Some((">= 0.70".into(), post_rate / ref_post_rate >= 0.70)),
         errors: post_errors,
     });
     rows.push(Row {
@@ -466,7 +466,7 @@ async fn bench() {
         value: get_rate,
         unit: "r/s",
         reference: Some(("reference".into(), ref_get_rate)),
-        target: Some((">= 0.75".into(), get_rate / ref_get_rate >= 0.75)),
+        target: Some((">= 0.80".into(), get_rate / ref_get_rate >= 0.80)),
         errors: get_errors,
     });
     rows.push(Row {

@@ -84,7 +84,7 @@ const WRITES_AT_ONCE: usize = 4;
 /// Runs `flush` on whatever piled up, up to `max` at a time and up to
 /// `WRITES_AT_ONCE` flushes at once, as long as a sender lives: the first
 /// request, then every one already waiting.
-fn batch_loop<T, F, Fut>(max: usize, mut flush: F) -> mpsc::UnboundedSender<T>
+pub(crate) fn batch_loop<T, F, Fut>(max: usize, mut flush: F) -> mpsc::UnboundedSender<T>
 where
     T: Send + 'static,
     F: FnMut(Vec<T>) -> Fut + Send + 'static,

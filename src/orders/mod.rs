@@ -5,7 +5,7 @@
 //! nor the workers. The composition root adapts concrete providers to them.
 
 mod error;
-mod group_commit;
+pub(crate) mod group_commit;
 pub mod memory;
 mod model;
 pub mod postgres;

@@ -3,12 +3,15 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use tokio::sync::{mpsc, oneshot};
+
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::ChargeRequest;
+use crate::orders::group_commit::batch_loop;
 use crate::orders::postgres::map_err;
 use crate::orders::{OrderId, StoreError};
 
@@ -192,23 +195,75 @@ impl Ledger for MemoryLedger {
 /// INSERT, whichever replica asks.
 pub struct PostgresLedger {
     pool: sqlx::PgPool,
+    /// Charges go through group commit when set.
+    group: Option<mpsc::UnboundedSender<PendingCharge>>,
+}
+
+struct PendingCharge {
+    charge: Charge,
+    reply: oneshot::Sender<Result<Recorded, LedgerError>>,
 }
 
 impl PostgresLedger {
     pub fn new(pool: sqlx::PgPool) -> Self {
-        Self { pool }
+        Self { pool, group: None }
+    }
+
+    /// Charges made at the same moment are written in one statement, at
+    /// most `max` (the orders' group commit, `DATABASE_BATCH_MAX`); 1 writes
+    /// each alone.
+    pub fn with_group_commit(mut self, max: usize) -> Self {
+        if max > 1 {
+            let alone = PostgresLedger::new(self.pool.clone());
+            let alone = std::sync::Arc::new(alone);
+            self.group = Some(batch_loop(max, move |batch| {
+                record_batch(alone.clone(), batch)
+            }));
+        }
+        self
     }
 }
 
-#[async_trait]
-impl Ledger for PostgresLedger {
-    async fn record(
-        &self,
-        request: &ChargeRequest,
-        key: Option<&str>,
-    ) -> Result<Recorded, LedgerError> {
+/// Charges of distinct orders in one statement, with one charge alone's
+/// answer each: the order's charges before this statement, and whether this
+/// one was made (not when its key already had one). A second charge of an
+/// order in the batch goes alone after it.
+async fn record_batch(alone: std::sync::Arc<PostgresLedger>, batch: Vec<PendingCharge>) {
+    let mut orders = HashSet::new();
+    let (firsts, repeats): (Vec<PendingCharge>, Vec<PendingCharge>) = batch
+        .into_iter()
+        .partition(|p| orders.insert(p.charge.order_id));
+    if firsts.len() == 1 {
+        for p in firsts {
+            let recorded = alone.record_one(&p.charge).await;
+            let _ = p.reply.send(recorded);
+        }
+    } else if !firsts.is_empty() {
+        match alone.record_many(&firsts).await {
+            Ok(recorded) => {
+                for (p, r) in firsts.into_iter().zip(recorded) {
+                    let _ = p.reply.send(Ok(r));
+                }
+            }
+            Err(err) => {
+                // A failed statement changed nothing: each goes alone.
+                tracing::warn!(error = %err, charges = firsts.len(), "a batch of charges failed; recording them one by one");
+                for p in firsts {
+                    let recorded = alone.record_one(&p.charge).await;
+                    let _ = p.reply.send(recorded);
+                }
+            }
+        }
+    }
+    for p in repeats {
+        let recorded = alone.record_one(&p.charge).await;
+        let _ = p.reply.send(recorded);
+    }
+}
+
+impl PostgresLedger {
+    async fn record_one(&self, c: &Charge) -> Result<Recorded, LedgerError> {
         use sqlx::Row;
-        let c = charge(request, key);
         let row = sqlx::query(
             "WITH earlier AS (SELECT count(*) AS n FROM payment_ledger WHERE order_id = $2),
                   made AS (
@@ -236,6 +291,101 @@ impl Ledger for PostgresLedger {
             new_charge: made == 1,
             earlier_charges: usize::try_from(earlier).unwrap_or(0),
         })
+    }
+
+    /// `record_one` over charges of distinct orders, in one statement (all
+    /// its parts see the ledger as it was before it).
+    async fn record_many(&self, batch: &[PendingCharge]) -> Result<Vec<Recorded>, LedgerError> {
+        use sqlx::Row;
+        let charges: Vec<&Charge> = batch.iter().map(|p| &p.charge).collect();
+        let ids: Vec<Uuid> = charges.iter().map(|c| c.charge_id).collect();
+        let orders: Vec<Uuid> = charges.iter().map(|c| c.order_id.as_uuid()).collect();
+        let attempts: Vec<i32> = charges
+            .iter()
+            .map(|c| i32::try_from(c.attempt).unwrap_or(i32::MAX))
+            .collect();
+        let keys: Vec<Option<&str>> = charges
+            .iter()
+            .map(|c| c.idempotency_key.as_deref())
+            .collect();
+        let amounts: Vec<i64> = charges.iter().map(|c| c.amount).collect();
+        let currencies: Vec<&str> = charges.iter().map(|c| c.currency.as_str()).collect();
+        let at: Vec<DateTime<Utc>> = charges.iter().map(|c| c.created_at).collect();
+        let rows = sqlx::query(
+            "WITH input AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::int8[],
+                                     $6::text[], $7::timestamptz[])
+                    AS i(charge_id, order_id, attempt, idempotency_key, amount, currency, created_at)
+             ),
+             made AS (
+                INSERT INTO payment_ledger
+                   (charge_id, order_id, attempt, idempotency_key, amount, currency, created_at)
+                SELECT * FROM input
+                ON CONFLICT (idempotency_key) DO NOTHING
+                RETURNING charge_id
+             )
+             SELECT i.charge_id,
+                    (SELECT count(*) FROM payment_ledger l WHERE l.order_id = i.order_id) AS earlier,
+                    EXISTS (SELECT 1 FROM made m WHERE m.charge_id = i.charge_id) AS made
+               FROM input i",
+        )
+        .bind(&ids)
+        .bind(&orders)
+        .bind(&attempts)
+        .bind(&keys)
+        .bind(&amounts)
+        .bind(&currencies)
+        .bind(&at)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut by_charge: HashMap<Uuid, Recorded> = HashMap::new();
+        for row in rows {
+            let id: Uuid = row.try_get("charge_id").map_err(map_err)?;
+            let earlier: i64 = row.try_get("earlier").map_err(map_err)?;
+            let made: bool = row.try_get("made").map_err(map_err)?;
+            by_charge.insert(
+                id,
+                Recorded {
+                    new_charge: made,
+                    earlier_charges: usize::try_from(earlier).unwrap_or(0),
+                },
+            );
+        }
+        ids.iter()
+            .map(|id| {
+                by_charge.remove(id).ok_or_else(|| {
+                    LedgerError::Store(StoreError::Other(
+                        "a charge of the batch went unanswered".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    async fn record(
+        &self,
+        request: &ChargeRequest,
+        key: Option<&str>,
+    ) -> Result<Recorded, LedgerError> {
+        let charge = charge(request, key);
+        match &self.group {
+            None => self.record_one(&charge).await,
+            Some(group) => {
+                let (reply, answer) = oneshot::channel();
+                group
+                    .send(PendingCharge { charge, reply })
+                    .map_err(|_| StoreError::Unavailable("the ledger writer has stopped".into()))?;
+                answer.await.map_err(|_| {
+                    LedgerError::Store(StoreError::Other(
+                        "the ledger writer stopped mid-write".into(),
+                    ))
+                })?
+            }
+        }
     }
 
     async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError> {

@@ -290,3 +290,51 @@ async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
     assert_eq!((open, freed), (0, 2));
     db.destroy().await;
 }
+
+#[tokio::test]
+async fn charges_in_one_batch_answer_as_each_would_alone() {
+    use reliability_lab::payment::{ChargeRequest, Ledger, PostgresLedger};
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let ledger = PostgresLedger::new(db.pool.clone()).with_group_commit(256);
+    let (a, b, c) = (OrderId::new_random(), OrderId::new_random(), OrderId::new_random());
+    let charge = |order, attempt| ChargeRequest::for_order(order, attempt, 500, "USD");
+    // A charged before the batch.
+    let before = ledger.record(&charge(a, 1), Some("key-a")).await.unwrap();
+    assert!(before.new_charge);
+
+    let results = join_all([
+        // A again under its key: nothing new, one charge before.
+        ledger.record(&charge(a, 2), Some("key-a")),
+        // B for the first time.
+        ledger.record(&charge(b, 1), Some("key-b")),
+        // C without a key, twice in the batch: both charge, the second
+        // sees the first.
+        ledger.record(&charge(c, 1), None),
+        ledger.record(&charge(c, 2), None),
+    ])
+    .await;
+    let seen: Vec<(bool, usize)> = results
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.new_charge, r.earlier_charges)
+        })
+        .collect();
+    assert_eq!(seen, [(false, 1), (true, 0), (true, 0), (true, 1)]);
+    let per_order: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT order_id, count(*) FROM payment_ledger GROUP BY order_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let count = |o: OrderId| {
+        per_order
+            .iter()
+            .find(|(id, _)| *id == o.as_uuid())
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!((count(a), count(b), count(c)), (1, 1, 2));
+    db.destroy().await;
+}
