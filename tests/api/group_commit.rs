@@ -298,7 +298,11 @@ async fn charges_in_one_batch_answer_as_each_would_alone() {
         return;
     };
     let ledger = PostgresLedger::new(db.pool.clone()).with_group_commit(256);
-    let (a, b, c) = (OrderId::new_random(), OrderId::new_random(), OrderId::new_random());
+    let (a, b, c) = (
+        OrderId::new_random(),
+        OrderId::new_random(),
+        OrderId::new_random(),
+    );
     let charge = |order, attempt| ChargeRequest::for_order(order, attempt, 500, "USD");
     // A charged before the batch.
     let before = ledger.record(&charge(a, 1), Some("key-a")).await.unwrap();
@@ -323,12 +327,11 @@ async fn charges_in_one_batch_answer_as_each_would_alone() {
         })
         .collect();
     assert_eq!(seen, [(false, 1), (true, 0), (true, 0), (true, 1)]);
-    let per_order: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
-        "SELECT order_id, count(*) FROM payment_ledger GROUP BY order_id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let per_order: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT order_id, count(*) FROM payment_ledger GROUP BY order_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let count = |o: OrderId| {
         per_order
             .iter()
