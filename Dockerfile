@@ -4,6 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
+# The manifest names the benches' files: cargo refuses a manifest whose
+# targets are missing, even to build only the binary.
+COPY benches ./benches
 RUN cargo build --release --locked --bin reliability-lab
 
 # Run stage: just the binary.

@@ -11,6 +11,7 @@ mod group_commit;
 mod hardening;
 mod helpers;
 mod http_api;
+mod image;
 mod instruments;
 mod lab_controls;
 mod metrics;
