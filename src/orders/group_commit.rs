@@ -418,19 +418,21 @@ async fn read_keys(
 /// Status moves, as many as piled up, in one statement with the same
 /// conditions as one move alone (the expected status, the lease). A move
 /// of an order already moved in this batch waits for the next one.
-async fn write_moves(single: PostgresStore, mut batch: Vec<PendingMove>) {
+async fn write_moves(single: PostgresStore, batch: Vec<PendingMove>) {
     let mut seen = HashSet::new();
     let (firsts, repeats): (Vec<PendingMove>, Vec<PendingMove>) =
-        batch.drain(..).partition(|m| seen.insert(m.id));
-    batch = firsts;
-    if batch.len() == 1 {
-        let m = batch.pop().expect("one");
-        let moved = single.update_status(m.id, &m.change).await;
-        let _ = m.reply.send(moved);
+        batch.into_iter().partition(|m| seen.insert(m.id));
+    if firsts.len() == 1 {
+        move_alone(&single, firsts).await;
     } else {
-        moves_in_one(&single, batch).await;
+        moves_in_one(&single, firsts).await;
     }
-    for m in repeats {
+    move_alone(&single, repeats).await;
+}
+
+/// Each move with the single statement, one after another.
+async fn move_alone(single: &PostgresStore, moves: Vec<PendingMove>) {
+    for m in moves {
         let moved = single.update_status(m.id, &m.change).await;
         let _ = m.reply.send(moved);
     }
@@ -455,10 +457,7 @@ async fn moves_in_one(single: &PostgresStore, batch: Vec<PendingMove>) {
         }
         Err(err) => {
             tracing::warn!(error = %err, moves = batch.len(), "a batch of status moves failed; moving them one by one");
-            for m in batch {
-                let moved = single.update_status(m.id, &m.change).await;
-                let _ = m.reply.send(moved);
-            }
+            move_alone(single, batch).await;
         }
     }
 }
