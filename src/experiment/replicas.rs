@@ -307,7 +307,7 @@ pub async fn run_variant(
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(database_url)
+        .connect_with(crate::orders::pg_tls::connect_options(database_url)?)
         .await
         .context("cannot connect to Postgres (--database-url)")?;
     let token = variant

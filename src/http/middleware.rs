@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
-use rand::Rng;
+use rand::RngExt;
 use tokio::time::Instant;
 use tower_http::request_id::{MakeRequestId, RequestId};
 

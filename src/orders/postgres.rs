@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{ConnectOptions, Connection, PgPool, Row};
 use uuid::Uuid;
 
@@ -120,10 +120,8 @@ impl PostgresStore {
         startup_timeout: Duration,
         lease: Lease,
     ) -> anyhow::Result<Self> {
-        let options: PgConnectOptions = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
-        let options = options.log_statements(tracing::log::LevelFilter::Debug);
+        let options =
+            super::pg_tls::connect_options(url)?.log_statements(tracing::log::LevelFilter::Debug);
         let deadline = tokio::time::Instant::now() + startup_timeout;
         let mut wait = Duration::from_millis(250);
         loop {
@@ -133,6 +131,11 @@ impl PostgresStore {
                     break;
                 }
                 Err(err) => {
+                    // A certificate that does not verify will not verify
+                    // on the next try either.
+                    if let Some(why) = super::pg_tls::tls_failure(&err, &options) {
+                        anyhow::bail!(why);
+                    }
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
                         anyhow::bail!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde::Deserialize;
 use tracing::{instrument, Instrument};
 

@@ -68,7 +68,7 @@ fn charge(request: &ChargeRequest, key: Option<&str>) -> Charge {
     Charge {
         // The simulated provider's ids need to be unique, not secret: the
         // thread's generator, not a system call per charge.
-        charge_id: uuid::Builder::from_random_bytes(rand::Rng::random(&mut rand::rng()))
+        charge_id: uuid::Builder::from_random_bytes(rand::RngExt::random(&mut rand::rng()))
             .into_uuid(),
         order_id: request.order_id,
         attempt: request.attempt,

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::orders::OrderId;
@@ -133,7 +133,7 @@ impl Simulator {
         Self {
             settings: RwLock::new(settings),
             seed,
-            rng: Mutex::new(StdRng::from_os_rng()),
+            rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
             ledger,
             metrics,
             calls: AtomicU64::new(0),

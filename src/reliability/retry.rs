@@ -21,7 +21,7 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// How the retry loop waits between attempts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +79,7 @@ impl RetryPolicy {
 
 /// Stops a backoff after `max_attempts - 1` waits, jitters each wait by
 /// `± randomization` and caps it at `ceiling`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct AttemptLimit<B> {
     inner: B,
     max_waits: u32,

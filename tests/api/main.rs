@@ -19,3 +19,4 @@ mod openapi;
 mod pipeline;
 mod profiling;
 mod shutdown;
+mod tls;

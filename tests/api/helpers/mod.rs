@@ -10,9 +10,11 @@ mod binary;
 mod browser;
 mod http;
 mod postgres;
+mod tls;
 
 pub use app::*;
 pub use binary::*;
 pub use browser::*;
 pub use http::*;
 pub use postgres::*;
+pub use tls::*;

@@ -210,6 +210,8 @@ pub struct PgCluster {
     dir: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    /// Serves TLS only (ssl=on, every TCP connection must use it).
+    tls: bool,
 }
 
 impl PgCluster {
@@ -226,6 +228,23 @@ impl PgCluster {
 
     /// A running cluster, or why there can be none.
     pub fn try_start() -> Result<Self, String> {
+        Self::try_start_with(None)
+    }
+
+    /// A running cluster that speaks TLS only, with this certificate and
+    /// key: pg_hba.conf's TCP lines become `hostssl`, so a connection
+    /// without TLS is refused.
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<Self> {
+        match Self::try_start_with(Some((cert, key))) {
+            Ok(cluster) => Some(cluster),
+            Err(reason) => {
+                no_server(&reason);
+                None
+            }
+        }
+    }
+
+    fn try_start_with(tls: Option<(&Path, &Path)>) -> Result<Self, String> {
         let bin = pg_bin().ok_or_else(|| {
             "no PostgreSQL server binaries found (looked in /usr/lib/postgresql/*/bin and $PG_BIN)"
                 .to_owned()
@@ -241,6 +260,7 @@ impl PgCluster {
             dir,
             port: free_port_below_32768(),
             as_postgres,
+            tls: tls.is_some(),
         };
         cluster.pg(&[
             "initdb",
@@ -252,6 +272,32 @@ impl PgCluster {
             "trust",
             "--no-sync",
         ])?;
+        if let Some((cert, key)) = tls {
+            let data = cluster.dir.join("data");
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).map_err(|e| format!("copy {from:?}: {e}"))?;
+            }
+            // Postgres refuses a key others can read.
+            run(Command::new("chmod")
+                .arg("600")
+                .arg(data.join("server.key")))?;
+            if as_postgres {
+                run(Command::new("chown")
+                    .arg("postgres:")
+                    .arg(data.join("server.crt"))
+                    .arg(data.join("server.key")))?;
+            }
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).map_err(|e| e.to_string())?;
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).map_err(|e| e.to_string())?;
+        }
         cluster.try_up()?;
         Ok(cluster)
     }
@@ -276,11 +322,14 @@ impl PgCluster {
     }
 
     fn try_up(&self) -> Result<(), String> {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         self.pg(&[
             "pg_ctl",
             "-D",
