@@ -6,6 +6,7 @@
 pub mod app;
 pub mod config;
 pub mod experiment;
+pub mod healthcheck;
 pub mod http;
 pub mod lab;
 pub mod observability;

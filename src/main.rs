@@ -9,9 +9,12 @@ use reliability_lab::observability::logging;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // `reliability-lab experiment …` runs experiments; anything else runs
-    // the service.
+    // `reliability-lab experiment …` runs experiments, `healthcheck` asks a
+    // running service whether it is ready; anything else runs the service.
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "healthcheck") {
+        return reliability_lab::healthcheck::main(args[2..].to_vec()).await;
+    }
     if args.get(1).is_some_and(|a| a == "experiment") {
         let _log_guard = logging::init(logging_format_for_experiments(), "error").ok();
         return reliability_lab::experiment::main(args[1..].to_vec()).await;

@@ -106,6 +106,11 @@ impl Metrics {
             ),
         };
         let provider = ProviderMetrics {
+            calls: counter(
+                &registry,
+                "payment_calls_total",
+                "Charge calls the payment provider received (every attempt that reached it; calls per finished order is the retries' amplification).",
+            ),
             charges: counter(
                 &registry,
                 "payment_charges_total",

@@ -23,7 +23,6 @@
 mod ledger;
 mod settings;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -88,6 +87,8 @@ impl ChargeRequest {
 /// Provider-side counters.
 #[derive(Clone)]
 pub struct ProviderMetrics {
+    /// Charge calls received (each attempt that reached the provider).
+    pub calls: IntCounter,
     pub charges: IntCounter,
     pub duplicate_charges: IntCounter,
 }
@@ -120,7 +121,6 @@ pub struct Simulator {
     rng: Mutex<StdRng>,
     ledger: Arc<dyn Ledger>,
     metrics: ProviderMetrics,
-    calls: AtomicU64,
 }
 
 impl Simulator {
@@ -136,7 +136,6 @@ impl Simulator {
             rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
             ledger,
             metrics,
-            calls: AtomicU64::new(0),
         }
     }
 
@@ -175,7 +174,7 @@ impl Simulator {
 
     /// Charge calls received so far.
     pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::SeqCst)
+        self.metrics.calls.get()
     }
 
     /// The draws for one call under the given effective rates.
@@ -217,7 +216,7 @@ impl Simulator {
         request: &ChargeRequest,
         cancel: &CancellationToken,
     ) -> Result<(), PaymentError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.metrics.calls.inc();
         let effective = self.current().effective();
         let draw = self.draw(request.order_id, request.attempt, &effective);
         let wait = async {
@@ -273,6 +272,7 @@ mod tests {
 
     fn metrics() -> ProviderMetrics {
         ProviderMetrics {
+            calls: IntCounter::new("n", "n").unwrap(),
             charges: IntCounter::new("c", "c").unwrap(),
             duplicate_charges: IntCounter::new("d", "d").unwrap(),
         }

@@ -193,3 +193,38 @@ async fn orders_outlive_a_restart_and_readyz_follows_postgres_down_and_up() {
     assert!(recovered, "readyz came back without a restart");
     assert!(second.terminate().await.success());
 }
+
+#[tokio::test]
+async fn the_healthcheck_subcommand_exits_zero_on_a_ready_service_and_one_otherwise() {
+    let service = spawn_binary(&[]).await;
+    let check = |args: Vec<String>, listen: Option<String>| async move {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_reliability-lab"));
+        cmd.env_clear().arg("healthcheck").args(args);
+        if let Some(listen) = listen {
+            cmd.env("LISTEN_ADDR", listen);
+        }
+        let out = cmd.output().await.unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let port = service.addr.port();
+    // As the compose file runs it: no URL, the port from LISTEN_ADDR.
+    let (code, stderr) = check(vec![], Some(format!("0.0.0.0:{port}"))).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = check(vec![format!("http://{}/readyz", service.addr)], None).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    // A path that answers 404 is not healthy, and says what it got.
+    let (code, stderr) = check(vec![format!("http://{}/nowhere", service.addr)], None).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("answered 404 Not Found"), "{stderr}");
+    // Nothing listening.
+    let closed = crate::helpers::free_port_below_32768();
+    let (code, stderr) = check(vec![format!("http://127.0.0.1:{closed}/readyz")], None).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.to_lowercase().contains("connection refused"),
+        "{stderr}"
+    );
+}

@@ -15,6 +15,7 @@ mod image;
 mod instruments;
 mod lab_controls;
 mod metrics;
+mod monitoring;
 mod openapi;
 mod pipeline;
 mod profiling;

@@ -157,6 +157,7 @@ async fn right_after_startup_every_known_series_is_listed_at_zero() {
         ("worker_jobs_total", &[("status", "rejected")]),
         ("retry_attempts_total", &[("result", "retried")]),
         ("retry_attempts_total", &[("result", "permanent_failure")]),
+        ("payment_calls_total", &[]),
     ];
     for (name, labels) in expected {
         assert_eq!(value(&scrape, name, labels), 0.0, "{name} {labels:?}");
@@ -227,6 +228,8 @@ async fn a_scripted_failure_run_counts_failures_the_trip_and_permanent_failures(
     }
     let scrape = scrape(&lab).await;
     assert_eq!(value(&scrape, "payment_failures_total", &[]), 5.0);
+    // Five calls reached the provider; what the open breaker refused did not.
+    assert_eq!(value(&scrape, "payment_calls_total", &[]), 5.0);
     assert_eq!(
         value(
             &scrape,
