@@ -90,6 +90,18 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Resu
     }
 }
 
+/// The most probes a half-open window may admit.
+pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
+
+fn half_open_probes(raw: &str) -> Result<u32, String> {
+    match raw.trim().parse::<u32>() {
+        Ok(n) if (1..=HALF_OPEN_PROBES_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {HALF_OPEN_PROBES_LIMIT}"
+        )),
+    }
+}
+
 /// The largest group commit the store accepts.
 pub const DATABASE_BATCH_MAX_LIMIT: usize = 1000;
 
@@ -274,9 +286,13 @@ pub struct Config {
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = at_least_one::<u32>)]
     pub breaker_failure_threshold: u32,
 
-    /// How long the breaker stays open before it lets one probe through.
+    /// How long the breaker stays open before it lets probes through.
     #[arg(long, env = "BREAKER_OPEN_DURATION", default_value = "30s", value_parser = positive_duration)]
     pub breaker_open_duration: Duration,
+
+    /// Probes a half-open breaker admits at once (1 to 100); all must succeed to close it.
+    #[arg(long, env = "BREAKER_HALF_OPEN_PROBES", default_value = "1", value_parser = half_open_probes)]
+    pub breaker_half_open_probes: u32,
 
     /// Built-in traffic at boot, in orders per second (0.1 to 5000); unset: none until PUT /admin/load.
     #[arg(long, env = "LOAD_RATE", value_parser = load_rate)]
@@ -437,6 +453,7 @@ impl Config {
         BreakerConfig {
             failure_threshold: self.breaker_failure_threshold,
             open_duration: self.breaker_open_duration,
+            half_open_probes: self.breaker_half_open_probes,
         }
     }
 }

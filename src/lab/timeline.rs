@@ -343,6 +343,7 @@ mod tests {
             breaker: BreakerSnapshot {
                 state: BreakerState::Closed,
                 consecutive_failures: 0,
+                half_open_probes: 1,
                 until_half_open: None,
             },
             queue_depth: 3,

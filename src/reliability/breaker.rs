@@ -4,9 +4,13 @@
 //! failsafe 1.3 counts consecutive failures and moves between closed, open and
 //! half-open. Where it differs from the original, the original wins, and this
 //! type closes the gap:
-//! - **One probe in half-open.** failsafe admits every call while half-open;
-//!   here exactly one call (the probe) is admitted and the others are rejected
-//!   with a distinct kind, `Rejection::HalfOpenBusy`.
+//! - **A bounded number of probes in half-open.** failsafe admits every call
+//!   while half-open and closes on the first success; here at most
+//!   `half_open_probes` calls (1 by default, the original's single probe) are
+//!   admitted in one half-open window and the others are rejected with a
+//!   distinct kind, `Rejection::HalfOpenBusy`. The breaker closes once every
+//!   one of them has succeeded (failsafe is told of the success that
+//!   completes the set, and not before) and reopens on the first failure.
 //! - **Two rejection kinds**, `Open` and `HalfOpenBusy`; `Rejection::is_open`
 //!   is true for both.
 //! - **From and to.** failsafe's callbacks name only the new state (and
@@ -126,6 +130,8 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// How long it stays open before a probe is allowed.
     pub open_duration: Duration,
+    /// Probes one half-open window admits; all must succeed to close.
+    pub half_open_probes: u32,
 }
 
 impl Default for BreakerConfig {
@@ -133,6 +139,7 @@ impl Default for BreakerConfig {
         Self {
             failure_threshold: 5,
             open_duration: Duration::from_secs(30),
+            half_open_probes: 1,
         }
     }
 }
@@ -142,6 +149,8 @@ impl Default for BreakerConfig {
 pub struct BreakerSnapshot {
     pub state: BreakerState,
     pub consecutive_failures: u32,
+    /// Probes one half-open window admits (`BREAKER_HALF_OPEN_PROBES`).
+    pub half_open_probes: u32,
     /// Seconds left until a probe is allowed, while open.
     #[serde(serialize_with = "serialize_opt_duration")]
     #[schema(value_type = Option<f64>)]
@@ -219,7 +228,10 @@ impl FailurePolicy for CountingPolicy {
 struct Mirror {
     state: BreakerState,
     open_until: Option<Instant>,
-    probe_in_flight: bool,
+    /// Probes admitted in this half-open window and not abandoned (in
+    /// flight or succeeded), and how many of them succeeded.
+    probes_admitted: u32,
+    probes_succeeded: u32,
     /// Bumped on every state change; permits from older generations are stale.
     generation: u64,
 }
@@ -283,7 +295,8 @@ impl Breaker {
                 mirror: Mutex::new(Mirror {
                     state: BreakerState::Closed,
                     open_until: None,
-                    probe_in_flight: false,
+                    probes_admitted: 0,
+                    probes_succeeded: 0,
                     generation: 0,
                 }),
                 open_duration: config.open_duration,
@@ -325,6 +338,7 @@ impl Breaker {
         BreakerSnapshot {
             state: mirror.state,
             consecutive_failures: self.inner.failures.load(Ordering::SeqCst),
+            half_open_probes: self.inner.config.half_open_probes.max(1),
             until_half_open: match (mirror.state, mirror.open_until) {
                 (BreakerState::Open, Some(until)) => {
                     Some(until.saturating_duration_since(Instant::now()))
@@ -344,7 +358,8 @@ impl Breaker {
                 }
                 mirror.state = to;
                 mirror.generation += 1;
-                mirror.probe_in_flight = false;
+                mirror.probes_admitted = 0;
+                mirror.probes_succeeded = 0;
                 mirror.open_until =
                     (to == BreakerState::Open).then(|| Instant::now() + self.inner.open_duration);
                 report.changes.push((from, to));
@@ -388,8 +403,10 @@ impl Breaker {
                 // failsafe permits every call while closed, with no side
                 // effect: nothing to ask it.
                 BreakerState::Closed => Ok((mirror.generation, false)),
-                BreakerState::HalfOpen if !mirror.probe_in_flight => {
-                    mirror.probe_in_flight = true;
+                BreakerState::HalfOpen
+                    if mirror.probes_admitted < self.inner.config.half_open_probes.max(1) =>
+                {
+                    mirror.probes_admitted += 1;
                     self.inner.probes.fetch_add(1, Ordering::SeqCst);
                     Ok((mirror.generation, true))
                 }
@@ -416,13 +433,20 @@ impl Breaker {
                 // Admitted before the last state change: its result is stale.
                 return;
             }
-            match verdict {
-                Some(true) => self.inner.machine.on_success(),
-                Some(false) => self.inner.machine.on_error(),
-                None => {}
-            }
-            if probe {
-                mirror.probe_in_flight = false;
+            match (verdict, probe) {
+                (Some(true), true) => {
+                    // failsafe closes on one success: tell it only of the
+                    // one that completes the window's set of probes.
+                    mirror.probes_succeeded += 1;
+                    if mirror.probes_succeeded >= self.inner.config.half_open_probes.max(1) {
+                        self.inner.machine.on_success();
+                    }
+                }
+                (Some(true), false) => self.inner.machine.on_success(),
+                (Some(false), _) => self.inner.machine.on_error(),
+                // No verdict: an abandoned probe gives its slot back.
+                (None, true) => mirror.probes_admitted = mirror.probes_admitted.saturating_sub(1),
+                (None, false) => {}
             }
             self.follow(&mut mirror, &mut report);
         }
@@ -502,7 +526,7 @@ impl Permit {
         }
     }
 
-    /// Whether this call is the single half-open probe.
+    /// Whether this call is one of the half-open window's probes.
     pub fn is_probe(&self) -> bool {
         self.probe
     }
@@ -542,6 +566,7 @@ mod tests {
             BreakerConfig {
                 failure_threshold: threshold,
                 open_duration: Duration::from_secs(30),
+                half_open_probes: 1,
             },
             Some(recorder.clone()),
         );
@@ -696,5 +721,78 @@ mod tests {
             b.call(|| async { Err("declined") }, |_| true).await;
         assert!(r.is_err());
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    fn breaker_with_probes(probes: u32) -> (Breaker, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let b = Breaker::new(
+            BreakerConfig {
+                failure_threshold: 1,
+                open_duration: Duration::from_secs(30),
+                half_open_probes: probes,
+            },
+            Some(recorder.clone()),
+        );
+        (b, recorder)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_probes_are_admitted_at_once_and_the_fourth_is_refused() {
+        let (b, _) = breaker_with_probes(3);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probes: Vec<Permit> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        assert!(probes.iter().all(Permit::is_probe));
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::HalfOpenBusy);
+        assert_eq!(b.probe_counts(), (3, 1), "one window, three probes");
+        // Two successes are not enough: it stays half-open, and the slots
+        // they used stay used (a window admits three probes in all).
+        let mut probes = probes.into_iter();
+        probes.next().unwrap().success();
+        probes.next().unwrap().success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::HalfOpenBusy);
+        probes.next().unwrap().success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_failed_probe_of_several_reopens_and_late_ones_are_ignored() {
+        let (b, rec) = breaker_with_probes(3);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let first = b.try_acquire().unwrap();
+        let second = b.try_acquire().unwrap();
+        let third = b.try_acquire().unwrap();
+        first.success();
+        second.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        third.success(); // from the window that ended: no verdict now
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            rec.changes.lock().unwrap().last(),
+            Some(&(BreakerState::HalfOpen, BreakerState::Open))
+        );
+        // The next window admits three again.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let again: Vec<Permit> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::HalfOpenBusy);
+        assert_eq!(b.probe_counts(), (6, 2));
+        drop(again);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_of_several_gives_its_slot_back() {
+        let (b, _) = breaker_with_probes(2);
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let kept = b.try_acquire().unwrap();
+        drop(b.try_acquire().unwrap()); // cancelled
+        let replacement = b.try_acquire().expect("the slot came back");
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::HalfOpenBusy);
+        kept.success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        replacement.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }

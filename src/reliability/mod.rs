@@ -364,6 +364,7 @@ mod tests {
             BreakerConfig {
                 failure_threshold: threshold,
                 open_duration: Duration::from_secs(30),
+                ..BreakerConfig::default()
             },
             None,
         );

@@ -30,6 +30,8 @@ async fn a_bad_setting_exits_non_zero_with_one_line_naming_it() {
         ("SHUTDOWN_TIMEOUT", "soon"),
         ("PAYMENT_FAILURE_RATE", "2"),
         ("WORKER_COUNT", "0"),
+        ("BREAKER_HALF_OPEN_PROBES", "0"),
+        ("BREAKER_HALF_OPEN_PROBES", "101"),
     ] {
         let (code, stdout, stderr) = run_to_exit(&[(var, value)]).await;
         assert_eq!(code, Some(2), "{var}={value}");

@@ -212,6 +212,7 @@ async fn seeded_run(seed: u64) -> Vec<(String, Status, u32, Option<String>)> {
         breaker: BreakerConfig {
             failure_threshold: 5,
             open_duration: Duration::from_secs(2),
+            ..BreakerConfig::default()
         },
         seed,
         ..LabOptions::default()
@@ -534,6 +535,7 @@ async fn with_rejections_retried_the_backoff_slept_against_the_open_breaker_is_c
         breaker: BreakerConfig {
             failure_threshold: 1,
             open_duration: Duration::from_secs(30),
+            ..BreakerConfig::default()
         },
         ..LabOptions::default()
     })
@@ -574,6 +576,7 @@ async fn the_retry_budget_switched_on_at_run_time_refuses_retries_and_counts_the
         breaker: BreakerConfig {
             failure_threshold: 1000,
             open_duration: Duration::from_secs(30),
+            ..BreakerConfig::default()
         },
         ..LabOptions::default()
     })

@@ -218,6 +218,7 @@ async fn a_scripted_failure_run_counts_failures_the_trip_and_permanent_failures(
         breaker: BreakerConfig {
             failure_threshold: 5,
             open_duration: Duration::from_secs(30),
+            ..BreakerConfig::default()
         },
         ..LabOptions::default()
     })

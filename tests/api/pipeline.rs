@@ -102,6 +102,7 @@ async fn after_the_open_period_a_single_probe_decides() {
         breaker: BreakerConfig {
             failure_threshold: 1,
             open_duration: Duration::from_secs(30),
+            ..BreakerConfig::default()
         },
         workers: 5,
         ..LabOptions::default()
@@ -170,11 +171,19 @@ impl Classify for Declined {
 async fn five_concurrent_callers_in_half_open(
     probe_succeeds: bool,
 ) -> (u32, BreakerState, Vec<Result<(), CallError<Declined>>>) {
+    five_concurrent_callers_with_probes(1, probe_succeeds).await
+}
+
+async fn five_concurrent_callers_with_probes(
+    half_open_probes: u32,
+    probe_succeeds: bool,
+) -> (u32, BreakerState, Vec<Result<(), CallError<Declined>>>) {
     let metrics = Arc::new(Metrics::new().reliability());
     let breaker = Breaker::new(
         BreakerConfig {
             failure_threshold: 1,
             open_duration: Duration::from_secs(30),
+            half_open_probes,
         },
         Some(metrics.clone()),
     );
@@ -233,6 +242,25 @@ async fn in_half_open_five_concurrent_callers_send_exactly_one_call_and_a_succes
             .count(),
         4
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_three_half_open_probes_exactly_three_of_five_concurrent_callers_get_through() {
+    let (calls, state, results) = five_concurrent_callers_with_probes(3, true).await;
+    assert_eq!(calls, 3);
+    assert_eq!(state, BreakerState::Closed, "all three succeeded");
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| **r == Err(CallError::Rejected(Rejection::HalfOpenBusy)))
+            .count(),
+        2
+    );
+    // The same with failing probes: three calls, and the breaker reopens.
+    let (calls, state, _) = five_concurrent_callers_with_probes(3, false).await;
+    assert_eq!(calls, 3);
+    assert_eq!(state, BreakerState::Open);
 }
 
 #[tokio::test(start_paused = true)]
