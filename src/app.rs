@@ -182,12 +182,16 @@ impl AppBuilder {
         )
         .with_budget(config.budget_config());
         reliability.set_switches(config.switches());
-        let payment = Arc::new(Simulator::new(
+        let mut payment = Simulator::new(
             config.payment_settings(),
             config.payment_seed,
             stores.ledger,
             metrics.provider(),
-        ));
+        );
+        if let Some(capacity) = config.payment_capacity() {
+            payment = payment.with_capacity(capacity);
+        }
+        let payment = Arc::new(payment);
         let processor = Arc::new(
             OrderProcessor::new(
                 service.clone(),

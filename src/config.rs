@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, ValueEnum};
 
-use crate::payment::PaymentSettings;
+use crate::payment::{Capacity, PaymentSettings};
 use crate::reliability::{BreakerConfig, RetryPolicy, Switches};
 use crate::units::{parse_duration, parse_switch};
 
@@ -87,6 +87,18 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Resu
     match raw.trim().parse::<T>() {
         Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+/// The largest provider capacity accepted.
+pub const PAYMENT_CAPACITY_LIMIT: u32 = 100_000;
+
+fn payment_capacity(raw: &str) -> Result<u32, String> {
+    match raw.trim().parse::<u32>() {
+        Ok(n) if (1..=PAYMENT_CAPACITY_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 1 to {PAYMENT_CAPACITY_LIMIT}"
+        )),
     }
 }
 
@@ -233,6 +245,14 @@ pub struct Config {
     /// Bound on each charge call; a timeout counts as a failure and is retried.
     #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
     pub payment_timeout: Duration,
+
+    /// Charges the provider serves at once (1 to 100000); more wait for a slot. Unset: unlimited.
+    #[arg(long, env = "PAYMENT_CAPACITY", value_parser = payment_capacity)]
+    pub payment_capacity: Option<u32>,
+
+    /// How long a charge waits for a free slot at the provider before it fails as overloaded (with PAYMENT_CAPACITY).
+    #[arg(long, env = "PAYMENT_QUEUE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub payment_queue_timeout: Duration,
 
     /// Seed for reproducible runs: payment draws, retry jitter and, in memory, order ids follow from it.
     #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
@@ -447,6 +467,14 @@ impl Config {
             min_per_second: self.retry_budget_min_per_second,
             window: self.retry_budget_window,
         }
+    }
+
+    /// The provider's capacity, when PAYMENT_CAPACITY is set.
+    pub fn payment_capacity(&self) -> Option<Capacity> {
+        self.payment_capacity.map(|slots| Capacity {
+            slots,
+            queue_timeout: self.payment_queue_timeout,
+        })
     }
 
     pub fn breaker_config(&self) -> BreakerConfig {

@@ -26,7 +26,7 @@ use super::events::{ChangeKind, Feed};
 use crate::observability::latency::{LatencyHistogram, Snapshot};
 use crate::observability::metrics::Totals;
 use crate::observability::Metrics;
-use crate::payment::{Mode, Simulator};
+use crate::payment::{Mode, ProviderLoad, Simulator};
 use crate::reliability::{BreakerSnapshot, BreakerState, Reliability};
 use crate::workers::Dispatcher;
 
@@ -81,6 +81,17 @@ pub struct Sample {
     pub completed_total: u64,
     pub failed_total: u64,
     pub payment_calls_total: u64,
+    /// The provider's load (with PAYMENT_CAPACITY; 0 when unlimited): calls
+    /// it is serving, calls waiting for a slot, calls refused after waiting
+    /// and calls finished after their caller left (wasted work), per second.
+    #[serde(default)]
+    pub provider_in_flight: u64,
+    #[serde(default)]
+    pub provider_queued: u64,
+    #[serde(default)]
+    pub provider_overloaded_per_s: f64,
+    #[serde(default)]
+    pub provider_wasted_per_s: f64,
 }
 
 /// One read of the sources.
@@ -93,6 +104,7 @@ pub struct Reading {
     pub queue_depth: usize,
     pub busy_workers: usize,
     pub mode: Mode,
+    pub provider: ProviderLoad,
     /// Cumulative latency counts of completed and of failed orders.
     pub completed_latency: Snapshot,
     pub failed_latency: Snapshot,
@@ -145,6 +157,10 @@ impl Sample {
             completed_total: n.completed,
             failed_total: n.failed,
             payment_calls_total: now.payment_calls,
+            provider_in_flight: now.provider.in_flight,
+            provider_queued: now.provider.queued,
+            provider_overloaded_per_s: per_s(prev.provider.overloaded, now.provider.overloaded),
+            provider_wasted_per_s: per_s(prev.provider.wasted, now.provider.wasted),
         }
     }
 }
@@ -189,6 +205,7 @@ impl Sources {
             queue_depth: self.queue.depth(),
             busy_workers: self.queue.busy(),
             mode: self.payment.view().mode,
+            provider: self.payment.load(),
             completed_latency: self.completed_latency.snapshot(),
             failed_latency: self.failed_latency.snapshot(),
         }
@@ -349,6 +366,7 @@ mod tests {
             queue_depth: 3,
             busy_workers: 2,
             mode: Mode::Normal,
+            provider: ProviderLoad::default(),
             completed_latency: Snapshot::default(),
             failed_latency: Snapshot::default(),
         }

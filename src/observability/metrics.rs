@@ -121,6 +121,26 @@ impl Metrics {
                 "payment_duplicate_charges_total",
                 "Charges made for an order that was already charged.",
             ),
+            in_flight: gauge(
+                &registry,
+                "payment_provider_in_flight",
+                "Charge calls the provider is serving now (at most PAYMENT_CAPACITY).",
+            ),
+            queued: gauge(
+                &registry,
+                "payment_provider_queued",
+                "Charge calls waiting for a free slot at the provider (PAYMENT_CAPACITY set).",
+            ),
+            overloaded: counter(
+                &registry,
+                "payment_provider_overloaded_total",
+                "Charge calls the provider refused after they waited PAYMENT_QUEUE_TIMEOUT for a slot.",
+            ),
+            wasted: counter(
+                &registry,
+                "payment_provider_wasted_total",
+                "Charge calls the provider finished after their caller had given up (wasted work).",
+            ),
         };
         let reliability = ReliabilityMetrics::register(&registry);
         let leases = LeaseMetrics {

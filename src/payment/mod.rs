@@ -19,6 +19,15 @@
 //! id and the attempt number, so racing workers never change an order's draws.
 //! Changes apply to the next call: each call reads the settings once, at its
 //! start.
+//!
+//! Capacity: unlimited unless the simulator is given a [`Capacity`]. Then it
+//! serves that many calls at once; the others wait for a slot in arrival
+//! order (so latency grows with the excess) and fail as overloaded after
+//! waiting `queue_timeout`. A call runs on the provider's side, in a task of
+//! its own, as on a real server: a caller that gives up (its timeout) does
+//! not take its call out of the queue or off its slot. Such a call still
+//! runs to the end and is counted as wasted work; that is the load a retry
+//! storm adds on top of the retries themselves.
 
 mod ledger;
 mod settings;
@@ -26,7 +35,7 @@ mod settings;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +57,8 @@ pub enum PaymentError {
     Ambiguous,
     #[error("payment timed out after {0:?}")]
     Timeout(Duration),
+    #[error("payment service overloaded: no free slot within {0:?} (simulated)")]
+    Overloaded(Duration),
     #[error("payment cancelled: shutting down")]
     Cancelled,
     #[error("payment ledger error: {0}")]
@@ -91,6 +102,53 @@ pub struct ProviderMetrics {
     pub calls: IntCounter,
     pub charges: IntCounter,
     pub duplicate_charges: IntCounter,
+    /// With a finite capacity: calls holding a slot, calls waiting for
+    /// one, calls refused after waiting, and calls that finished after
+    /// their caller had left.
+    pub in_flight: IntGauge,
+    pub queued: IntGauge,
+    pub overloaded: IntCounter,
+    pub wasted: IntCounter,
+}
+
+/// The provider's load at one moment: calls served and waiting now, and
+/// the running totals of calls refused after waiting and of wasted calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProviderLoad {
+    pub in_flight: u64,
+    pub queued: u64,
+    pub overloaded: u64,
+    pub wasted: u64,
+}
+
+/// How much the provider serves at once (`PAYMENT_CAPACITY`) and how long a
+/// call waits for a slot (`PAYMENT_QUEUE_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub slots: u32,
+    pub queue_timeout: Duration,
+}
+
+/// A finite provider's slots.
+struct Slots {
+    capacity: Capacity,
+    semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+/// Adds one to a gauge for as long as it lives.
+struct Held(IntGauge);
+
+impl Held {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What one call will do, decided at its start.
@@ -121,6 +179,7 @@ pub struct Simulator {
     rng: Mutex<StdRng>,
     ledger: Arc<dyn Ledger>,
     metrics: ProviderMetrics,
+    slots: Option<Slots>,
 }
 
 impl Simulator {
@@ -136,7 +195,33 @@ impl Simulator {
             rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
             ledger,
             metrics,
+            slots: None,
         }
+    }
+
+    /// The provider serving at most `capacity.slots` calls at once.
+    pub fn with_capacity(mut self, capacity: Capacity) -> Self {
+        self.slots = Some(Slots {
+            capacity,
+            semaphore: Arc::new(tokio::sync::Semaphore::new(capacity.slots as usize)),
+        });
+        self
+    }
+
+    /// Its load now (all zero while its capacity is unlimited).
+    pub fn load(&self) -> ProviderLoad {
+        let m = &self.metrics;
+        ProviderLoad {
+            in_flight: m.in_flight.get().max(0) as u64,
+            queued: m.queued.get().max(0) as u64,
+            overloaded: m.overloaded.get(),
+            wasted: m.wasted.get(),
+        }
+    }
+
+    /// The capacity, when finite.
+    pub fn capacity(&self) -> Option<Capacity> {
+        self.slots.as_ref().map(|s| s.capacity)
     }
 
     /// The settings in force now. A brownout whose time is up is ended here,
@@ -219,51 +304,112 @@ impl Simulator {
         self.metrics.calls.inc();
         let effective = self.current().effective();
         let draw = self.draw(request.order_id, request.attempt, &effective);
-        let wait = async {
-            match effective.mode {
-                // Hangs until the caller gives up.
-                Mode::Blackhole => std::future::pending::<()>().await,
-                // A zero sleep would still wait for the timer's next tick
-                // (a millisecond): the benchmark's pipeline ran at a fifth
-                // of its speed on that alone.
-                _ if draw.latency.is_zero() => tokio::task::yield_now().await,
-                _ => tokio::time::sleep(draw.latency).await,
-            }
+        let Some(slots) = &self.slots else {
+            return serve(
+                &self.ledger,
+                &self.metrics,
+                request,
+                effective,
+                draw,
+                cancel,
+            )
+            .await;
         };
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(PaymentError::Cancelled),
-            _ = wait => {}
-        }
-        if effective.mode == Mode::Outage {
-            return Err(PaymentError::Outage);
-        }
-        if draw.declined {
-            return Err(PaymentError::Declined);
-        }
-        let key = effective
-            .idempotency
-            .then_some(request.idempotency_key.as_str());
-        let recorded = self
-            .ledger
-            .record(request, key)
-            .await
-            .map_err(PaymentError::Ledger)?;
-        if recorded.new_charge {
-            self.metrics.charges.inc();
-            if recorded.earlier_charges > 0 {
-                self.metrics.duplicate_charges.inc();
-                tracing::warn!(
-                    earlier = recorded.earlier_charges,
-                    "order charged again: duplicate charge"
-                );
-            }
-        }
-        if draw.ambiguous && recorded.new_charge {
-            return Err(PaymentError::Ambiguous);
-        }
-        Ok(())
+        // The provider's side of the call, which outlives a caller that
+        // gives up.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let ledger = self.ledger.clone();
+        let metrics = self.metrics.clone();
+        let semaphore = slots.semaphore.clone();
+        let queue_timeout = slots.capacity.queue_timeout;
+        let request = request.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let waiting = Held::new(&metrics.queued);
+            let slot = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Err(PaymentError::Cancelled),
+                slot = tokio::time::timeout(queue_timeout, semaphore.acquire_owned()) => match slot {
+                    Ok(Ok(slot)) => Ok(slot),
+                    // The semaphore is never closed.
+                    Ok(Err(_)) => Err(PaymentError::Cancelled),
+                    Err(_) => {
+                        metrics.overloaded.inc();
+                        Err(PaymentError::Overloaded(queue_timeout))
+                    }
+                },
+            };
+            drop(waiting);
+            let result = match slot {
+                Ok(_slot) => {
+                    let _serving = Held::new(&metrics.in_flight);
+                    let result = serve(&ledger, &metrics, &request, effective, draw, &cancel).await;
+                    if answer.is_closed() {
+                        metrics.wasted.inc();
+                    }
+                    result
+                }
+                Err(err) => Err(err),
+            };
+            let _ = answer.send(result);
+        });
+        answered.await.unwrap_or(Err(PaymentError::Cancelled))
     }
+}
+
+/// One call's work at the provider: its latency, then its outcome, with
+/// the charge recorded in the ledger.
+async fn serve(
+    ledger: &Arc<dyn Ledger>,
+    metrics: &ProviderMetrics,
+    request: &ChargeRequest,
+    effective: settings::Effective,
+    draw: Draw,
+    cancel: &CancellationToken,
+) -> Result<(), PaymentError> {
+    let wait = async {
+        match effective.mode {
+            // Hangs until the caller gives up.
+            Mode::Blackhole => std::future::pending::<()>().await,
+            // A zero sleep would still wait for the timer's next tick
+            // (a millisecond): the benchmark's pipeline ran at a fifth
+            // of its speed on that alone.
+            _ if draw.latency.is_zero() => tokio::task::yield_now().await,
+            _ => tokio::time::sleep(draw.latency).await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(PaymentError::Cancelled),
+        _ = wait => {}
+    }
+    if effective.mode == Mode::Outage {
+        return Err(PaymentError::Outage);
+    }
+    if draw.declined {
+        return Err(PaymentError::Declined);
+    }
+    let key = effective
+        .idempotency
+        .then_some(request.idempotency_key.as_str());
+    let recorded = ledger
+        .record(request, key)
+        .await
+        .map_err(PaymentError::Ledger)?;
+    if recorded.new_charge {
+        metrics.charges.inc();
+        if recorded.earlier_charges > 0 {
+            metrics.duplicate_charges.inc();
+            tracing::warn!(
+                earlier = recorded.earlier_charges,
+                "order charged again: duplicate charge"
+            );
+        }
+    }
+    if draw.ambiguous && recorded.new_charge {
+        return Err(PaymentError::Ambiguous);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -275,6 +421,10 @@ mod tests {
             calls: IntCounter::new("n", "n").unwrap(),
             charges: IntCounter::new("c", "c").unwrap(),
             duplicate_charges: IntCounter::new("d", "d").unwrap(),
+            in_flight: IntGauge::new("f", "f").unwrap(),
+            queued: IntGauge::new("q", "q").unwrap(),
+            overloaded: IntCounter::new("o", "o").unwrap(),
+            wasted: IntCounter::new("w", "w").unwrap(),
         }
     }
 
@@ -469,5 +619,134 @@ mod tests {
         let req = request(next_id(), 1);
         let hung = tokio::time::timeout(Duration::from_secs(3600), s.charge(&req, &token)).await;
         assert!(hung.is_err(), "a blackholed call never answers");
+    }
+
+    /// A provider with `slots` slots, every call taking exactly `latency`
+    /// and succeeding.
+    fn finite(slots: u32, queue_timeout: Duration, latency: Duration) -> Arc<Simulator> {
+        Arc::new(
+            sim(
+                PaymentUpdate {
+                    failure_rate: Some(0.0),
+                    latency_min: Some(latency),
+                    latency_max: Some(latency),
+                    ..Default::default()
+                },
+                Some(1),
+            )
+            .with_capacity(Capacity {
+                slots,
+                queue_timeout,
+            }),
+        )
+    }
+
+    /// Starts a charge in a task of its own, returning when it finished.
+    fn start(
+        s: &Arc<Simulator>,
+        order: OrderId,
+    ) -> tokio::task::JoinHandle<(Result<(), PaymentError>, Duration)> {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let result = s
+                .charge(&request(order, 1), &CancellationToken::new())
+                .await;
+            (result, start.elapsed())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_beyond_the_capacity_wait_their_turn_so_latency_grows_with_the_excess() {
+        let mut next_id = ids();
+        let s = finite(2, Duration::from_secs(10), Duration::from_millis(100));
+        let calls: Vec<_> = (0..5).map(|_| start(&s, next_id())).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(s.metrics.in_flight.get(), 2);
+        assert_eq!(s.metrics.queued.get(), 3);
+        let mut took = Vec::new();
+        for call in calls {
+            let (result, elapsed) = call.await.unwrap();
+            result.unwrap();
+            took.push(elapsed.as_millis());
+        }
+        // Two at a time, in arrival order: 100, 100, 200, 200, 300 ms.
+        assert_eq!(took, [100, 100, 200, 200, 300]);
+        assert_eq!(s.metrics.in_flight.get(), 0);
+        assert_eq!(s.metrics.queued.get(), 0);
+        assert_eq!(s.metrics.wasted.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_waits_longer_than_the_queue_timeout_fails_as_overloaded() {
+        let mut next_id = ids();
+        let s = finite(1, Duration::from_millis(250), Duration::from_millis(100));
+        let calls: Vec<_> = (0..4).map(|_| start(&s, next_id())).collect();
+        let mut outcomes = Vec::new();
+        for call in calls {
+            let (result, elapsed) = call.await.unwrap();
+            outcomes.push((result, elapsed.as_millis()));
+        }
+        // Slots free at 100 and 200 ms; the fourth call is still waiting at
+        // 250 ms and gives up there, having charged nothing.
+        assert_eq!(
+            outcomes,
+            [
+                (Ok(()), 100),
+                (Ok(()), 200),
+                (Ok(()), 300),
+                (
+                    Err(PaymentError::Overloaded(Duration::from_millis(250))),
+                    250
+                ),
+            ]
+        );
+        assert_eq!(s.metrics.overloaded.get(), 1);
+        assert_eq!(s.metrics.charges.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_whose_caller_gave_up_still_holds_the_slot_and_is_counted_as_wasted() {
+        let mut next_id = ids();
+        let s = finite(1, Duration::from_secs(10), Duration::from_millis(500));
+        let abandoned = next_id();
+        // The caller's own timeout: it leaves after 100 ms.
+        let left = tokio::time::timeout(
+            Duration::from_millis(100),
+            s.charge(&request(abandoned, 1), &CancellationToken::new()),
+        )
+        .await;
+        assert!(left.is_err(), "the caller gave up");
+        assert_eq!(s.metrics.in_flight.get(), 1, "the provider is still at it");
+        // The next call queues behind the abandoned one.
+        let (result, elapsed) = start(&s, next_id()).await.unwrap();
+        result.unwrap();
+        assert_eq!(elapsed, Duration::from_millis(400 + 500));
+        // The abandoned call ran to the end: charged, and wasted.
+        assert_eq!(s.metrics.wasted.get(), 1);
+        assert_eq!(s.metrics.charges.get(), 2);
+        assert_eq!(s.ledger().charges(abandoned).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_cancels_queued_and_running_calls_at_a_finite_provider() {
+        let mut next_id = ids();
+        let s = finite(1, Duration::from_secs(10), Duration::from_secs(5));
+        let token = CancellationToken::new();
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let s = s.clone();
+                let token = token.clone();
+                let order = next_id();
+                tokio::spawn(async move { s.charge(&request(order, 1), &token).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        token.cancel();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), Err(PaymentError::Cancelled));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!((s.metrics.in_flight.get(), s.metrics.queued.get()), (0, 0));
     }
 }

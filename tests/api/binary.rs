@@ -32,6 +32,8 @@ async fn a_bad_setting_exits_non_zero_with_one_line_naming_it() {
         ("WORKER_COUNT", "0"),
         ("BREAKER_HALF_OPEN_PROBES", "0"),
         ("BREAKER_HALF_OPEN_PROBES", "101"),
+        ("PAYMENT_CAPACITY", "0"),
+        ("PAYMENT_QUEUE_TIMEOUT", "0s"),
     ] {
         let (code, stdout, stderr) = run_to_exit(&[(var, value)]).await;
         assert_eq!(code, Some(2), "{var}={value}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use reliability_lab::orders::{Order, Status};
-use reliability_lab::payment::PaymentSettings;
+use reliability_lab::payment::{Capacity, PaymentSettings};
 use reliability_lab::reliability::{BreakerConfig, BreakerState, RetryPolicy};
 use serde_json::{json, Value};
 
@@ -143,6 +143,59 @@ async fn a_blackhole_times_out_each_attempt_and_counts_it_as_a_failure() {
     assert_eq!(value(&scrape, "payment_timeouts_total", &[]), 3.0);
     assert_eq!(value(&scrape, "payment_failures_total", &[]), 3.0);
     assert_eq!(lab.breaker.snapshot().consecutive_failures, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_at_capacity_keeps_serving_calls_whose_callers_timed_out() {
+    // Two slots, 100 ms a call, callers that wait 150 ms and do not retry:
+    // five orders at once. Two are served at once; the next two wait 100 ms
+    // for a slot, so their callers give up at 150 ms while the provider
+    // still serves them (until 200 ms), and the fifth waits longer still.
+    let lab = Lab::new(LabOptions {
+        workers: 5,
+        payment: PaymentSettings {
+            failure_rate: 0.0,
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(100),
+            ..PaymentSettings::default()
+        },
+        retry: RetryPolicy {
+            max_attempts: 1,
+            randomization_factor: 0.0,
+            ..RetryPolicy::default()
+        },
+        payment_timeout: Duration::from_millis(150),
+        provider_capacity: Some(Capacity {
+            slots: 2,
+            queue_timeout: Duration::from_secs(10),
+        }),
+        ..LabOptions::default()
+    })
+    .await;
+    let orders = run_orders(&lab, 5).await;
+    let completed = orders
+        .iter()
+        .filter(|o| o.status == Status::Completed)
+        .count();
+    assert_eq!(completed, 2, "{orders:?}");
+    for order in orders.iter().filter(|o| o.status == Status::Failed) {
+        assert_eq!(
+            order.last_error.as_deref(),
+            Some("payment timed out after 150ms")
+        );
+    }
+    // The provider finished the abandoned calls: wasted work, charged all
+    // the same (the lab's ledger shows what a real provider would have
+    // done).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scrape = scrape(&lab).await;
+    assert_eq!(value(&scrape, "payment_provider_wasted_total", &[]), 3.0);
+    assert_eq!(value(&scrape, "payment_timeouts_total", &[]), 3.0);
+    assert_eq!(value(&scrape, "payment_charges_total", &[]), 5.0);
+    assert_eq!(value(&scrape, "payment_provider_in_flight", &[]), 0.0);
+    assert_eq!(value(&scrape, "payment_provider_queued", &[]), 0.0);
+    let load = lab.payment.load();
+    assert_eq!((load.wasted, load.overloaded), (3, 0));
 }
 
 async fn duplicates_with(idempotency: bool, orders: usize) -> (f64, f64) {

@@ -9,7 +9,7 @@ use reliability_lab::app::{App, Stores};
 use reliability_lab::config::Config;
 use reliability_lab::observability::Metrics;
 use reliability_lab::orders::{Order, OrderId, OrderRepository, Service};
-use reliability_lab::payment::{MemoryLedger, Mode, PaymentSettings, Simulator};
+use reliability_lab::payment::{Capacity, MemoryLedger, Mode, PaymentSettings, Simulator};
 use reliability_lab::reliability::{Breaker, BreakerConfig, Reliability, RetryPolicy};
 use reliability_lab::workers::Dispatcher;
 
@@ -29,6 +29,8 @@ pub struct LabOptions {
     pub admin_token: Option<&'static str>,
     pub shutdown_timeout: Duration,
     pub memory_max_orders: usize,
+    /// The provider's capacity (PAYMENT_CAPACITY); None: unlimited.
+    pub provider_capacity: Option<Capacity>,
 }
 
 impl Default for LabOptions {
@@ -56,6 +58,7 @@ impl Default for LabOptions {
             admin_token: None,
             shutdown_timeout: Duration::from_secs(30),
             memory_max_orders: 250_000,
+            provider_capacity: None,
         }
     }
 }
@@ -90,6 +93,11 @@ impl LabOptions {
         c.retry_jitter = self.retry.randomization_factor;
         c.breaker_failure_threshold = self.breaker.failure_threshold;
         c.breaker_open_duration = self.breaker.open_duration;
+        c.breaker_half_open_probes = self.breaker.half_open_probes;
+        c.payment_capacity = self.provider_capacity.map(|p| p.slots);
+        if let Some(p) = self.provider_capacity {
+            c.payment_queue_timeout = p.queue_timeout;
+        }
         c.payment_timeout = self.payment_timeout;
         c.admin_token = self.admin_token.map(str::to_owned);
         c.shutdown_timeout = self.shutdown_timeout;
