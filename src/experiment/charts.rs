@@ -49,6 +49,22 @@ pub const CHARTS: [(&str, &str, Series); 5] = [
     ("Retries per second", "retries/s", |s| Some(s.retries_per_s)),
 ];
 
+/// Charts of the provider's load, shown only when it has a capacity
+/// (PAYMENT_CAPACITY) in some variant.
+pub const PROVIDER_CHARTS: [(&str, &str, Series); 3] = [
+    ("Offered load: payment calls per second", "calls/s", |s| {
+        Some(s.payment_calls_per_s)
+    }),
+    ("Provider calls in flight and queued", "calls", |s| {
+        Some((s.provider_in_flight + s.provider_queued) as f64)
+    }),
+    (
+        "Wasted calls per second: the caller had gone",
+        "calls/s",
+        |s| Some(s.provider_wasted_per_s),
+    ),
+];
+
 /// Every timeline of the outcome, named: one per variant, or one per
 /// replica of a variant.
 fn timelines(outcome: &Outcome) -> Vec<(String, &[Sample])> {
@@ -201,10 +217,25 @@ fn band(samples: &[Sample], row: f64) -> Vec<Rectangle<(f64, f64)>> {
         .collect()
 }
 
-/// Every chart of the report, each an `<svg>` element.
-pub fn svgs(outcome: &Outcome) -> Vec<String> {
+/// Whether some variant's provider had a finite capacity (calls queued or
+/// in flight were counted).
+fn provider_limited(outcome: &Outcome) -> bool {
+    timelines(outcome).iter().any(|(_, samples)| {
+        samples
+            .iter()
+            .any(|s| s.provider_in_flight > 0 || s.provider_queued > 0)
+    })
+}
+
+/// Every chart of the report, titled, each an `<svg>` element.
+pub fn svgs(outcome: &Outcome) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    for (title, unit, series) in CHARTS {
+    let provider: &[(&str, &str, Series)] = if provider_limited(outcome) {
+        &PROVIDER_CHARTS
+    } else {
+        &[]
+    };
+    for &(title, unit, series) in CHARTS.iter().chain(provider) {
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
@@ -213,7 +244,7 @@ pub fn svgs(outcome: &Outcome) -> Vec<String> {
             }
             let _ = root.present();
         }
-        out.push(svg);
+        out.push((title, svg));
     }
     let mut svg = String::new();
     {
@@ -224,6 +255,6 @@ pub fn svgs(outcome: &Outcome) -> Vec<String> {
         }
         let _ = root.present();
     }
-    out.push(svg);
+    out.push(("Breaker state", svg));
     out
 }

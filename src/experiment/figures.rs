@@ -10,7 +10,7 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 30] = [
+pub const FIGURES: [&str; 34] = [
     "accepted",
     "completed",
     "failed",
@@ -30,6 +30,10 @@ pub const FIGURES: [&str; 30] = [
     "backoff_open_seconds",
     "budget_exhausted",
     "time_to_recover_s",
+    "goodput_before_fault",
+    "goodput_after_fault",
+    "wasted_calls",
+    "overloaded_calls",
     "charges",
     "duplicate_charges",
     "payment_timeouts",
@@ -112,20 +116,45 @@ fn round(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// Mean completions per second before the fault (after the first second
+/// of traffic), the rate recovery is measured against.
+fn goodput_before(samples: &[Sample], fault: FaultWindow) -> Option<f64> {
+    mean(
+        samples
+            .iter()
+            .filter(|s| s.t > 1.0 && s.t <= fault.start)
+            .map(|s| s.completed_per_s),
+    )
+}
+
+/// Mean completions per second from the fault's end to the last sample
+/// that still took new orders (the traffic's end; the drain after it is
+/// left out).
+fn goodput_after(samples: &[Sample], fault: FaultWindow) -> Option<f64> {
+    let end = fault.end?;
+    let last_traffic = samples
+        .iter()
+        .rev()
+        .find(|s| s.accepted_per_s > 0.0 || s.rejected_per_s > 0.0)?
+        .t;
+    mean(
+        samples
+            .iter()
+            .filter(|s| s.t > end && s.t <= last_traffic)
+            .map(|s| s.completed_per_s),
+    )
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(sum, n), v| (sum + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
 /// Seconds from the fault's end until completions per second, averaged
 /// over one second, are back within 10% of their rate before the fault.
 fn time_to_recover(samples: &[Sample], fault: FaultWindow) -> Option<f64> {
     let end = fault.end?;
-    // Before the fault, after the first second of traffic.
-    let before: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.t > 1.0 && s.t <= fault.start)
-        .map(|s| s.completed_per_s)
-        .collect();
-    if before.is_empty() {
-        return None;
-    }
-    let normal = before.iter().sum::<f64>() / before.len() as f64;
+    let normal = goodput_before(samples, fault)?;
     if normal <= 0.0 {
         return None;
     }
@@ -180,6 +209,28 @@ pub fn compute(run: &RunRecord) -> Figures {
     put(
         "time_to_recover_s",
         run.fault.and_then(|w| time_to_recover(&run.samples, w)),
+    );
+    put(
+        "goodput_before_fault",
+        run.fault.and_then(|w| goodput_before(&run.samples, w)),
+    );
+    put(
+        "goodput_after_fault",
+        run.fault.and_then(|w| goodput_after(&run.samples, w)),
+    );
+    // The provider's figures exist only where it has a capacity.
+    let provider = run.samples.last().filter(|_| {
+        run.samples
+            .iter()
+            .any(|s| s.provider_in_flight > 0 || s.provider_queued > 0)
+    });
+    put(
+        "wasted_calls",
+        provider.map(|s| s.provider_wasted_total as f64),
+    );
+    put(
+        "overloaded_calls",
+        provider.map(|s| s.provider_overloaded_total as f64),
     );
     put("charges", Some(t.charges as f64));
     put("duplicate_charges", Some(t.duplicate_charges as f64));

@@ -231,7 +231,7 @@ pub fn html(outcome: &Outcome) -> String {
         );
     }
     h.push_str("</table><h2>Charts</h2><p>The shaded band is the fault window.</p>");
-    for svg in charts::svgs(outcome) {
+    for (_, svg) in charts::svgs(outcome) {
         let _ = write!(h, "<figure>{svg}</figure>");
     }
     h.push_str("<h2>Figures</h2><table><tr><th>figure</th>");
@@ -364,11 +364,7 @@ pub fn write(outcome: &Outcome, dir: &Path) -> anyhow::Result<()> {
     write("report.md", markdown(outcome))?;
     write("report.html", html(outcome))?;
     // Each chart on its own too, for documents that show one.
-    let names = charts::CHARTS
-        .iter()
-        .map(|(title, _, _)| *title)
-        .chain(std::iter::once("Breaker state"));
-    for (svg, title) in charts::svgs(outcome).into_iter().zip(names) {
+    for (title, svg) in charts::svgs(outcome) {
         let slug: String = title
             .split(':')
             .next()

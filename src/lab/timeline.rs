@@ -92,6 +92,10 @@ pub struct Sample {
     pub provider_overloaded_per_s: f64,
     #[serde(default)]
     pub provider_wasted_per_s: f64,
+    #[serde(default)]
+    pub provider_overloaded_total: u64,
+    #[serde(default)]
+    pub provider_wasted_total: u64,
 }
 
 /// One read of the sources.
@@ -161,6 +165,8 @@ impl Sample {
             provider_queued: now.provider.queued,
             provider_overloaded_per_s: per_s(prev.provider.overloaded, now.provider.overloaded),
             provider_wasted_per_s: per_s(prev.provider.wasted, now.provider.wasted),
+            provider_overloaded_total: now.provider.overloaded,
+            provider_wasted_total: now.provider.wasted,
         }
     }
 }

@@ -23,7 +23,8 @@
 //! Capacity: unlimited unless the simulator is given a [`Capacity`]. Then it
 //! serves that many calls at once; the others wait for a slot in arrival
 //! order (so latency grows with the excess) and fail as overloaded after
-//! waiting `queue_timeout`. A call runs on the provider's side, in a task of
+//! waiting `queue_timeout`. A call's latency and outcome are drawn when a
+//! slot starts serving it. A call runs on the provider's side, in a task of
 //! its own, as on a real server: a caller that gives up (its timeout) does
 //! not take its call out of the queue or off its slot. Such a call still
 //! runs to the end and is counted as wasted work; that is the load a retry
@@ -297,34 +298,30 @@ impl Simulator {
     /// when `cancel` fires.
     #[tracing::instrument(level = "debug", skip_all, fields(order_id = %request.order_id, attempt = request.attempt))]
     pub async fn charge(
-        &self,
+        self: &Arc<Self>,
         request: &ChargeRequest,
         cancel: &CancellationToken,
     ) -> Result<(), PaymentError> {
         self.metrics.calls.inc();
-        let effective = self.current().effective();
-        let draw = self.draw(request.order_id, request.attempt, &effective);
         let Some(slots) = &self.slots else {
-            return serve(
-                &self.ledger,
-                &self.metrics,
-                request,
-                effective,
-                draw,
-                cancel,
-            )
-            .await;
+            let effective = self.current().effective();
+            let draw = self.draw(request.order_id, request.attempt, &effective);
+            let (ledger, metrics) = (&self.ledger, &self.metrics);
+            return serve(ledger, metrics, request, effective, draw, cancel).await;
         };
         // The provider's side of the call, which outlives a caller that
-        // gives up.
+        // gives up. What it does (its latency, its outcome) is decided when
+        // a slot starts serving it, under the settings of that moment: a
+        // latency spike slows the calls served during it, not the ones that
+        // merely arrived during it.
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let ledger = self.ledger.clone();
-        let metrics = self.metrics.clone();
+        let simulator = self.clone();
         let semaphore = slots.semaphore.clone();
         let queue_timeout = slots.capacity.queue_timeout;
         let request = request.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let metrics = &simulator.metrics;
             let waiting = Held::new(&metrics.queued);
             let slot = tokio::select! {
                 biased;
@@ -343,7 +340,10 @@ impl Simulator {
             let result = match slot {
                 Ok(_slot) => {
                     let _serving = Held::new(&metrics.in_flight);
-                    let result = serve(&ledger, &metrics, &request, effective, draw, &cancel).await;
+                    let effective = simulator.current().effective();
+                    let draw = simulator.draw(request.order_id, request.attempt, &effective);
+                    let ledger = &simulator.ledger;
+                    let result = serve(ledger, metrics, &request, effective, draw, &cancel).await;
                     if answer.is_closed() {
                         metrics.wasted.inc();
                     }
@@ -428,7 +428,11 @@ mod tests {
         }
     }
 
-    fn sim(update: PaymentUpdate, seed: Option<u64>) -> Simulator {
+    fn sim(update: PaymentUpdate, seed: Option<u64>) -> Arc<Simulator> {
+        Arc::new(sim_unshared(update, seed))
+    }
+
+    fn sim_unshared(update: PaymentUpdate, seed: Option<u64>) -> Simulator {
         let s = Simulator::new(
             PaymentSettings::default(),
             seed,
@@ -625,7 +629,7 @@ mod tests {
     /// and succeeding.
     fn finite(slots: u32, queue_timeout: Duration, latency: Duration) -> Arc<Simulator> {
         Arc::new(
-            sim(
+            sim_unshared(
                 PaymentUpdate {
                     failure_rate: Some(0.0),
                     latency_min: Some(latency),
@@ -748,5 +752,32 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!((s.metrics.in_flight.get(), s.metrics.queued.get()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_is_served_at_the_latency_of_the_moment_its_slot_frees() {
+        let mut next_id = ids();
+        let s = finite(1, Duration::from_secs(10), Duration::from_millis(100));
+        // A spike: 1 s a call, for half a second.
+        s.update(PaymentUpdate {
+            mode: Some(Mode::Brownout),
+            brownout: Some(settings::BrownoutRequest {
+                failure_rate: 0.0,
+                latency_min: Duration::from_secs(1),
+                latency_max: Duration::from_secs(1),
+                duration: Duration::from_millis(500),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let first = start(&s, next_id());
+        let queued = start(&s, next_id());
+        let (result, took) = first.await.unwrap();
+        result.unwrap();
+        assert_eq!(took, Duration::from_secs(1), "served during the spike");
+        // The second arrived during the spike but is served after it.
+        let (result, took) = queued.await.unwrap();
+        result.unwrap();
+        assert_eq!(took, Duration::from_millis(1100));
     }
 }

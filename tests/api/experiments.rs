@@ -56,6 +56,11 @@ async fn the_brownout_timeout_experiments_claims_hold() {
     claims_hold("brownout-timeout").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metastable_experiments_claims_hold() {
+    claims_hold("metastable").await;
+}
+
 #[test]
 fn every_shipped_experiment_file_is_valid_in_both_profiles() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
