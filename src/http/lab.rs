@@ -147,6 +147,8 @@ pub struct Hello {
     pub breaker_threshold: u32,
     /// Seconds the breaker stays open before a probe.
     pub breaker_open_seconds: f64,
+    /// Calls the payment provider serves at once (PAYMENT_CAPACITY); null: unlimited.
+    pub payment_capacity: Option<u32>,
     pub breaker: BreakerSnapshot,
     pub payment: SettingsView,
     pub reliability: Switches,
@@ -189,6 +191,7 @@ pub async fn events(State(state): State<AppState>) -> Response {
         workers: lab.workers,
         breaker_threshold: config.failure_threshold,
         breaker_open_seconds: config.open_duration.as_secs_f64(),
+        payment_capacity: lab.payment.capacity().map(|c| c.slots),
         breaker: lab.reliability.breaker().snapshot(),
         payment: lab.payment.view(),
         reliability: lab.reliability.switches(),

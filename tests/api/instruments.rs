@@ -278,6 +278,27 @@ async fn read_events(body: &mut axum::body::Body, count: usize) -> Vec<(String, 
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_event_stream_names_the_providers_capacity_when_it_has_one() {
+    let lab = Lab::new(LabOptions {
+        provider_capacity: Some(reliability_lab::payment::Capacity {
+            slots: 12,
+            queue_timeout: Duration::from_secs(1),
+        }),
+        ..LabOptions::default()
+    })
+    .await;
+    let response = lab
+        .router
+        .clone()
+        .oneshot(get("/admin/events"))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let hello = read_events(&mut body, 1).await.remove(0).1;
+    assert_eq!(hello["payment_capacity"], 12);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_event_stream_opens_with_hello_then_carries_samples_and_changes() {
     let lab = Lab::new(LabOptions {
         capacity: 7,
@@ -302,6 +323,7 @@ async fn the_event_stream_opens_with_hello_then_carries_samples_and_changes() {
     assert_eq!(hello.0, "hello");
     let hello = hello.1;
     assert_eq!(hello["queue_capacity"], 7);
+    assert!(hello["payment_capacity"].is_null(), "unlimited by default");
     assert_eq!(hello["reliability"]["retry_enabled"], false);
     assert_eq!(hello["load"]["running"], false);
     assert_eq!(hello["changes"][0]["kind"], "reliability");

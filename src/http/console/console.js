@@ -172,6 +172,9 @@ function onHello(hello) {
   $('queue-capacity').textContent = hello.queue_capacity;
   $('worker-count').textContent = hello.workers;
   $('breaker-threshold').textContent = hello.breaker_threshold;
+  // A provider with a capacity (PAYMENT_CAPACITY) shows its load.
+  $('provider-line').hidden = hello.payment_capacity == null;
+  $('provider-capacity').textContent = hello.payment_capacity ?? '';
   showPayment(hello.payment);
   showSwitches(hello.reliability);
   showLoad(hello.load);
@@ -230,6 +233,9 @@ function showSample(s) {
   $('queue-bar').style.width = `${Math.min(100, (100 * s.queue_depth) / capacity)}%`;
   $('busy-workers').textContent = s.busy_workers;
   $('payment-mode').textContent = s.payment_mode;
+  $('provider-in-flight').textContent = s.provider_in_flight;
+  $('provider-queued').textContent = s.provider_queued;
+  $('provider-wasted').textContent = fmt.format(s.provider_wasted_per_s);
   markMode(s.payment_mode);
   $('total-accepted').textContent = s.accepted_total;
   $('total-rejected').textContent = s.rejected_total;
