@@ -12,7 +12,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, ValueEnum};
 
 use crate::payment::{Capacity, PaymentSettings};
-use crate::reliability::{BreakerConfig, RetryPolicy, Switches};
+use crate::reliability::{BreakerConfig, BreakerPolicy, RetryPolicy, Switches};
 use crate::units::{parse_duration, parse_switch};
 
 /// How log lines look.
@@ -35,6 +35,13 @@ fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.trim().parse().map_err(|_| {
         "expected host:port with an IP address, such as 0.0.0.0:8080 or 127.0.0.1:0".into()
     })
+}
+
+fn positive_rate(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err("expected a number above 0 and at most 1, such as 0.5".into()),
+    }
 }
 
 fn rate(raw: &str) -> Result<f64, String> {
@@ -310,6 +317,26 @@ pub struct Config {
     #[arg(long, env = "BREAKER_OPEN_DURATION", default_value = "30s", value_parser = positive_duration)]
     pub breaker_open_duration: Duration,
 
+    /// What opens the breaker: consecutive (BREAKER_FAILURE_THRESHOLD failures in a row) or failure_rate (the share of failures over BREAKER_WINDOW).
+    #[arg(long, env = "BREAKER_POLICY", default_value = "consecutive", value_parser = ["consecutive", "failure_rate"])]
+    pub breaker_policy: String,
+
+    /// With BREAKER_POLICY=failure_rate: the share of failed calls in the window that opens it (above 0, at most 1).
+    #[arg(long, env = "BREAKER_FAILURE_RATE", default_value = "0.5", value_parser = positive_rate)]
+    pub breaker_failure_rate: f64,
+
+    /// With BREAKER_POLICY=failure_rate: how far back calls are counted (whole seconds, 1s to 1h).
+    #[arg(long, env = "BREAKER_WINDOW", default_value = "10s", value_parser = budget_window)]
+    pub breaker_window: Duration,
+
+    /// With BREAKER_POLICY=failure_rate: calls the window must hold before the rate can open it.
+    #[arg(long, env = "BREAKER_MIN_CALLS", default_value = "20", value_parser = at_least_one::<u32>)]
+    pub breaker_min_calls: u32,
+
+    /// With BREAKER_POLICY=failure_rate: a call slower than this counts as a failure for the rate (its result still reaches the caller). Unset: none.
+    #[arg(long, env = "BREAKER_SLOW_CALL_DURATION", value_parser = positive_duration)]
+    pub breaker_slow_call_duration: Option<Duration>,
+
     /// Probes a half-open breaker admits at once (1 to 100); all must succeed to close it.
     #[arg(long, env = "BREAKER_HALF_OPEN_PROBES", default_value = "1", value_parser = half_open_probes)]
     pub breaker_half_open_probes: u32,
@@ -420,6 +447,12 @@ impl Config {
         if self.load_duration.is_some() && self.load_rate.is_none() {
             return Err("invalid LOAD_DURATION: set LOAD_RATE too, or unset LOAD_DURATION".into());
         }
+        if self.breaker_slow_call_duration.is_some() && self.breaker_policy != "failure_rate" {
+            return Err(
+                "invalid BREAKER_SLOW_CALL_DURATION: slow calls count towards BREAKER_POLICY=failure_rate only; set it, or unset BREAKER_SLOW_CALL_DURATION"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -482,6 +515,15 @@ impl Config {
             failure_threshold: self.breaker_failure_threshold,
             open_duration: self.breaker_open_duration,
             half_open_probes: self.breaker_half_open_probes,
+            policy: match self.breaker_policy.as_str() {
+                "failure_rate" => BreakerPolicy::FailureRate {
+                    rate: self.breaker_failure_rate,
+                    window: self.breaker_window,
+                    min_calls: self.breaker_min_calls,
+                },
+                _ => BreakerPolicy::Consecutive,
+            },
+            slow_call: self.breaker_slow_call_duration,
         }
     }
 }

@@ -26,6 +26,18 @@
 //!   cancelled at shutdown) gives the probe slot back instead of leaving the
 //!   breaker stuck half-open.
 //!
+//! - **A failure-rate policy.** `BreakerPolicy::FailureRate` opens when the
+//!   share of failed calls over the last `window` reaches `rate`, once at
+//!   least `min_calls` calls were seen in it; with `slow_call` set, a call
+//!   slower than that counts as a failure for the ratio (its result still
+//!   goes back to the caller). failsafe's `success_rate_over_time_window`
+//!   was not used: its rate is an exponentially weighted average biased to
+//!   recent calls, not the ratio over the window, and it trips on nothing
+//!   until calls have been seen for a whole window. Here the window is a
+//!   ring of one-second buckets on tokio's clock, and failsafe runs a
+//!   one-failure policy that this type feeds only the failure that makes the
+//!   ratio cross: failsafe still owns the state machine.
+//!
 //! Every call into failsafe happens under this type's own lock, so the events
 //! its instrument records are read back without races.
 
@@ -123,8 +135,31 @@ impl BreakerObserver for Observers {
     }
 }
 
+/// What opens the breaker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BreakerPolicy {
+    /// `failure_threshold` consecutive failures (the original lab's).
+    Consecutive,
+    /// The share of failures over the last `window` reaches `rate`, once
+    /// `min_calls` calls were seen in it.
+    FailureRate {
+        rate: f64,
+        window: Duration,
+        min_calls: u32,
+    },
+}
+
+impl BreakerPolicy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Consecutive => "consecutive",
+            Self::FailureRate { .. } => "failure_rate",
+        }
+    }
+}
+
 /// How the breaker trips and recovers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerConfig {
     /// Consecutive failures that open the breaker (it opens on this one).
     pub failure_threshold: u32,
@@ -132,6 +167,10 @@ pub struct BreakerConfig {
     pub open_duration: Duration,
     /// Probes one half-open window admits; all must succeed to close.
     pub half_open_probes: u32,
+    pub policy: BreakerPolicy,
+    /// With the failure-rate policy: a call slower than this counts as a
+    /// failure for the ratio.
+    pub slow_call: Option<Duration>,
 }
 
 impl Default for BreakerConfig {
@@ -140,17 +179,25 @@ impl Default for BreakerConfig {
             failure_threshold: 5,
             open_duration: Duration::from_secs(30),
             half_open_probes: 1,
+            policy: BreakerPolicy::Consecutive,
+            slow_call: None,
         }
     }
 }
 
 /// A point-in-time view for dashboards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BreakerSnapshot {
     pub state: BreakerState,
     pub consecutive_failures: u32,
     /// Probes one half-open window admits (`BREAKER_HALF_OPEN_PROBES`).
     pub half_open_probes: u32,
+    /// `consecutive` or `failure_rate` (`BREAKER_POLICY`).
+    pub policy: &'static str,
+    /// With the failure-rate policy: calls, and the share of them that
+    /// failed (slow ones included), in the window now.
+    pub window_calls: Option<u64>,
+    pub window_failure_rate: Option<f64>,
     /// Seconds left until a probe is allowed, while open.
     #[serde(serialize_with = "serialize_opt_duration")]
     #[schema(value_type = Option<f64>)]
@@ -223,6 +270,56 @@ impl FailurePolicy for CountingPolicy {
     }
 }
 
+/// Successes and failures over a sliding window of one-second buckets.
+#[derive(Debug)]
+struct OutcomeWindow {
+    started: Instant,
+    /// (second since `started`, successes, failures)
+    buckets: Vec<(u64, u64, u64)>,
+}
+
+impl OutcomeWindow {
+    fn new(window: Duration) -> Self {
+        let seconds = window.as_secs().max(1) as usize;
+        Self {
+            started: Instant::now(),
+            buckets: vec![(u64::MAX, 0, 0); seconds],
+        }
+    }
+
+    fn record(&mut self, failed: bool) {
+        let second = self.started.elapsed().as_secs();
+        let len = self.buckets.len() as u64;
+        let bucket = &mut self.buckets[(second % len) as usize];
+        if bucket.0 != second {
+            *bucket = (second, 0, 0);
+        }
+        if failed {
+            bucket.2 += 1;
+        } else {
+            bucket.1 += 1;
+        }
+    }
+
+    /// Calls and failures in the last window.
+    fn totals(&self) -> (u64, u64) {
+        let now = self.started.elapsed().as_secs();
+        let len = self.buckets.len() as u64;
+        self.buckets
+            .iter()
+            .filter(|b| b.0 != u64::MAX && b.0 + len > now)
+            .fold((0, 0), |(calls, failures), b| {
+                (calls + b.1 + b.2, failures + b.2)
+            })
+    }
+
+    fn clear(&mut self) {
+        for b in &mut self.buckets {
+            *b = (u64::MAX, 0, 0);
+        }
+    }
+}
+
 // --- the breaker ---------------------------------------------------------------
 
 struct Mirror {
@@ -232,6 +329,8 @@ struct Mirror {
     /// flight or succeeded), and how many of them succeeded.
     probes_admitted: u32,
     probes_succeeded: u32,
+    /// The failure-rate policy's window (None under the consecutive one).
+    window: Option<OutcomeWindow>,
     /// Bumped on every state change; permits from older generations are stale.
     generation: u64,
 }
@@ -275,13 +374,20 @@ impl Breaker {
     pub fn new(config: BreakerConfig, observer: Option<Arc<dyn BreakerObserver>>) -> Self {
         let failures = Arc::new(AtomicU32::new(0));
         let events = LastEvent::default();
+        // Under the failure-rate policy failsafe trips on the one failure
+        // this type passes on when the ratio crosses.
+        let threshold = match config.policy {
+            BreakerPolicy::Consecutive => config.failure_threshold.max(1),
+            BreakerPolicy::FailureRate { .. } => 1,
+        };
+        let window = match config.policy {
+            BreakerPolicy::Consecutive => None,
+            BreakerPolicy::FailureRate { window, .. } => Some(OutcomeWindow::new(window)),
+        };
         let policy = CountingPolicy {
             // Zero delay: failsafe's own (real-clock) open period is over at
             // once; this type times the open period on tokio's clock instead.
-            inner: consecutive_failures(
-                config.failure_threshold.max(1),
-                failsafe::backoff::constant(Duration::ZERO),
-            ),
+            inner: consecutive_failures(threshold, failsafe::backoff::constant(Duration::ZERO)),
             count: failures.clone(),
         };
         let machine = StateMachine::new(policy, events.clone());
@@ -297,6 +403,7 @@ impl Breaker {
                     open_until: None,
                     probes_admitted: 0,
                     probes_succeeded: 0,
+                    window,
                     generation: 0,
                 }),
                 open_duration: config.open_duration,
@@ -339,6 +446,12 @@ impl Breaker {
             state: mirror.state,
             consecutive_failures: self.inner.failures.load(Ordering::SeqCst),
             half_open_probes: self.inner.config.half_open_probes.max(1),
+            policy: self.inner.config.policy.name(),
+            window_calls: mirror.window.as_ref().map(|w| w.totals().0),
+            window_failure_rate: mirror.window.as_ref().and_then(|w| {
+                let (calls, failures) = w.totals();
+                (calls > 0).then(|| failures as f64 / calls as f64)
+            }),
             until_half_open: match (mirror.state, mirror.open_until) {
                 (BreakerState::Open, Some(until)) => {
                     Some(until.saturating_duration_since(Instant::now()))
@@ -360,6 +473,10 @@ impl Breaker {
                 mirror.generation += 1;
                 mirror.probes_admitted = 0;
                 mirror.probes_succeeded = 0;
+                // A new state starts a new count.
+                if let Some(window) = mirror.window.as_mut() {
+                    window.clear();
+                }
                 mirror.open_until =
                     (to == BreakerState::Open).then(|| Instant::now() + self.inner.open_duration);
                 report.changes.push((from, to));
@@ -422,15 +539,50 @@ impl Breaker {
             breaker: Some(self.clone()),
             generation,
             probe,
+            admitted: Instant::now(),
         })
     }
 
-    fn record(&self, generation: u64, probe: bool, verdict: Option<bool>) {
+    fn record(&self, generation: u64, probe: bool, verdict: Option<bool>, took: Duration) {
         let mut report = Report::default();
         {
             let mut mirror = self.lock();
             if mirror.generation != generation {
                 // Admitted before the last state change: its result is stale.
+                return;
+            }
+            // Under the failure-rate policy a slow success is a failure for
+            // the breaker (the caller still gets its result).
+            let slow = self
+                .inner
+                .config
+                .slow_call
+                .is_some_and(|limit| took >= limit);
+            let verdict = match (verdict, &self.inner.config.policy) {
+                (Some(true), BreakerPolicy::FailureRate { .. }) if slow => Some(false),
+                (v, _) => v,
+            };
+            if let (
+                Some(success),
+                false,
+                BreakerPolicy::FailureRate {
+                    rate, min_calls, ..
+                },
+            ) = (verdict, probe, self.inner.config.policy)
+            {
+                if let Some(window) = mirror.window.as_mut() {
+                    window.record(!success);
+                    let (calls, failures) = window.totals();
+                    let crossed = calls >= u64::from(min_calls.max(1))
+                        && failures as f64 >= rate * calls as f64;
+                    if !success && crossed {
+                        // failsafe's one-failure policy trips on this.
+                        self.inner.machine.on_error();
+                    }
+                }
+                self.follow(&mut mirror, &mut report);
+                drop(mirror);
+                self.publish(report);
                 return;
             }
             match (verdict, probe) {
@@ -511,18 +663,29 @@ pub struct Permit {
     breaker: Option<Breaker>,
     generation: u64,
     probe: bool,
+    admitted: Instant,
 }
 
 impl Permit {
     pub fn success(mut self) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, Some(true));
+            b.record(
+                self.generation,
+                self.probe,
+                Some(true),
+                self.admitted.elapsed(),
+            );
         }
     }
 
     pub fn failure(mut self) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, Some(false));
+            b.record(
+                self.generation,
+                self.probe,
+                Some(false),
+                self.admitted.elapsed(),
+            );
         }
     }
 
@@ -535,7 +698,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(b) = self.breaker.take() {
-            b.record(self.generation, self.probe, None);
+            b.record(self.generation, self.probe, None, self.admitted.elapsed());
         }
     }
 }
@@ -567,6 +730,7 @@ mod tests {
                 failure_threshold: threshold,
                 open_duration: Duration::from_secs(30),
                 half_open_probes: 1,
+                ..BreakerConfig::default()
             },
             Some(recorder.clone()),
         );
@@ -730,6 +894,7 @@ mod tests {
                 failure_threshold: 1,
                 open_duration: Duration::from_secs(30),
                 half_open_probes: probes,
+                ..BreakerConfig::default()
             },
             Some(recorder.clone()),
         );
@@ -794,5 +959,116 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
         replacement.success();
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    fn rate_breaker(rate: f64, min_calls: u32, slow_call: Option<Duration>) -> Breaker {
+        Breaker::new(
+            BreakerConfig {
+                policy: BreakerPolicy::FailureRate {
+                    rate,
+                    window: Duration::from_secs(10),
+                    min_calls,
+                },
+                slow_call,
+                ..BreakerConfig::default()
+            },
+            None,
+        )
+    }
+
+    fn succeed(b: &Breaker, n: u32) {
+        for _ in 0..n {
+            b.try_acquire().unwrap().success();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_policy_opens_when_the_window_share_reaches_the_rate_after_min_calls() {
+        let b = rate_breaker(0.5, 10, None);
+        succeed(&b, 5);
+        fail(&b, 4);
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "nine calls: under min_calls"
+        );
+        let snap = b.snapshot();
+        assert_eq!(snap.policy, "failure_rate");
+        assert_eq!(snap.window_calls, Some(9));
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Open, "ten calls, half failed");
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_policy_ignores_a_run_of_failures_in_a_healthy_stream() {
+        // Five failures in a row would open the consecutive policy.
+        let b = rate_breaker(0.5, 10, None);
+        for _ in 0..20 {
+            succeed(&b, 7);
+            fail(&b, 3);
+        }
+        fail(&b, 6);
+        assert_eq!(b.state(), BreakerState::Closed);
+        let rate = b.snapshot().window_failure_rate.unwrap();
+        assert!(rate < 0.5, "{rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_older_than_the_window_no_longer_count() {
+        let b = rate_breaker(0.5, 10, None);
+        fail(&b, 9);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(b.snapshot().window_calls, Some(0));
+        fail(&b, 1);
+        succeed(&b, 8);
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Closed, "2 of 10 in the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_success_counts_as_a_failure_but_its_result_reaches_the_caller() {
+        let b = rate_breaker(0.5, 4, Some(Duration::from_millis(100)));
+        for _ in 0..4 {
+            let r: Result<u32, BreakerError<&str>> = b
+                .call(
+                    || async {
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        Ok(7)
+                    },
+                    |_| true,
+                )
+                .await;
+            assert_eq!(r, Ok(7), "the caller gets its answer");
+        }
+        assert_eq!(b.state(), BreakerState::Open, "four slow calls of four");
+        // Fast successes are successes.
+        let b = rate_breaker(0.5, 4, Some(Duration::from_millis(100)));
+        for _ in 0..4 {
+            let r: Result<u32, BreakerError<&str>> = b
+                .call(
+                    || async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(7)
+                    },
+                    |_| true,
+                )
+                .await;
+            assert_eq!(r, Ok(7));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_probe_closes_it_the_window_starts_empty() {
+        let b = rate_breaker(0.5, 4, None);
+        fail(&b, 4);
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.try_acquire().unwrap().success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().window_calls, Some(0));
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Closed, "one call: under min_calls");
     }
 }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerSnapshot, BreakerState,
-    Observers, Permit, Rejection,
+    Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerPolicy, BreakerSnapshot,
+    BreakerState, Observers, Permit, Rejection,
 };
 pub use budget::{BudgetConfig, RetryBudget};
 pub use retry::RetryPolicy;

@@ -33,6 +33,9 @@ async fn a_bad_setting_exits_non_zero_with_one_line_naming_it() {
         ("BREAKER_HALF_OPEN_PROBES", "0"),
         ("BREAKER_HALF_OPEN_PROBES", "101"),
         ("PAYMENT_CAPACITY", "0"),
+        ("BREAKER_POLICY", "sometimes"),
+        ("BREAKER_FAILURE_RATE", "0"),
+        ("BREAKER_SLOW_CALL_DURATION", "100ms"),
         ("PAYMENT_QUEUE_TIMEOUT", "0s"),
     ] {
         let (code, stdout, stderr) = run_to_exit(&[(var, value)]).await;

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use reliability_lab::orders::{Order, Status};
 use reliability_lab::payment::{Capacity, PaymentSettings};
-use reliability_lab::reliability::{BreakerConfig, BreakerState, RetryPolicy};
+use reliability_lab::reliability::{BreakerConfig, BreakerPolicy, BreakerState, RetryPolicy};
 use serde_json::{json, Value};
 
 use crate::helpers::{error_code, get, send, Lab, LabOptions};
@@ -143,6 +143,38 @@ async fn a_blackhole_times_out_each_attempt_and_counts_it_as_a_failure() {
     assert_eq!(value(&scrape, "payment_timeouts_total", &[]), 3.0);
     assert_eq!(value(&scrape, "payment_failures_total", &[]), 3.0);
     assert_eq!(lab.breaker.snapshot().consecutive_failures, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_rate_policy_shows_its_window_and_opens_on_the_share_of_failures() {
+    let lab = Lab::new(LabOptions {
+        payment: quick_payments(),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            randomization_factor: 0.0,
+            ..RetryPolicy::default()
+        },
+        breaker: BreakerConfig {
+            policy: BreakerPolicy::FailureRate {
+                rate: 0.5,
+                window: Duration::from_secs(10),
+                min_calls: 6,
+            },
+            ..BreakerConfig::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    run_orders(&lab, 3).await;
+    let breaker = admin(&lab, get("/admin/breaker")).await;
+    assert_eq!(breaker["policy"], "failure_rate");
+    assert_eq!(breaker["window_calls"], 3);
+    assert_eq!(breaker["window_failure_rate"], 0.0);
+    // An outage: three failures make it 3 of 6, half: it opens.
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    run_orders(&lab, 3).await;
+    let breaker = admin(&lab, get("/admin/breaker")).await;
+    assert_eq!(breaker["state"], "open", "{breaker}");
 }
 
 #[tokio::test(start_paused = true)]

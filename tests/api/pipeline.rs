@@ -184,6 +184,7 @@ async fn five_concurrent_callers_with_probes(
             failure_threshold: 1,
             open_duration: Duration::from_secs(30),
             half_open_probes,
+            ..BreakerConfig::default()
         },
         Some(metrics.clone()),
     );

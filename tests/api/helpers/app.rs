@@ -94,6 +94,18 @@ impl LabOptions {
         c.breaker_failure_threshold = self.breaker.failure_threshold;
         c.breaker_open_duration = self.breaker.open_duration;
         c.breaker_half_open_probes = self.breaker.half_open_probes;
+        c.breaker_slow_call_duration = self.breaker.slow_call;
+        if let reliability_lab::reliability::BreakerPolicy::FailureRate {
+            rate,
+            window,
+            min_calls,
+        } = self.breaker.policy
+        {
+            c.breaker_policy = "failure_rate".into();
+            c.breaker_failure_rate = rate;
+            c.breaker_window = window;
+            c.breaker_min_calls = min_calls;
+        }
         c.payment_capacity = self.provider_capacity.map(|p| p.slots);
         if let Some(p) = self.provider_capacity {
             c.payment_queue_timeout = p.queue_timeout;
