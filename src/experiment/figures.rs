@@ -10,7 +10,7 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 34] = [
+pub const FIGURES: [&str; 35] = [
     "accepted",
     "completed",
     "failed",
@@ -38,6 +38,7 @@ pub const FIGURES: [&str; 34] = [
     "duplicate_charges",
     "payment_timeouts",
     "breaker_opened",
+    "breaker_opened_per_minute",
     "half_open_windows",
     "probes",
     "probes_per_half_open_window",
@@ -236,6 +237,14 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("duplicate_charges", Some(t.duplicate_charges as f64));
     put("payment_timeouts", Some(t.payment_timeouts as f64));
     put("breaker_opened", Some(t.breaker_opened as f64));
+    // Per minute of the run, from its first sample to its last.
+    put(
+        "breaker_opened_per_minute",
+        run.samples
+            .last()
+            .filter(|s| s.t > 0.0)
+            .map(|s| t.breaker_opened as f64 * 60.0 / s.t),
+    );
     put("half_open_windows", Some(run.half_open_windows as f64));
     put("probes", Some(run.probes as f64));
     put(

@@ -88,6 +88,8 @@ struct RawVariant {
     name: String,
     #[serde(default)]
     settings: BTreeMap<String, toml::Value>,
+    /// Orders per second for this variant; [traffic]'s rate when absent.
+    rate: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +162,8 @@ pub struct Variant {
     /// the environment spells them: what a replica process is started with.
     pub settings: Vec<(String, String)>,
     pub config: Config,
+    /// Its traffic, orders per second: its own `rate`, or [traffic]'s.
+    pub rate: f64,
 }
 
 /// One change at a given time.
@@ -335,11 +339,15 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
                 .to_owned();
             at_line(source, &key, format!("variant {}: {e}", v.name))
         })?;
+        let rate = v.rate.unwrap_or(raw.traffic.rate);
+        crate::lab::LoadPlan::new(rate, None)
+            .map_err(|e| at_line(source, "rate", format!("variant {}: {e}", v.name)))?;
         variants.push(Variant {
             name: v.name.clone(),
             overrides,
             settings,
             config,
+            rate,
         });
     }
 
@@ -684,6 +692,19 @@ kill = "a"
             let err = parse("x", &text, false).unwrap_err();
             assert!(err.contains(hint), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn a_variant_may_run_at_its_own_rate() {
+        let file = GOOD.replace("name = \"both\"\n", "name = \"both\"\nrate = 250\n");
+        let e = parse("outage", &file, false).unwrap();
+        assert_eq!((e.variants[0].rate, e.variants[1].rate), (40.0, 250.0));
+        let bad = GOOD.replace("name = \"both\"\n", "name = \"both\"\nrate = 0\n");
+        let err = parse("outage", &bad, false).unwrap_err();
+        assert!(
+            err.contains("line 16") && err.contains("variant both: rate must be"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -347,7 +347,7 @@ pub async fn run_variant(
     }
 
     let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
-    let share = experiment.rate / experiment.replicas as f64;
+    let share = variant.rate / experiment.replicas as f64;
     let load = serde_json::json!({
         "rate": share,
         "duration": format!("{}ms", experiment.duration.as_millis()),

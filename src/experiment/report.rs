@@ -89,7 +89,11 @@ impl Settings {
                 } else {
                     code(&v.overrides)
                 };
-                format!("`{}`: {over}", v.name)
+                if v.rate == e.rate {
+                    format!("`{}`: {over}", v.name)
+                } else {
+                    format!("`{}`: {over}, at {} orders per second", v.name, v.rate)
+                }
             })
             .collect();
         let schedule = e

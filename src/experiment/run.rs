@@ -101,7 +101,7 @@ pub async fn run_variant(
     let completed = h.metrics.completed_latency();
     let failed = h.metrics.failed_latency();
     let start = Instant::now();
-    let plan = LoadPlan::new(experiment.rate, Some(experiment.duration))?;
+    let plan = LoadPlan::new(variant.rate, Some(experiment.duration))?;
     h.instruments.traffic.start(plan)?;
     let mut fault_start: Option<(f64, Snapshot)> = None;
     let mut fault_end: Option<(f64, Snapshot)> = None;

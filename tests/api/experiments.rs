@@ -61,6 +61,16 @@ async fn the_metastable_experiments_claims_hold() {
     claims_hold("metastable").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flapping_experiments_claims_hold() {
+    claims_hold("flapping").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slow_calls_experiments_claims_hold() {
+    claims_hold("slow-calls").await;
+}
+
 #[test]
 fn every_shipped_experiment_file_is_valid_in_both_profiles() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
