@@ -26,7 +26,7 @@ use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
 use crate::lab::{Change, ChangeKind, LabEvent, LoadPlan, LoadStatus, Sample};
 use crate::payment::SettingsView;
-use crate::reliability::{BreakerSnapshot, Switches};
+use crate::reliability::{BreakerPolicy, BreakerSnapshot, Switches};
 
 /// How much history the `hello` event carries: what the console charts.
 const HELLO_HISTORY: Duration = Duration::from_secs(120);
@@ -147,6 +147,15 @@ pub struct Hello {
     pub breaker_threshold: u32,
     /// Seconds the breaker stays open before a probe.
     pub breaker_open_seconds: f64,
+    /// `consecutive` or `failure_rate` (BREAKER_POLICY).
+    pub breaker_policy: &'static str,
+    /// Under failure_rate: the share that opens it, the calls the window
+    /// must hold first, and the window in seconds.
+    pub breaker_failure_rate: Option<f64>,
+    pub breaker_min_calls: Option<u32>,
+    pub breaker_window_seconds: Option<f64>,
+    /// Probes a half-open window admits.
+    pub breaker_half_open_probes: u32,
     /// Calls the payment provider serves at once (PAYMENT_CAPACITY); null: unlimited.
     pub payment_capacity: Option<u32>,
     pub breaker: BreakerSnapshot,
@@ -191,6 +200,20 @@ pub async fn events(State(state): State<AppState>) -> Response {
         workers: lab.workers,
         breaker_threshold: config.failure_threshold,
         breaker_open_seconds: config.open_duration.as_secs_f64(),
+        breaker_policy: config.policy.name(),
+        breaker_failure_rate: match config.policy {
+            BreakerPolicy::FailureRate { rate, .. } => Some(rate),
+            BreakerPolicy::Consecutive => None,
+        },
+        breaker_min_calls: match config.policy {
+            BreakerPolicy::FailureRate { min_calls, .. } => Some(min_calls),
+            BreakerPolicy::Consecutive => None,
+        },
+        breaker_window_seconds: match config.policy {
+            BreakerPolicy::FailureRate { window, .. } => Some(window.as_secs_f64()),
+            BreakerPolicy::Consecutive => None,
+        },
+        breaker_half_open_probes: config.half_open_probes.max(1),
         payment_capacity: lab.payment.capacity().map(|c| c.slots),
         breaker: lab.reliability.breaker().snapshot(),
         payment: lab.payment.view(),

@@ -63,6 +63,12 @@ pub struct Sample {
     pub rejections_half_open_per_s: f64,
     pub breaker: BreakerState,
     pub consecutive_failures: u32,
+    /// Under BREAKER_POLICY=failure_rate: calls in the breaker's window and
+    /// the share of them that failed.
+    #[serde(default)]
+    pub breaker_window_calls: Option<u64>,
+    #[serde(default)]
+    pub breaker_window_failure_rate: Option<f64>,
     /// Seconds until a probe is allowed, while open.
     pub until_half_open: Option<f64>,
     pub queue_depth: usize,
@@ -147,6 +153,8 @@ impl Sample {
             rejections_half_open_per_s: per_s(p.rejected_half_open, n.rejected_half_open),
             breaker: now.breaker.state,
             consecutive_failures: now.breaker.consecutive_failures,
+            breaker_window_calls: now.breaker.window_calls,
+            breaker_window_failure_rate: now.breaker.window_failure_rate.map(round3),
             until_half_open: now.breaker.until_half_open.map(|d| round3(d.as_secs_f64())),
             queue_depth: now.queue_depth,
             busy_workers: now.busy_workers,

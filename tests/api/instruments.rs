@@ -296,6 +296,40 @@ async fn the_event_stream_names_the_providers_capacity_when_it_has_one() {
     let mut body = response.into_body();
     let hello = read_events(&mut body, 1).await.remove(0).1;
     assert_eq!(hello["payment_capacity"], 12);
+    assert_eq!(hello["breaker_policy"], "consecutive");
+    assert!(hello["breaker_failure_rate"].is_null());
+    assert_eq!(hello["breaker_half_open_probes"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_event_stream_describes_a_failure_rate_breaker() {
+    let lab = Lab::new(LabOptions {
+        breaker: reliability_lab::reliability::BreakerConfig {
+            policy: reliability_lab::reliability::BreakerPolicy::FailureRate {
+                rate: 0.4,
+                window: Duration::from_secs(20),
+                min_calls: 30,
+            },
+            half_open_probes: 3,
+            ..Default::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    let response = lab
+        .router
+        .clone()
+        .oneshot(get("/admin/events"))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let hello = read_events(&mut body, 1).await.remove(0).1;
+    assert_eq!(hello["breaker_policy"], "failure_rate");
+    assert_eq!(hello["breaker_failure_rate"], 0.4);
+    assert_eq!(hello["breaker_min_calls"], 30);
+    assert_eq!(hello["breaker_window_seconds"], 20.0);
+    assert_eq!(hello["breaker_half_open_probes"], 3);
+    assert_eq!(hello["breaker"]["window_calls"], 0);
 }
 
 #[tokio::test(start_paused = true)]

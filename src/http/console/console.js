@@ -172,6 +172,15 @@ function onHello(hello) {
   $('queue-capacity').textContent = hello.queue_capacity;
   $('worker-count').textContent = hello.workers;
   $('breaker-threshold').textContent = hello.breaker_threshold;
+  // The failure-rate policy shows its window instead of a consecutive count.
+  const byRate = hello.breaker_policy === 'failure_rate';
+  $('breaker-consecutive-line').hidden = byRate;
+  $('breaker-rate-line').hidden = !byRate;
+  if (byRate) {
+    $('breaker-window').textContent = hello.breaker_window_seconds;
+    $('breaker-rate-limit').textContent = `${Math.round(hello.breaker_failure_rate * 100)}%`;
+    $('breaker-min-calls').textContent = hello.breaker_min_calls;
+  }
   // A provider with a capacity (PAYMENT_CAPACITY) shows its load.
   $('provider-line').hidden = hello.payment_capacity == null;
   $('provider-capacity').textContent = hello.payment_capacity ?? '';
@@ -233,6 +242,11 @@ function showSample(s) {
   $('queue-bar').style.width = `${Math.min(100, (100 * s.queue_depth) / capacity)}%`;
   $('busy-workers').textContent = s.busy_workers;
   $('payment-mode').textContent = s.payment_mode;
+  if (s.breaker_window_calls != null) {
+    $('breaker-calls').textContent = s.breaker_window_calls;
+    $('breaker-rate').textContent = s.breaker_window_failure_rate == null
+      ? '–' : `${Math.round(s.breaker_window_failure_rate * 100)}%`;
+  }
   $('provider-in-flight').textContent = s.provider_in_flight;
   $('provider-queued').textContent = s.provider_queued;
   $('provider-wasted').textContent = fmt.format(s.provider_wasted_per_s);
