@@ -100,37 +100,33 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Resu
 /// The largest provider capacity accepted.
 pub const PAYMENT_CAPACITY_LIMIT: u32 = 100_000;
 
-fn payment_capacity(raw: &str) -> Result<u32, String> {
-    match raw.trim().parse::<u32>() {
-        Ok(n) if (1..=PAYMENT_CAPACITY_LIMIT).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "expected a whole number from 1 to {PAYMENT_CAPACITY_LIMIT}"
-        )),
+/// A whole number from 1 to `max`.
+fn one_to<T>(raw: &str, max: T) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8> + std::fmt::Display,
+{
+    match raw.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) && n <= max => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
     }
+}
+
+fn payment_capacity(raw: &str) -> Result<u32, String> {
+    one_to(raw, PAYMENT_CAPACITY_LIMIT)
 }
 
 /// The most probes a half-open window may admit.
 pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
 
 fn half_open_probes(raw: &str) -> Result<u32, String> {
-    match raw.trim().parse::<u32>() {
-        Ok(n) if (1..=HALF_OPEN_PROBES_LIMIT).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "expected a whole number from 1 to {HALF_OPEN_PROBES_LIMIT}"
-        )),
-    }
+    one_to(raw, HALF_OPEN_PROBES_LIMIT)
 }
 
 /// The largest group commit the store accepts.
 pub const DATABASE_BATCH_MAX_LIMIT: usize = 1000;
 
 fn batch_max(raw: &str) -> Result<usize, String> {
-    match raw.trim().parse::<usize>() {
-        Ok(n) if (1..=DATABASE_BATCH_MAX_LIMIT).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "expected a whole number from 1 to {DATABASE_BATCH_MAX_LIMIT}"
-        )),
-    }
+    one_to(raw, DATABASE_BATCH_MAX_LIMIT)
 }
 
 fn env_filter(raw: &str) -> Result<String, String> {

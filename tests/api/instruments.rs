@@ -277,6 +277,18 @@ async fn read_events(body: &mut axum::body::Body, count: usize) -> Vec<(String, 
     events
 }
 
+/// The first event of a fresh stream.
+async fn hello_of(lab: &Lab) -> Value {
+    let response = lab
+        .router
+        .clone()
+        .oneshot(get("/admin/events"))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    read_events(&mut body, 1).await.remove(0).1
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_event_stream_names_the_providers_capacity_when_it_has_one() {
     let lab = Lab::new(LabOptions {
@@ -287,14 +299,7 @@ async fn the_event_stream_names_the_providers_capacity_when_it_has_one() {
         ..LabOptions::default()
     })
     .await;
-    let response = lab
-        .router
-        .clone()
-        .oneshot(get("/admin/events"))
-        .await
-        .unwrap();
-    let mut body = response.into_body();
-    let hello = read_events(&mut body, 1).await.remove(0).1;
+    let hello = hello_of(&lab).await;
     assert_eq!(hello["payment_capacity"], 12);
     assert_eq!(hello["breaker_policy"], "consecutive");
     assert!(hello["breaker_failure_rate"].is_null());
@@ -316,14 +321,7 @@ async fn the_event_stream_describes_a_failure_rate_breaker() {
         ..LabOptions::default()
     })
     .await;
-    let response = lab
-        .router
-        .clone()
-        .oneshot(get("/admin/events"))
-        .await
-        .unwrap();
-    let mut body = response.into_body();
-    let hello = read_events(&mut body, 1).await.remove(0).1;
+    let hello = hello_of(&lab).await;
     assert_eq!(hello["breaker_policy"], "failure_rate");
     assert_eq!(hello["breaker_failure_rate"], 0.4);
     assert_eq!(hello["breaker_min_calls"], 30);
