@@ -442,16 +442,16 @@ impl Breaker {
 
     pub fn snapshot(&self) -> BreakerSnapshot {
         let mirror = self.lock();
+        // The window is summed once for both of its figures.
+        let window = mirror.window.as_ref().map(OutcomeWindow::totals);
         BreakerSnapshot {
             state: mirror.state,
             consecutive_failures: self.inner.failures.load(Ordering::SeqCst),
             half_open_probes: self.inner.config.half_open_probes.max(1),
             policy: self.inner.config.policy.name(),
-            window_calls: mirror.window.as_ref().map(|w| w.totals().0),
-            window_failure_rate: mirror.window.as_ref().and_then(|w| {
-                let (calls, failures) = w.totals();
-                (calls > 0).then(|| failures as f64 / calls as f64)
-            }),
+            window_calls: window.map(|(calls, _)| calls),
+            window_failure_rate: window
+                .and_then(|(calls, failures)| (calls > 0).then(|| failures as f64 / calls as f64)),
             until_half_open: match (mirror.state, mirror.open_until) {
                 (BreakerState::Open, Some(until)) => {
                     Some(until.saturating_duration_since(Instant::now()))
