@@ -13,6 +13,7 @@ pub mod postgres;
 mod queue;
 mod repository;
 mod service;
+mod timestamp;
 
 pub use error::{OrderError, StoreError};
 pub use model::{Amount, Currency, CustomerId, NewOrder, Order, OrderId, Status, StatusChange};

@@ -264,7 +264,9 @@ pub struct Order {
     pub attempts: u32,
     /// The reason of the last failed charge, in words a person can read.
     pub last_error: Option<String>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::observability::access_log;
 use crate::observability::metrics::{PaymentCallMetrics, WorkerMetrics};
 use crate::observability::Metrics;
 use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
@@ -175,7 +176,9 @@ impl OrderProcessor {
                 Outcome::Completed => {
                     self.jobs.job_completed();
                     self.jobs.completed_after(since_created(&updated));
-                    tracing::info!(attempts, "order completed");
+                    if !access_log::write_order_completed(&id.as_uuid(), attempts) {
+                        tracing::info!(attempts, "order completed");
+                    }
                 }
                 Outcome::Failed(reason) => {
                     self.jobs.job_failed();

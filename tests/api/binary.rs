@@ -235,3 +235,53 @@ async fn the_healthcheck_subcommand_exits_zero_on_a_ready_service_and_one_otherw
         "{stderr}"
     );
 }
+
+/// The two lines the service writes by hand (the request line and "order
+/// completed") read as the formatter's would: one JSON object per line, the
+/// order's id in the job span.
+#[tokio::test]
+async fn the_hand_written_lines_are_json_with_the_order_in_the_job_span() {
+    let service = spawn_binary(&[
+        ("PAYMENT_FAILURE_RATE", "0"),
+        ("PAYMENT_LATENCY_MIN", "0ms"),
+        ("PAYMENT_LATENCY_MAX", "0ms"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let order = service.post_order(&client).await;
+    let id = order["id"].as_str().unwrap().to_owned();
+    let path = format!("/orders/{id}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while service.get_json(&client, &path).await["status"] != "completed" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "order {id} never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = service.logs.clone();
+    assert!(service.terminate().await.success());
+    let lines: Vec<serde_json::Value> = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let completed: Vec<_> = lines
+        .iter()
+        .filter(|v| v["message"] == "order completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "{lines:?}");
+    let line = completed[0];
+    assert_eq!(line["span"]["order_id"], id.as_str());
+    assert_eq!(line["span"]["name"], "job");
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["target"], "reliability_lab::workers::job");
+    let created = lines
+        .iter()
+        .find(|v| v["message"] == "request" && v["method"] == "POST")
+        .unwrap_or_else(|| panic!("no request line for the POST: {lines:?}"));
+    assert_eq!(created["route"], "/orders");
+    assert_eq!(created["status"], 201);
+}
