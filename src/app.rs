@@ -175,6 +175,7 @@ impl AppBuilder {
                 feed.clone(),
             ]))),
         );
+        metrics.watch_breaker(&breaker);
         let reliability = Reliability::new(
             config.retry_policy(),
             breaker,

@@ -12,7 +12,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, ValueEnum};
 
 use crate::payment::{Capacity, PaymentSettings};
-use crate::reliability::{BreakerConfig, BreakerPolicy, RetryPolicy, Switches};
+use crate::reliability::{BreakerConfig, BreakerPolicy, RateFigures, RetryPolicy, Switches};
 use crate::units::{parse_duration, parse_switch};
 
 /// How log lines look.
@@ -520,6 +520,11 @@ impl Config {
                 _ => BreakerPolicy::Consecutive,
             },
             slow_call: self.breaker_slow_call_duration,
+            rate_fallback: RateFigures {
+                rate: self.breaker_failure_rate,
+                window: self.breaker_window,
+                min_calls: self.breaker_min_calls,
+            },
         }
     }
 }

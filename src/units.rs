@@ -82,6 +82,16 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// A duration as the API shows it (`format_duration`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HumanDuration(pub Duration);
+
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
 /// The form of a duration, for the API's schema. The bound (24h) is stated
 /// in words: a pattern cannot say it.
 pub const DURATION_PATTERN: &str = r"^\s*(0|[0-9]+\s*(ns|nsec|us|µs|usec|ms|msec|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days))\s*$";
@@ -142,6 +152,22 @@ pub fn de_switch<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Err
             .map(Some)
             .map_err(|_| refuse(&format!("{w:?}"))),
         other => Err(refuse(&other.to_string())),
+    }
+}
+
+/// A bad setting from the admin API, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct SettingsError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// A `SettingsError` for `field`.
+pub fn invalid(field: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError {
+        field,
+        reason: reason.into(),
     }
 }
 

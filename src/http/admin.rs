@@ -11,7 +11,9 @@ use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
 use crate::orders::OrderId;
 use crate::payment::{Charge, PaymentUpdate, SettingsView};
-use crate::reliability::{BreakerSnapshot, Switches, SwitchesUpdate};
+use crate::reliability::{
+    BreakerSettings, BreakerSnapshot, BreakerUpdate, Switches, SwitchesUpdate,
+};
 
 /// An order's charges at the simulated provider.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -97,25 +99,64 @@ pub async fn get_ledger(
     Ok(Json(LedgerView { order_id, charges }).into_response())
 }
 
+/// The breaker: its state and how it trips and recovers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BreakerView {
+    #[serde(flatten)]
+    pub state: BreakerSnapshot,
+    pub settings: BreakerSettings,
+}
+
+fn breaker_view(state: &AppState) -> BreakerView {
+    let breaker = state.lab.reliability.breaker();
+    BreakerView {
+        state: breaker.snapshot(),
+        settings: BreakerSettings::of(&breaker.config()),
+    }
+}
+
 #[utoipa::path(get, path = "/admin/breaker", tag = "admin", security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The breaker's state", body = BreakerSnapshot),
+        (status = 200, description = "The breaker's state and settings", body = BreakerView),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
     ))]
 pub async fn get_breaker(State(state): State<AppState>) -> Response {
-    Json(state.lab.reliability.breaker().snapshot()).into_response()
+    Json(breaker_view(&state)).into_response()
+}
+
+#[utoipa::path(put, path = "/admin/breaker", tag = "admin", security(("admin_token" = [])),
+    request_body(content = BreakerUpdate, description = "Any of the settings; they apply from the next call. The breaker keeps its state (an open one stays open for the rest of its period); its consecutive count and failure-rate window start empty"),
+    responses(
+        (status = 200, description = "The breaker's state and settings now", body = BreakerView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Not an object, or a bad or unknown field (named); nothing changed", body = ErrorBody),
+    ))]
+pub async fn put_breaker(
+    State(state): State<AppState>,
+    JsonBody(update): JsonBody<BreakerUpdate>,
+) -> Result<Response, ApiError> {
+    let breaker = state.lab.reliability.breaker();
+    let next = update.apply_to(breaker.config())?;
+    breaker.set_config(next);
+    let settings = BreakerSettings::of(&next);
+    super::lab::breaker_settings_changed(&state, &settings);
+    tracing::warn!(?settings, "breaker settings changed by the admin API");
+    Ok(Json(breaker_view(&state)).into_response())
 }
 
 #[utoipa::path(post, path = "/admin/breaker/reset", tag = "admin", security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Closed; its state after", body = BreakerSnapshot),
+        (status = 200, description = "Closed; its state and settings after", body = BreakerView),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
     ))]
 pub async fn reset_breaker(State(state): State<AppState>) -> Response {
-    let breaker = state.lab.reliability.breaker();
-    breaker.reset();
+    state.lab.reliability.breaker().reset();
     tracing::warn!("circuit breaker reset by the admin API");
-    Json(breaker.snapshot()).into_response()
+    Json(breaker_view(&state)).into_response()
 }
 
 #[utoipa::path(get, path = "/admin/reliability", tag = "admin", security(("admin_token" = [])),

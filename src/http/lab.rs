@@ -26,7 +26,7 @@ use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
 use crate::lab::{Change, ChangeKind, LabEvent, LoadPlan, LoadStatus, Sample};
 use crate::payment::SettingsView;
-use crate::reliability::{BreakerPolicy, BreakerSnapshot, Switches};
+use crate::reliability::{BreakerPolicy, BreakerSettings, BreakerSnapshot, Switches};
 
 /// How much history the `hello` event carries: what the console charts.
 const HELLO_HISTORY: Duration = Duration::from_secs(120);
@@ -297,5 +297,27 @@ pub(super) fn switches_changed(state: &AppState, switches: Switches) {
         ChangeKind::Reliability,
         summary,
         serde_json::to_value(switches).unwrap_or_default(),
+    );
+}
+
+/// Publishes an admin's change of the breaker's settings on the lab's feed.
+pub(super) fn breaker_settings_changed(state: &AppState, settings: &BreakerSettings) {
+    let summary = match settings.policy {
+        "failure_rate" => format!(
+            "breaker policy failure_rate: opens at {}% of at least {} calls in {}, {} probe(s)",
+            (settings.failure_rate * 100.0).round(),
+            settings.min_calls,
+            crate::units::format_duration(settings.window.0),
+            settings.half_open_probes
+        ),
+        _ => format!(
+            "breaker policy consecutive: opens after {} failures in a row, {} probe(s)",
+            settings.failure_threshold, settings.half_open_probes
+        ),
+    };
+    state.lab.instruments.feed.publish(
+        ChangeKind::BreakerSettings,
+        summary,
+        serde_json::to_value(settings).unwrap_or_default(),
     );
 }

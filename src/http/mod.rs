@@ -130,7 +130,10 @@ fn operator_routes() -> Routes {
             get(admin::get_payment).put(admin::put_payment),
         )
         .route("/admin/payment/ledger/{order_id}", get(admin::get_ledger))
-        .route("/admin/breaker", get(admin::get_breaker))
+        .route(
+            "/admin/breaker",
+            get(admin::get_breaker).put(admin::put_breaker),
+        )
         .route("/admin/breaker/reset", post(admin::reset_breaker))
         .route(
             "/admin/reliability",

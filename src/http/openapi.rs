@@ -30,6 +30,7 @@ use super::{admin, console, debug, error, handlers, lab};
         admin::put_payment,
         admin::get_ledger,
         admin::get_breaker,
+        admin::put_breaker,
         admin::reset_breaker,
         admin::get_reliability,
         admin::put_reliability,

@@ -44,6 +44,8 @@ pub enum ChangeKind {
     Reliability,
     /// The built-in traffic generator started or stopped.
     Load,
+    /// The breaker's policy or figures (from the admin API).
+    BreakerSettings,
 }
 
 /// One change, as a page lists it.

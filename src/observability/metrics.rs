@@ -300,6 +300,16 @@ impl Metrics {
         self.evictions.clone()
     }
 
+    /// Reads the breaker's per-call figures (its count, the failure-rate
+    /// window, the policy) at every scrape.
+    pub fn watch_breaker(&self, breaker: &crate::reliability::Breaker) {
+        self.registry
+            .register(Box::new(super::breaker_metrics::BreakerCollector::new(
+                breaker.clone(),
+            )))
+            .expect("the breaker's figures are registered once");
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

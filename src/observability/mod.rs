@@ -2,6 +2,7 @@
 
 pub mod access_log;
 mod batched;
+mod breaker_metrics;
 pub mod latency;
 pub mod logging;
 pub mod metrics;

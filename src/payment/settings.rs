@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+
+pub use crate::units::SettingsError;
+use crate::units::{invalid, HumanDuration};
 
 /// How the provider behaves beyond its rates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -63,21 +66,6 @@ pub struct Effective {
     pub latency_max: Duration,
     pub ambiguous_rate: f64,
     pub idempotency: bool,
-}
-
-/// A bad setting, naming the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct SettingsError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-fn invalid(field: &'static str, reason: impl Into<String>) -> SettingsError {
-    SettingsError {
-        field,
-        reason: reason.into(),
-    }
 }
 
 fn check_rate(field: &'static str, rate: f64) -> Result<f64, SettingsError> {
@@ -237,16 +225,6 @@ impl PaymentSettings {
                 remaining: HumanDuration(b.until.saturating_duration_since(now)),
             }),
         }
-    }
-}
-
-/// A duration shown as `200ms`, `1m 30s`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HumanDuration(pub Duration);
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::units::format_duration(self.0))
     }
 }
 

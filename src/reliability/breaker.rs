@@ -1,9 +1,9 @@
 //! The circuit breaker: failsafe's state machine, made to behave like the
 //! original lab's breaker.
 //!
-//! failsafe 1.3 counts consecutive failures and moves between closed, open and
-//! half-open. Where it differs from the original, the original wins, and this
-//! type closes the gap:
+//! failsafe 1.3's state machine moves between closed, open and half-open on
+//! what a failure policy says. Where it differs from the original, the
+//! original wins, and this type closes the gap:
 //! - **A bounded number of probes in half-open.** failsafe admits every call
 //!   while half-open and closes on the first success; here at most
 //!   `half_open_probes` calls (1 by default, the original's single probe) are
@@ -38,6 +38,12 @@
 //!   one-failure policy that this type feeds only the failure that makes the
 //!   ratio cross: failsafe still owns the state machine.
 //!
+//! - **Settings that change while it runs.** failsafe's policies are fixed
+//!   when the machine is built; the admin API switches policies, thresholds
+//!   and the window at run time (`set_config`). So the policy failsafe runs
+//!   is this module's `CountingPolicy`, failsafe's consecutive-failures
+//!   count with a threshold that can change (and a readable count).
+//!
 //! Every call into failsafe happens under this type's own lock, so the events
 //! its instrument records are read back without races.
 
@@ -46,7 +52,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use failsafe::failure_policy::{consecutive_failures, ConsecutiveFailures};
 use failsafe::{FailurePolicy, Instrument, StateMachine};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -171,6 +176,28 @@ pub struct BreakerConfig {
     /// With the failure-rate policy: a call slower than this counts as a
     /// failure for the ratio.
     pub slow_call: Option<Duration>,
+    /// The failure-rate policy's figures for when it is switched to at run
+    /// time without them (`BREAKER_FAILURE_RATE`, `BREAKER_WINDOW`,
+    /// `BREAKER_MIN_CALLS`); the policy in force carries its own.
+    pub rate_fallback: RateFigures,
+}
+
+/// The failure-rate policy's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateFigures {
+    pub rate: f64,
+    pub window: Duration,
+    pub min_calls: u32,
+}
+
+impl Default for RateFigures {
+    fn default() -> Self {
+        Self {
+            rate: 0.5,
+            window: Duration::from_secs(10),
+            min_calls: 20,
+        }
+    }
 }
 
 impl Default for BreakerConfig {
@@ -181,6 +208,7 @@ impl Default for BreakerConfig {
             half_open_probes: 1,
             policy: BreakerPolicy::Consecutive,
             slow_call: None,
+            rate_fallback: RateFigures::default(),
         }
     }
 }
@@ -249,24 +277,45 @@ impl Instrument for LastEvent {
     }
 }
 
-/// failsafe's consecutive-failures policy, with its count made readable.
+/// A consecutive-failures policy for failsafe's state machine, as failsafe's
+/// own `consecutive_failures` with a zero open delay, except that its count
+/// is readable and its threshold can change while it runs (the admin API
+/// switches policies: the failure-rate policy runs it with a threshold of 1).
 struct CountingPolicy {
-    inner: ConsecutiveFailures<failsafe::backoff::Constant>,
     count: Arc<AtomicU32>,
+    threshold: Arc<AtomicU32>,
 }
 
 impl FailurePolicy for CountingPolicy {
     fn record_success(&mut self) {
         self.count.store(0, Ordering::SeqCst);
-        self.inner.record_success();
     }
     fn mark_dead_on_failure(&mut self) -> Option<Duration> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.inner.mark_dead_on_failure()
+        let count = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        // Zero delay: failsafe's own (real-clock) open period is over at
+        // once; `Breaker` times the open period on tokio's clock instead.
+        (count >= self.threshold.load(Ordering::SeqCst).max(1)).then_some(Duration::ZERO)
     }
     fn revived(&mut self) {
         self.count.store(0, Ordering::SeqCst);
-        self.inner.revived();
+    }
+}
+
+/// The threshold failsafe's machine runs with under `policy`.
+fn machine_threshold(config: &BreakerConfig) -> u32 {
+    match config.policy {
+        BreakerPolicy::Consecutive => config.failure_threshold.max(1),
+        // failsafe trips on the one failure `Breaker` passes on when the
+        // ratio crosses.
+        BreakerPolicy::FailureRate { .. } => 1,
+    }
+}
+
+/// The failure-rate policy's window, empty (none under the consecutive one).
+fn empty_window(config: &BreakerConfig) -> Option<OutcomeWindow> {
+    match config.policy {
+        BreakerPolicy::Consecutive => None,
+        BreakerPolicy::FailureRate { window, .. } => Some(OutcomeWindow::new(window)),
     }
 }
 
@@ -323,6 +372,8 @@ impl OutcomeWindow {
 // --- the breaker ---------------------------------------------------------------
 
 struct Mirror {
+    /// How it trips and recovers; the admin API may change it.
+    config: BreakerConfig,
     state: BreakerState,
     open_until: Option<Instant>,
     /// Probes admitted in this half-open window and not abandoned (in
@@ -339,9 +390,8 @@ struct Inner {
     machine: StateMachine<CountingPolicy, LastEvent>,
     events: LastEvent,
     failures: Arc<AtomicU32>,
+    threshold: Arc<AtomicU32>,
     mirror: Mutex<Mirror>,
-    open_duration: Duration,
-    config: BreakerConfig,
     observer: Option<Arc<dyn BreakerObserver>>,
     /// Calls admitted as half-open probes, and half-open windows begun:
     /// the lab's evidence that each window lets exactly one probe through.
@@ -373,22 +423,11 @@ struct Report {
 impl Breaker {
     pub fn new(config: BreakerConfig, observer: Option<Arc<dyn BreakerObserver>>) -> Self {
         let failures = Arc::new(AtomicU32::new(0));
+        let threshold = Arc::new(AtomicU32::new(machine_threshold(&config)));
         let events = LastEvent::default();
-        // Under the failure-rate policy failsafe trips on the one failure
-        // this type passes on when the ratio crosses.
-        let threshold = match config.policy {
-            BreakerPolicy::Consecutive => config.failure_threshold.max(1),
-            BreakerPolicy::FailureRate { .. } => 1,
-        };
-        let window = match config.policy {
-            BreakerPolicy::Consecutive => None,
-            BreakerPolicy::FailureRate { window, .. } => Some(OutcomeWindow::new(window)),
-        };
         let policy = CountingPolicy {
-            // Zero delay: failsafe's own (real-clock) open period is over at
-            // once; this type times the open period on tokio's clock instead.
-            inner: consecutive_failures(threshold, failsafe::backoff::constant(Duration::ZERO)),
             count: failures.clone(),
+            threshold: threshold.clone(),
         };
         let machine = StateMachine::new(policy, events.clone());
         // failsafe fires on_closed at construction: that is no state change.
@@ -398,16 +437,16 @@ impl Breaker {
                 machine,
                 events,
                 failures,
+                threshold,
                 mirror: Mutex::new(Mirror {
                     state: BreakerState::Closed,
                     open_until: None,
                     probes_admitted: 0,
                     probes_succeeded: 0,
-                    window,
+                    window: empty_window(&config),
+                    config,
                     generation: 0,
                 }),
-                open_duration: config.open_duration,
-                config,
                 observer,
                 probes: AtomicU64::new(0),
                 half_open_windows: AtomicU64::new(0),
@@ -429,9 +468,24 @@ impl Breaker {
         )
     }
 
-    /// How it was built to trip and recover.
+    /// How it trips and recovers now.
     pub fn config(&self) -> BreakerConfig {
-        self.inner.config
+        self.lock().config
+    }
+
+    /// Changes how it trips and recovers, keeping its state: an open breaker
+    /// stays open for the rest of its period (a reset closes it), probes in
+    /// flight finish. The consecutive count and the failure-rate window start
+    /// empty, as on every state change: figures gathered under one policy
+    /// say nothing to the other.
+    pub fn set_config(&self, config: BreakerConfig) {
+        let mut mirror = self.lock();
+        mirror.config = config;
+        mirror.window = empty_window(&config);
+        self.inner
+            .threshold
+            .store(machine_threshold(&config), Ordering::SeqCst);
+        self.inner.failures.store(0, Ordering::SeqCst);
     }
 
     /// The current state. While open, it stays `Open` until the next call
@@ -447,8 +501,8 @@ impl Breaker {
         BreakerSnapshot {
             state: mirror.state,
             consecutive_failures: self.inner.failures.load(Ordering::SeqCst),
-            half_open_probes: self.inner.config.half_open_probes.max(1),
-            policy: self.inner.config.policy.name(),
+            half_open_probes: mirror.config.half_open_probes.max(1),
+            policy: mirror.config.policy.name(),
             window_calls: window.map(|(calls, _)| calls),
             window_failure_rate: window
                 .and_then(|(calls, failures)| (calls > 0).then(|| failures as f64 / calls as f64)),
@@ -477,8 +531,8 @@ impl Breaker {
                 if let Some(window) = mirror.window.as_mut() {
                     window.clear();
                 }
-                mirror.open_until =
-                    (to == BreakerState::Open).then(|| Instant::now() + self.inner.open_duration);
+                mirror.open_until = (to == BreakerState::Open)
+                    .then(|| Instant::now() + mirror.config.open_duration);
                 report.changes.push((from, to));
             }
         }
@@ -521,7 +575,7 @@ impl Breaker {
                 // effect: nothing to ask it.
                 BreakerState::Closed => Ok((mirror.generation, false)),
                 BreakerState::HalfOpen
-                    if mirror.probes_admitted < self.inner.config.half_open_probes.max(1) =>
+                    if mirror.probes_admitted < mirror.config.half_open_probes.max(1) =>
                 {
                     mirror.probes_admitted += 1;
                     self.inner.probes.fetch_add(1, Ordering::SeqCst);
@@ -553,12 +607,8 @@ impl Breaker {
             }
             // Under the failure-rate policy a slow success is a failure for
             // the breaker (the caller still gets its result).
-            let slow = self
-                .inner
-                .config
-                .slow_call
-                .is_some_and(|limit| took >= limit);
-            let verdict = match (verdict, &self.inner.config.policy) {
+            let slow = mirror.config.slow_call.is_some_and(|limit| took >= limit);
+            let verdict = match (verdict, &mirror.config.policy) {
                 (Some(true), BreakerPolicy::FailureRate { .. }) if slow => Some(false),
                 (v, _) => v,
             };
@@ -568,7 +618,7 @@ impl Breaker {
                 BreakerPolicy::FailureRate {
                     rate, min_calls, ..
                 },
-            ) = (verdict, probe, self.inner.config.policy)
+            ) = (verdict, probe, mirror.config.policy)
             {
                 if let Some(window) = mirror.window.as_mut() {
                     window.record(!success);
@@ -590,7 +640,7 @@ impl Breaker {
                     // failsafe closes on one success: tell it only of the
                     // one that completes the window's set of probes.
                     mirror.probes_succeeded += 1;
-                    if mirror.probes_succeeded >= self.inner.config.half_open_probes.max(1) {
+                    if mirror.probes_succeeded >= mirror.config.half_open_probes.max(1) {
                         self.inner.machine.on_success();
                     }
                 }
@@ -1070,5 +1120,95 @@ mod tests {
         assert_eq!(b.snapshot().window_calls, Some(0));
         fail(&b, 1);
         assert_eq!(b.state(), BreakerState::Closed, "one call: under min_calls");
+    }
+
+    // --- settings changed while it runs -------------------------------------
+
+    fn rate_config(rate: f64, min_calls: u32) -> BreakerConfig {
+        BreakerConfig {
+            policy: BreakerPolicy::FailureRate {
+                rate,
+                window: Duration::from_secs(10),
+                min_calls,
+            },
+            ..BreakerConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switching_to_the_failure_rate_starts_an_empty_window_and_trips_on_the_share() {
+        let (b, rec) = breaker(5);
+        fail(&b, 4);
+        b.set_config(rate_config(0.5, 4));
+        let snap = b.snapshot();
+        assert_eq!(snap.policy, "failure_rate");
+        assert_eq!(snap.consecutive_failures, 0, "the count starts afresh");
+        assert_eq!(snap.window_calls, Some(0));
+        // Under the old threshold the fifth failure would open it; under the
+        // share, one failure of one call is below min_calls.
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Closed);
+        succeed(&b, 2);
+        fail(&b, 1); // 2 of 4 failed: 50%
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            *rec.changes.lock().unwrap(),
+            vec![(BreakerState::Closed, BreakerState::Open)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switching_back_to_consecutive_trips_on_the_new_threshold_not_on_one_failure() {
+        let b = Breaker::new(rate_config(0.5, 100), None);
+        b.set_config(BreakerConfig {
+            failure_threshold: 3,
+            ..BreakerConfig::default()
+        });
+        assert_eq!(b.snapshot().window_calls, None);
+        fail(&b, 2);
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "failsafe ran with threshold 1 before"
+        );
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+        // And a lower threshold set while counting applies from the next failure.
+        let (b, _) = breaker(5);
+        b.set_config(BreakerConfig {
+            failure_threshold: 2,
+            ..BreakerConfig::default()
+        });
+        fail(&b, 2);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_stays_open_for_its_period_and_the_new_one_applies_next_time() {
+        let (b, rec) = breaker(1);
+        fail(&b, 1);
+        b.set_config(BreakerConfig {
+            failure_threshold: 1,
+            open_duration: Duration::from_secs(5),
+            half_open_probes: 2,
+            ..BreakerConfig::default()
+        });
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Two probes now.
+        let first = b.try_acquire().unwrap();
+        let second = b.try_acquire().unwrap();
+        assert_eq!(b.try_acquire().unwrap_err(), Rejection::HalfOpenBusy);
+        first.success();
+        second.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            b.snapshot().until_half_open,
+            Some(Duration::from_secs(5)),
+            "the new open period"
+        );
+        assert_eq!(rec.changes.lock().unwrap().len(), 3);
     }
 }

@@ -11,6 +11,7 @@
 mod breaker;
 mod budget;
 mod retry;
+mod settings;
 
 use std::fmt;
 use std::future::Future;
@@ -20,10 +21,11 @@ use std::time::Duration;
 
 pub use breaker::{
     Breaker, BreakerConfig, BreakerError, BreakerObserver, BreakerPolicy, BreakerSnapshot,
-    BreakerState, Observers, Permit, Rejection,
+    BreakerState, Observers, Permit, RateFigures, Rejection,
 };
 pub use budget::{BudgetConfig, RetryBudget};
 pub use retry::RetryPolicy;
+pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
 
 /// How an error of the wrapped call is treated.
 pub trait Classify {

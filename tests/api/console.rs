@@ -91,6 +91,37 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
         )
         .await;
 
+    // The breaker's policy from the page: the card shows the window, the
+    // API has it, and the change is listed.
+    assert_eq!(
+        browser
+            .eval("document.getElementById('breaker-rate-line').hidden")
+            .await,
+        true
+    );
+    browser
+        .eval("(() => { const e = document.getElementById('breaker-policy'); e.value = 'failure_rate'; e.dispatchEvent(new Event('change')); })()")
+        .await;
+    browser
+        .wait_for(
+            "!document.getElementById('breaker-rate-line').hidden && document.getElementById('breaker-consecutive-line').hidden",
+            "the failure-rate line",
+        )
+        .await;
+    assert_eq!(browser.text("#breaker-rate-limit").await, "50%");
+    assert_eq!(browser.text("#breaker-min-calls").await, "20");
+    assert_eq!(browser.text("#breaker-window").await, "10");
+    let breaker = lab
+        .get_json(&reqwest::Client::new(), "/admin/breaker")
+        .await;
+    assert_eq!(breaker["policy"], "failure_rate", "{breaker}");
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('breaker policy failure_rate'))",
+            "the change listed",
+        )
+        .await;
+
     // Chromium logs each refused request; nothing else may appear.
     let errors = browser.errors();
     assert_eq!(errors.len(), 2, "{errors:#?}");

@@ -11,7 +11,7 @@ use reliability_lab::reliability::{BreakerConfig, BreakerPolicy, BreakerState, R
 use serde_json::{json, Value};
 
 use crate::helpers::{error_code, get, send, Lab, LabOptions};
-use crate::metrics::{scrape, value};
+use crate::metrics::{samples, scrape, value};
 
 fn put(uri: &str, body: Value) -> Request<Body> {
     Request::put(uri)
@@ -175,6 +175,120 @@ async fn the_failure_rate_policy_shows_its_window_and_opens_on_the_share_of_fail
     run_orders(&lab, 3).await;
     let breaker = admin(&lab, get("/admin/breaker")).await;
     assert_eq!(breaker["state"], "open", "{breaker}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_policy_switches_at_run_time_and_the_metrics_and_feed_follow() {
+    let lab = Lab::new(LabOptions {
+        payment: quick_payments(),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            randomization_factor: 0.0,
+            ..RetryPolicy::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    let breaker = admin(&lab, get("/admin/breaker")).await;
+    assert_eq!(breaker["policy"], "consecutive");
+    assert_eq!(breaker["settings"]["failure_threshold"], 5);
+    assert_eq!(breaker["settings"]["open_duration"], "30s");
+    let scraped = scrape(&lab).await;
+    assert_eq!(
+        value(
+            &scraped,
+            "circuit_breaker_policy",
+            &[("policy", "consecutive")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scraped,
+            "circuit_breaker_policy",
+            &[("policy", "failure_rate")]
+        ),
+        0.0
+    );
+    assert!(samples(&scraped, "circuit_breaker_window_calls").is_empty());
+
+    // Under the consecutive policy two failures of four calls open nothing.
+    let switched = admin(
+        &lab,
+        put(
+            "/admin/breaker",
+            json!({"policy": "failure_rate", "failure_rate": 0.5, "min_calls": 4, "window": "10s"}),
+        ),
+    )
+    .await;
+    assert_eq!(switched["policy"], "failure_rate");
+    assert_eq!(switched["state"], "closed");
+    assert_eq!(switched["window_calls"], 0);
+    assert_eq!(switched["settings"]["min_calls"], 4);
+    assert_eq!(switched["settings"]["window"], "10s");
+    run_orders(&lab, 2).await;
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    run_orders(&lab, 1).await;
+    let scraped = scrape(&lab).await;
+    assert_eq!(value(&scraped, "circuit_breaker_window_calls", &[]), 3.0);
+    assert!(
+        (value(&scraped, "circuit_breaker_window_failure_ratio", &[]) - 1.0 / 3.0).abs() < 1e-9
+    );
+    assert_eq!(
+        value(
+            &scraped,
+            "circuit_breaker_policy",
+            &[("policy", "failure_rate")]
+        ),
+        1.0
+    );
+    assert_eq!(lab.breaker.state(), BreakerState::Closed);
+    run_orders(&lab, 1).await; // 2 of 4: half
+    assert_eq!(lab.breaker.state(), BreakerState::Open);
+
+    // A refused change names the field and changes nothing.
+    let (status, _, body) = send(
+        &lab.router,
+        put(
+            "/admin/breaker",
+            json!({"policy": "consecutive", "failure_rate": 2}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(error_code(&body), "invalid_field");
+    assert_eq!(body["error"]["field"], "failure_rate", "{body}");
+    assert_eq!(lab.breaker.config().policy.name(), "failure_rate");
+    let (status, _, body) = send(&lab.router, put("/admin/breaker", json!({"probes": 3}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // Back to consecutive: the breaker stays open for its period.
+    let back = admin(
+        &lab,
+        put("/admin/breaker", json!({"policy": "consecutive"})),
+    )
+    .await;
+    assert_eq!(back["state"], "open");
+    assert_eq!(back["window_calls"], Value::Null);
+    assert_eq!(back["settings"]["min_calls"], 4, "kept for next time");
+
+    let changes: Vec<String> = lab
+        .app
+        .handles()
+        .instruments
+        .feed
+        .recent_changes()
+        .iter()
+        .filter(|c| serde_json::to_value(c.kind).unwrap() == "breaker_settings")
+        .map(|c| c.summary.clone())
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "breaker policy failure_rate: opens at 50% of at least 4 calls in 10s, 1 probe(s)",
+            "breaker policy consecutive: opens after 5 failures in a row, 1 probe(s)",
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -530,6 +644,7 @@ async fn every_admin_write_needs_the_token_and_a_refused_one_changes_nothing() {
         ("PUT", "/admin/payment", r#"{"failure_rate": 0.9}"#),
         ("PUT", "/admin/reliability", r#"{"retry_enabled": false}"#),
         ("POST", "/admin/breaker/reset", ""),
+        ("PUT", "/admin/breaker", r#"{"half_open_probes": 2}"#),
         ("GET", ledger_path.as_str(), ""),
     ];
     let request = |method: &str, path: &str, body: &str, auth: Option<&str>| {

@@ -57,7 +57,7 @@ pub async fn scrape(lab: &Lab) -> Scrape {
     Scrape { samples }
 }
 
-fn samples<'a>(scrape: &'a Scrape, name: &str) -> Vec<&'a Sample> {
+pub fn samples<'a>(scrape: &'a Scrape, name: &str) -> Vec<&'a Sample> {
     scrape.samples.iter().filter(|s| s.metric == name).collect()
 }
 

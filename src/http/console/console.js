@@ -171,16 +171,14 @@ function onHello(hello) {
   state.lastSeq = 0;
   $('queue-capacity').textContent = hello.queue_capacity;
   $('worker-count').textContent = hello.workers;
-  $('breaker-threshold').textContent = hello.breaker_threshold;
-  // The failure-rate policy shows its window instead of a consecutive count.
-  const byRate = hello.breaker_policy === 'failure_rate';
-  $('breaker-consecutive-line').hidden = byRate;
-  $('breaker-rate-line').hidden = !byRate;
-  if (byRate) {
-    $('breaker-window').textContent = hello.breaker_window_seconds;
-    $('breaker-rate-limit').textContent = `${Math.round(hello.breaker_failure_rate * 100)}%`;
-    $('breaker-min-calls').textContent = hello.breaker_min_calls;
-  }
+  showBreakerPolicy({
+    policy: hello.breaker_policy,
+    threshold: hello.breaker_threshold,
+    openSeconds: hello.breaker_open_seconds,
+    rate: hello.breaker_failure_rate,
+    minCalls: hello.breaker_min_calls,
+    windowSeconds: hello.breaker_window_seconds,
+  });
   // A provider with a capacity (PAYMENT_CAPACITY) shows its load.
   $('provider-line').hidden = hello.payment_capacity == null;
   $('provider-capacity').textContent = hello.payment_capacity ?? '';
@@ -224,6 +222,7 @@ function onChange(change, live) {
   if (change.kind === 'payment') showPayment(change.detail);
   else if (change.kind === 'reliability') showSwitches(change.detail);
   else if (change.kind === 'load') showLoad(change.detail);
+  else if (change.kind === 'breaker_settings') showBreakerSettings(change.detail);
   else if (change.kind === 'breaker') {
     const failures = change.detail.to === 'closed' ? 0 : Number($('breaker-failures').textContent);
     const until = change.detail.to === 'open' && state.hello ? state.hello.breaker_open_seconds : null;
@@ -232,6 +231,54 @@ function onChange(change, live) {
 }
 
 // ----------------------------------------------------------------- display
+
+// What opens the breaker: the failure-rate policy shows its window instead
+// of a consecutive count. Kept in state.hello for the countdown.
+function showBreakerPolicy(p) {
+  if (state.hello) {
+    Object.assign(state.hello, {
+      breaker_policy: p.policy,
+      breaker_threshold: p.threshold,
+      breaker_open_seconds: p.openSeconds,
+      breaker_failure_rate: p.rate,
+      breaker_min_calls: p.minCalls,
+      breaker_window_seconds: p.windowSeconds,
+    });
+  }
+  const byRate = p.policy === 'failure_rate';
+  $('breaker-policy').value = p.policy;
+  $('breaker-threshold').textContent = p.threshold;
+  $('breaker-consecutive-line').hidden = byRate;
+  $('breaker-rate-line').hidden = !byRate;
+  if (byRate) {
+    $('breaker-window').textContent = p.windowSeconds;
+    $('breaker-rate-limit').textContent = `${Math.round(p.rate * 100)}%`;
+    $('breaker-min-calls').textContent = p.minCalls;
+    // Figures gathered under the other policy do not carry over.
+    $('breaker-calls').textContent = 0;
+    $('breaker-rate').textContent = '–';
+  }
+}
+
+// A duration as the API writes it ("30s", "1500ms", "2m") in seconds.
+function seconds(text) {
+  const m = /^(\d+)(ms|s|m|h|d)$/.exec(text || '');
+  if (!m) return null;
+  return Number(m[1]) * { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400 }[m[2]];
+}
+
+// The breaker's settings as GET/PUT /admin/breaker and the change feed give them.
+function showBreakerSettings(s) {
+  const byRate = s.policy === 'failure_rate';
+  showBreakerPolicy({
+    policy: s.policy,
+    threshold: s.failure_threshold,
+    openSeconds: seconds(s.open_duration),
+    rate: byRate ? s.failure_rate : null,
+    minCalls: byRate ? s.min_calls : null,
+    windowSeconds: byRate ? seconds(s.window) : null,
+  });
+}
 
 const fmt = new Intl.NumberFormat('en', { maximumFractionDigits: 1 });
 
@@ -560,5 +607,11 @@ for (const [id, field] of [
     else event.target.checked = !event.target.checked;
   });
 }
+
+$('breaker-policy').addEventListener('change', async (event) => {
+  const view = await api('PUT', '/admin/breaker', { policy: event.target.value });
+  if (view) showBreakerSettings(view.settings);
+  else event.target.value = state.hello ? state.hello.breaker_policy : 'consecutive';
+});
 
 connect();
