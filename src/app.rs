@@ -269,6 +269,7 @@ impl AppBuilder {
                 metrics.load(),
                 feed.clone(),
                 config.payment_seed,
+                config.load_client(),
             )),
             feed,
             timeline,

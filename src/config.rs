@@ -115,6 +115,33 @@ fn payment_capacity(raw: &str) -> Result<u32, String> {
     one_to(raw, PAYMENT_CAPACITY_LIMIT)
 }
 
+fn client_retries(raw: &str) -> Result<u32, String> {
+    let max = crate::lab::MAX_CLIENT_RETRIES;
+    match raw.trim().parse::<u32>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("expected a whole number from 0 to {max}")),
+    }
+}
+
+/// A client's wait: at most a minute (`positive` refuses zero).
+fn client_wait(raw: &str, positive: bool) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d > crate::lab::MAX_CLIENT_WAIT || (positive && d.is_zero()) => Err(format!(
+            "expected a duration {} and at most 60s, such as 2s",
+            if positive { "above zero" } else { "from 0ms" }
+        )),
+        d => Ok(d),
+    }
+}
+
+fn client_timeout(raw: &str) -> Result<Duration, String> {
+    client_wait(raw, true)
+}
+
+fn client_retry_delay(raw: &str) -> Result<Duration, String> {
+    client_wait(raw, false)
+}
+
 /// The most probes a half-open window may admit.
 pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
 
@@ -345,6 +372,26 @@ pub struct Config {
     #[arg(long, env = "LOAD_DURATION", value_parser = positive_duration)]
     pub load_duration: Option<Duration>,
 
+    /// The built-in traffic's clients: how many times an order is sent again after a 503 or a client timeout (0 to 10).
+    #[arg(long, env = "LOAD_RETRIES", default_value = "0", value_parser = client_retries)]
+    pub load_retries: u32,
+
+    /// Whether the built-in traffic's clients wait a 503's Retry-After before retrying (off: only LOAD_RETRY_DELAY).
+    #[arg(long, env = "LOAD_RETRY_AFTER", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub load_retry_after: bool,
+
+    /// The built-in traffic's clients: the wait before a retry when there is no Retry-After to honour (0ms to 60s).
+    #[arg(long, env = "LOAD_RETRY_DELAY", default_value = "0ms", value_parser = client_retry_delay)]
+    pub load_retry_delay: Duration,
+
+    /// How long the built-in traffic's clients wait for an answer before giving up (and retrying, with LOAD_RETRIES).
+    #[arg(long, env = "LOAD_TIMEOUT", default_value = "30s", value_parser = client_timeout)]
+    pub load_timeout: Duration,
+
+    /// Whether an order's retries from the built-in traffic carry one Idempotency-Key (off: a retry after a timeout may create a second order).
+    #[arg(long, env = "LOAD_IDEMPOTENCY_KEYS", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub load_idempotency_keys: bool,
+
     /// How often the timeline records a sample of the pipeline.
     #[arg(long, env = "TIMELINE_INTERVAL", default_value = "250ms", value_parser = timeline_interval)]
     pub timeline_interval: Duration,
@@ -478,6 +525,17 @@ impl Config {
             header_read: self.http_header_read_timeout,
             body: self.http_body_timeout,
             idle: self.http_idle_timeout,
+        }
+    }
+
+    /// How the built-in traffic's clients behave unless a run says otherwise.
+    pub fn load_client(&self) -> crate::lab::ClientBehaviour {
+        crate::lab::ClientBehaviour {
+            retries: self.load_retries,
+            retry_after: self.load_retry_after,
+            retry_delay: crate::units::HumanDuration(self.load_retry_delay),
+            timeout: crate::units::HumanDuration(self.load_timeout),
+            idempotency_keys: self.load_idempotency_keys,
         }
     }
 
@@ -784,6 +842,11 @@ mod tests {
             "ADMIN_TOKEN",
             "LOAD_RATE",
             "LOAD_DURATION",
+            "LOAD_RETRIES",
+            "LOAD_RETRY_AFTER",
+            "LOAD_RETRY_DELAY",
+            "LOAD_TIMEOUT",
+            "LOAD_IDEMPOTENCY_KEYS",
             "TIMELINE_INTERVAL",
             "TIMELINE_RETENTION",
             "JOB_LEASE",

@@ -245,6 +245,7 @@ fn add(total: &mut LoadOutcomes, more: LoadOutcomes) {
     total.server_error += more.server_error;
     total.transport_error += more.transport_error;
     total.skipped += more.skipped;
+    total.timed_out += more.timed_out;
 }
 
 /// Counts of the orders created since `since`, by status.

@@ -57,18 +57,20 @@ pub(super) fn check_traffic(
         + outcomes.rejected
         + outcomes.client_error
         + outcomes.server_error
-        + outcomes.transport_error;
+        + outcomes.transport_error
+        + outcomes.timed_out;
     if outcomes.client_error > 0 {
         anyhow::bail!(
             "variant {variant}: {} of {sent} generated orders were refused with a 4xx, so the run measured nothing it meant to (the service's log says why)",
             outcomes.client_error
         );
     }
-    if outcomes.server_error + outcomes.transport_error + outcomes.skipped > 0 {
+    let unanswered = outcomes.transport_error + outcomes.timed_out;
+    if outcomes.server_error + unanswered + outcomes.skipped > 0 {
         let _ = writeln!(
             progress,
-            "  {variant}: of {sent} generated orders, {} were answered 5xx and {} got no answer; {} were not sent (too many in flight)",
-            outcomes.server_error, outcomes.transport_error, outcomes.skipped
+            "  {variant}: of {sent} generated orders, {} were answered 5xx and {unanswered} got no answer ({} within the client's timeout); {} were not sent (too many in flight)",
+            outcomes.server_error, outcomes.timed_out, outcomes.skipped
         );
     }
     Ok(())

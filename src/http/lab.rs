@@ -24,9 +24,10 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
-use crate::lab::{Change, ChangeKind, LabEvent, LoadPlan, LoadStatus, Sample};
+use crate::lab::{Change, ChangeKind, ClientBehaviour, LabEvent, LoadPlan, LoadStatus, Sample};
 use crate::payment::SettingsView;
 use crate::reliability::{BreakerPolicy, BreakerSettings, BreakerSnapshot, Switches};
+use crate::units::HumanDuration;
 
 /// How much history the `hello` event carries: what the console charts.
 const HELLO_HISTORY: Duration = Duration::from_secs(120);
@@ -46,6 +47,47 @@ pub struct LoadRequest {
     #[serde(default, deserialize_with = "crate::units::de_duration")]
     #[schema(schema_with = crate::units::duration_schema)]
     duration: Option<Duration>,
+    /// How the clients behave; fields left out keep the configured
+    /// behaviour (`LOAD_RETRIES`, `LOAD_RETRY_AFTER`, `LOAD_RETRY_DELAY`,
+    /// `LOAD_TIMEOUT`, `LOAD_IDEMPOTENCY_KEYS`).
+    client: Option<ClientRequest>,
+}
+
+/// A change to how the generator's clients behave, for one run.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRequest {
+    /// Times an order is sent again after a 503 or a client timeout, 0 to 10.
+    #[schema(minimum = 0, maximum = 10)]
+    retries: Option<u32>,
+    /// Wait a 503's Retry-After before retrying (false: only retry_delay).
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    retry_after: Option<bool>,
+    /// The wait before a retry when there is no Retry-After to honour; at most 60s.
+    #[serde(default, deserialize_with = "crate::units::de_duration")]
+    #[schema(schema_with = crate::units::duration_schema)]
+    retry_delay: Option<Duration>,
+    /// How long a client waits for an answer; above zero, at most 60s.
+    #[serde(default, deserialize_with = "crate::units::de_duration")]
+    #[schema(schema_with = crate::units::duration_schema)]
+    timeout: Option<Duration>,
+    /// Whether an order's retries carry one Idempotency-Key.
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    idempotency_keys: Option<bool>,
+}
+
+impl ClientRequest {
+    fn apply_to(&self, current: ClientBehaviour) -> ClientBehaviour {
+        ClientBehaviour {
+            retries: self.retries.unwrap_or(current.retries),
+            retry_after: self.retry_after.unwrap_or(current.retry_after),
+            retry_delay: self.retry_delay.map_or(current.retry_delay, HumanDuration),
+            timeout: self.timeout.map_or(current.timeout, HumanDuration),
+            idempotency_keys: self.idempotency_keys.unwrap_or(current.idempotency_keys),
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/admin/load", tag = "admin", security(("admin_token" = [])),
@@ -66,14 +108,18 @@ pub async fn get_load(State(state): State<AppState>) -> Response {
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "A bad or unknown field, named (rate outside 0.1 to 5000, a duration of zero or above 24h); nothing changed", body = ErrorBody),
+        (status = 422, description = "A bad or unknown field, named (rate outside 0.1 to 5000, a duration of zero or above 24h, client.retries above 10, a client wait above 60s); nothing changed", body = ErrorBody),
     ))]
 pub async fn put_load(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<LoadRequest>,
 ) -> Result<Response, ApiError> {
-    let plan = LoadPlan::new(request.rate, request.duration)?;
-    let status = state.lab.instruments.traffic.start(plan)?;
+    let traffic = &state.lab.instruments.traffic;
+    let mut plan = LoadPlan::new(request.rate, request.duration)?;
+    if let Some(client) = &request.client {
+        plan = plan.with_client(client.apply_to(traffic.default_client()))?;
+    }
+    let status = traffic.start(plan)?;
     tracing::warn!(rate = plan.rate(), duration = ?plan.duration(), "traffic started by the admin API");
     Ok(Json(status).into_response())
 }

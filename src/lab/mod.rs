@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use events::{Change, ChangeKind, Feed, LabEvent};
 pub use timeline::{Sample, Timeline};
-pub use traffic::{LoadError, LoadOutcomes, LoadPlan, LoadStatus, Traffic};
+pub use traffic::{
+    ClientBehaviour, LoadError, LoadOutcomes, LoadPlan, LoadStatus, Traffic, MAX_CLIENT_RETRIES,
+    MAX_CLIENT_WAIT,
+};
 
 /// The instruments of one running service.
 #[derive(Debug, Clone)]

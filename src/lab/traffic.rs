@@ -5,8 +5,15 @@
 //! start whatever happened to the ones before, as with real users who do not
 //! wait for each other. A slow service therefore meets more requests in
 //! flight, not fewer requests; past `MAX_IN_FLIGHT` a due request is counted
-//! as `skipped` instead of being sent late. Nothing is retried: a 503 is
-//! counted and dropped.
+//! as `skipped` instead of being sent late.
+//!
+//! Its clients are patient and polite by default: a 503 is counted and
+//! dropped, and a request gets 30 s. `ClientBehaviour` makes them behave as
+//! impatient clients and load balancers do: retry a 503 (honouring its
+//! `Retry-After`, or not), give up on a request after a timeout and send it
+//! again, with or without an Idempotency-Key, so that a retry storm can also
+//! come from outside. Retries of one order share its place among the
+//! requests in flight; a stopped run sends no more retries.
 //!
 //! Requests go over real connections (kept alive, opened as needed), so they
 //! pass through the same HTTP stack, logs and metrics as a user's.
@@ -17,6 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::{header, StatusCode};
+use bytes::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
@@ -29,14 +38,19 @@ use tokio_util::task::TaskTracker;
 
 use super::events::{ChangeKind, Feed};
 use crate::observability::metrics::{LoadMetrics, LOAD_OUTCOMES};
+use crate::units::HumanDuration;
 
 pub use crate::config::{LOAD_RATE_MAX as MAX_RATE, LOAD_RATE_MIN as MIN_RATE};
 /// The longest run: the same bound as every other duration setting.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Requests in flight at most; a due request beyond it is skipped.
 pub const MAX_IN_FLIGHT: usize = 512;
-/// A request with no answer in this long counts as a transport error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client waits for an answer by default.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most retries a client makes for one order.
+pub const MAX_CLIENT_RETRIES: u32 = 10;
+/// The longest client timeout and retry delay.
+pub const MAX_CLIENT_WAIT: Duration = Duration::from_secs(60);
 /// Synthetic customers the orders are spread over.
 const CUSTOMERS: u32 = 1000;
 const CURRENCIES: [&str; 3] = ["USD", "EUR", "GBP"];
@@ -49,11 +63,80 @@ pub struct LoadError {
     pub message: String,
 }
 
-/// What to send: `rate` requests per second, for `duration` or until stopped.
+/// How the generator's clients treat a refusal or a slow answer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ClientBehaviour {
+    /// Times an order is sent again after a 503 or a client timeout (0: never).
+    pub retries: u32,
+    /// Before retrying a 503, wait what its `Retry-After` says (false: only
+    /// `retry_delay`, as an impatient client does).
+    pub retry_after: bool,
+    /// The wait before a retry when there is no `Retry-After` to honour.
+    #[schema(value_type = String, example = "0ms")]
+    pub retry_delay: HumanDuration,
+    /// How long a client waits for an answer before giving up on it.
+    #[schema(value_type = String, example = "30s")]
+    pub timeout: HumanDuration,
+    /// Whether an order's retries carry one Idempotency-Key (false: a retry
+    /// after a timeout may create a second order).
+    pub idempotency_keys: bool,
+}
+
+impl Default for ClientBehaviour {
+    fn default() -> Self {
+        Self {
+            retries: 0,
+            retry_after: true,
+            retry_delay: HumanDuration(Duration::ZERO),
+            timeout: HumanDuration(REQUEST_TIMEOUT),
+            idempotency_keys: true,
+        }
+    }
+}
+
+impl ClientBehaviour {
+    /// Checks the bounds, naming the field as `client.<field>`.
+    pub fn checked(self) -> Result<Self, LoadError> {
+        let refuse = |field: &'static str, message: String| LoadError { field, message };
+        if self.retries > MAX_CLIENT_RETRIES {
+            return Err(refuse(
+                "client.retries",
+                format!(
+                    "client.retries must be 0 to {MAX_CLIENT_RETRIES}, got {}",
+                    self.retries
+                ),
+            ));
+        }
+        if self.timeout.0.is_zero() || self.timeout.0 > MAX_CLIENT_WAIT {
+            return Err(refuse(
+                "client.timeout",
+                format!(
+                    "client.timeout must be above zero and at most 60s, got {}",
+                    crate::units::format_duration(self.timeout.0)
+                ),
+            ));
+        }
+        if self.retry_delay.0 > MAX_CLIENT_WAIT {
+            return Err(refuse(
+                "client.retry_delay",
+                format!(
+                    "client.retry_delay must be at most 60s, got {}",
+                    crate::units::format_duration(self.retry_delay.0)
+                ),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// What to send: `rate` requests per second, for `duration` or until
+/// stopped, by clients that behave as `client` says (absent: as the
+/// generator was configured, `LOAD_RETRIES` and the rest).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadPlan {
     rate: f64,
     duration: Option<Duration>,
+    client: Option<ClientBehaviour>,
 }
 
 impl LoadPlan {
@@ -77,7 +160,19 @@ impl LoadPlan {
                 });
             }
         }
-        Ok(Self { rate, duration })
+        Ok(Self {
+            rate,
+            duration,
+            client: None,
+        })
+    }
+
+    /// The same plan with clients that behave as `client` says.
+    pub fn with_client(self, client: ClientBehaviour) -> Result<Self, LoadError> {
+        Ok(Self {
+            client: Some(client.checked()?),
+            ..self
+        })
     }
 
     pub fn rate(&self) -> f64 {
@@ -108,10 +203,13 @@ pub struct LoadOutcomes {
     pub client_error: u64,
     /// Any other 5xx.
     pub server_error: u64,
-    /// No answer: the connection failed or the request timed out.
+    /// No answer: the connection failed.
     pub transport_error: u64,
     /// Not sent: too many requests were already in flight.
     pub skipped: u64,
+    /// No answer within the client's timeout (after its retries).
+    #[serde(default)]
+    pub timed_out: u64,
 }
 
 /// The generator as `GET /admin/load` shows it.
@@ -128,13 +226,25 @@ pub struct LoadStatus {
     pub sent: u64,
     /// Requests whose answer (or failure) is still to come.
     pub in_flight: u64,
+    /// What came of each order, after its retries.
     pub outcomes: LoadOutcomes,
+    /// How the clients behave (the current or last run's; the configured
+    /// behaviour before any run).
+    pub client: ClientBehaviour,
+    /// HTTP requests sent, retries included.
+    pub attempts: u64,
+    /// Retries sent after a 503, and after a client timeout.
+    pub retries_after_503: u64,
+    pub retries_after_timeout: u64,
 }
 
 /// One run's counters, shared by its generator and its requests.
 struct RunCounts {
     sent: AtomicU64,
-    outcomes: [AtomicU64; 6],
+    outcomes: [AtomicU64; 7],
+    attempts: AtomicU64,
+    /// Retries after a 503, after a timeout.
+    retries: [AtomicU64; 2],
     done: AtomicBool,
     /// When the run ended (stopped, or ran its course).
     ended: Mutex<Option<Instant>>,
@@ -159,12 +269,14 @@ impl RunCounts {
             server_error: get(3),
             transport_error: get(4),
             skipped: get(5),
+            timed_out: get(6),
         }
     }
 }
 
 struct Run {
     plan: LoadPlan,
+    client: ClientBehaviour,
     started: Instant,
     counts: Arc<RunCounts>,
     stop: CancellationToken,
@@ -213,28 +325,61 @@ impl Connections {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// Sends one order and says what came of it (an index into `LOAD_OUTCOMES`).
-    async fn post(&self, body: String) -> usize {
+    /// Sends one order once and says what came of it.
+    async fn post(&self, body: Bytes, key: Option<&str>, timeout: Duration) -> Answer {
         let attempt = async {
             let mut sender = self.take().await?;
-            let request = axum::http::Request::post("/orders")
+            let mut request = axum::http::Request::post("/orders")
                 .header("host", self.target.to_string())
                 .header("content-type", "application/json")
-                .header("user-agent", "reliability-lab-load")
-                .body(Body::from(body))?;
-            let response = sender.send_request(request).await?;
+                .header("user-agent", "reliability-lab-load");
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let response = sender.send_request(request.body(Body::from(body))?).await?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             // Read the answer to the end so the connection can be reused.
             axum::body::to_bytes(Body::new(response.into_body()), 64 * 1024).await?;
             self.give_back(sender);
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status)
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, retry_after))
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-            Ok(Ok(status)) if status.is_success() => 0,
-            Ok(Ok(status)) if status == axum::http::StatusCode::SERVICE_UNAVAILABLE => 1,
-            Ok(Ok(status)) if status.is_client_error() => 2,
-            Ok(Ok(_)) => 3,
-            Ok(Err(_)) | Err(_) => 4,
+        // A request given up on is dropped with its connection; the service
+        // may still be working on it.
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok((status, retry_after))) => Answer::Status(status, retry_after),
+            Ok(Err(_)) => Answer::ConnectionFailed,
+            Err(_) => Answer::TimedOut,
+        }
+    }
+}
+
+/// What one request came to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Answer {
+    /// The status, and a 503's `Retry-After` in whole seconds.
+    Status(StatusCode, Option<Duration>),
+    /// The connection failed.
+    ConnectionFailed,
+    /// No answer within the client's timeout.
+    TimedOut,
+}
+
+impl Answer {
+    /// An index into `LOAD_OUTCOMES`.
+    fn outcome(self) -> usize {
+        match self {
+            Answer::Status(status, _) if status.is_success() => 0,
+            Answer::Status(StatusCode::SERVICE_UNAVAILABLE, _) => 1,
+            Answer::Status(status, _) if status.is_client_error() => 2,
+            Answer::Status(..) => 3,
+            Answer::ConnectionFailed => 4,
+            Answer::TimedOut => 6,
         }
     }
 }
@@ -242,6 +387,8 @@ impl Connections {
 /// The generator: at most one run at a time.
 pub struct Traffic {
     connections: Arc<Connections>,
+    /// How clients behave in a run whose plan does not say.
+    client: ClientBehaviour,
     metrics: LoadMetrics,
     feed: Arc<Feed>,
     seed: Option<u64>,
@@ -265,6 +412,7 @@ impl Traffic {
         metrics: LoadMetrics,
         feed: Arc<Feed>,
         seed: Option<u64>,
+        client: ClientBehaviour,
     ) -> Self {
         let mut target = target;
         if target.ip().is_unspecified() {
@@ -281,6 +429,7 @@ impl Traffic {
                 closed: AtomicBool::new(false),
                 tasks: tasks.clone(),
             }),
+            client,
             metrics,
             feed,
             seed,
@@ -288,6 +437,12 @@ impl Traffic {
             current: Mutex::new(None),
             tasks,
         }
+    }
+
+    /// How clients behave in a run whose plan does not say (the
+    /// configuration's `LOAD_RETRIES` and the rest).
+    pub fn default_client(&self) -> ClientBehaviour {
+        self.client
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
@@ -308,12 +463,16 @@ impl Traffic {
             if let Some(old) = current.take() {
                 end(&old);
             }
+            let client = plan.client.unwrap_or(self.client);
             let run = Run {
                 plan,
+                client,
                 started: Instant::now(),
                 counts: Arc::new(RunCounts {
                     sent: AtomicU64::new(0),
                     outcomes: Default::default(),
+                    attempts: AtomicU64::new(0),
+                    retries: Default::default(),
                     done: AtomicBool::new(false),
                     ended: Mutex::new(None),
                 }),
@@ -322,6 +481,7 @@ impl Traffic {
             let seed = self.seed.unwrap_or_else(rand::random);
             self.tasks.spawn(generate(
                 plan,
+                client,
                 run.started,
                 run.counts.clone(),
                 run.stop.clone(),
@@ -331,6 +491,10 @@ impl Traffic {
                     in_flight: self.in_flight.clone(),
                     tasks: self.tasks.clone(),
                     feed: self.feed.clone(),
+                    client,
+                    // Keys unique to the run: a second run must not replay
+                    // the first one's orders.
+                    key_prefix: rand::random(),
                 },
                 StdRng::seed_from_u64(seed),
             ));
@@ -386,6 +550,10 @@ impl Traffic {
                 sent: 0,
                 in_flight: 0,
                 outcomes: LoadOutcomes::default(),
+                client: self.client,
+                attempts: 0,
+                retries_after_503: 0,
+                retries_after_timeout: 0,
             },
         }
     }
@@ -414,11 +582,12 @@ fn end(run: &Run) {
 }
 
 fn status_of(run: &Run, in_flight: &Semaphore) -> LoadStatus {
-    status(&run.plan, run.started, &run.counts, in_flight)
+    status(&run.plan, run.client, run.started, &run.counts, in_flight)
 }
 
 fn status(
     plan: &LoadPlan,
+    client: ClientBehaviour,
     started: Instant,
     counts: &RunCounts,
     in_flight: &Semaphore,
@@ -433,6 +602,10 @@ fn status(
         sent: counts.sent.load(Ordering::Relaxed),
         in_flight: (MAX_IN_FLIGHT - in_flight.available_permits()) as u64,
         outcomes: counts.outcomes(),
+        client,
+        attempts: counts.attempts.load(Ordering::Relaxed),
+        retries_after_503: counts.retries[0].load(Ordering::Relaxed),
+        retries_after_timeout: counts.retries[1].load(Ordering::Relaxed),
     }
 }
 
@@ -443,10 +616,13 @@ struct Sender {
     in_flight: Arc<Semaphore>,
     tasks: TaskTracker,
     feed: Arc<Feed>,
+    client: ClientBehaviour,
+    key_prefix: u64,
 }
 
 impl Sender {
-    fn fire(&self, counts: &Arc<RunCounts>, body: String) {
+    /// Sends order `k` of the run, retrying as the clients do.
+    fn fire(&self, counts: &Arc<RunCounts>, stop: &CancellationToken, k: u64, body: String) {
         counts.sent.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             self.count(counts, 5);
@@ -455,8 +631,41 @@ impl Sender {
         let connections = self.connections.clone();
         let metrics = self.metrics.clone();
         let counts = counts.clone();
+        let stop = stop.clone();
+        let client = self.client;
+        let key = (client.retries > 0 && client.idempotency_keys)
+            .then(|| format!("load-{:016x}-{k}", self.key_prefix));
         self.tasks.spawn(async move {
-            let outcome = connections.post(body).await;
+            let body = Bytes::from(body);
+            let mut retries = 0;
+            let outcome = loop {
+                counts.attempts.fetch_add(1, Ordering::Relaxed);
+                let answer = connections
+                    .post(body.clone(), key.as_deref(), client.timeout.0)
+                    .await;
+                let (reason, wait) = match answer {
+                    Answer::Status(StatusCode::SERVICE_UNAVAILABLE, retry_after) => (
+                        0,
+                        match retry_after {
+                            Some(after) if client.retry_after => after.max(client.retry_delay.0),
+                            _ => client.retry_delay.0,
+                        },
+                    ),
+                    Answer::TimedOut => (1, client.retry_delay.0),
+                    other => break other.outcome(),
+                };
+                if retries >= client.retries || stop.is_cancelled() {
+                    break answer.outcome();
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break answer.outcome(),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                retries += 1;
+                counts.retries[reason].fetch_add(1, Ordering::Relaxed);
+                metrics.count_retry(reason == 1);
+            };
             counts.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
             metrics.count(LOAD_OUTCOMES[outcome]);
             drop(permit);
@@ -480,6 +689,7 @@ fn order_body(rng: &mut StdRng) -> String {
 /// One run: request `k` is due at `started + k / rate`.
 async fn generate(
     plan: LoadPlan,
+    client: ClientBehaviour,
     started: Instant,
     counts: Arc<RunCounts>,
     stop: CancellationToken,
@@ -506,13 +716,13 @@ async fn generate(
             due = due.min(t);
         }
         while sent < due {
-            sender.fire(&counts, order_body(&mut rng));
+            sender.fire(&counts, &stop, sent, order_body(&mut rng));
             sent += 1;
         }
     }
     // Ran its course.
     if counts.finish() {
-        let status = status(&plan, started, &counts, &sender.in_flight);
+        let status = status(&plan, client, started, &counts, &sender.in_flight);
         sender.feed.publish(
             ChangeKind::Load,
             format!("traffic finished: {sent} requests sent"),
@@ -552,6 +762,7 @@ mod tests {
             metrics.load(),
             feed,
             Some(1),
+            ClientBehaviour::default(),
         )
     }
 
@@ -619,5 +830,207 @@ mod tests {
             let request: crate::orders::CreateOrderRequest = serde_json::from_str(&body).unwrap();
             request.parse().unwrap();
         }
+    }
+
+    // --- the clients' behaviour, against a scripted server (real clock) ----
+
+    #[derive(Clone, Copy, Debug)]
+    enum Reply {
+        Created,
+        /// 503 with `Retry-After` of that many seconds.
+        Busy(u64),
+        /// Reads the request and never answers.
+        Hang,
+    }
+
+    /// A server on 127.0.0.1 that answers request `i` with `script[i]` (the
+    /// last entry for the rest) and records each request's arrival and
+    /// Idempotency-Key.
+    async fn scripted(
+        script: Vec<Reply>,
+    ) -> (
+        SocketAddr,
+        Arc<Mutex<Vec<(std::time::Instant, Option<String>)>>>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (script, log) = (script.clone(), log.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut read = BufReader::new(read);
+                    loop {
+                        let (mut key, mut length) = (None, 0usize);
+                        loop {
+                            let mut line = String::new();
+                            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let line = line.trim_end();
+                            if line.is_empty() {
+                                break;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("idempotency-key:") {
+                                key = Some(v.trim().to_owned());
+                            }
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        read.read_exact(&mut body).await.unwrap();
+                        let i = {
+                            let mut log = log.lock().unwrap();
+                            log.push((std::time::Instant::now(), key));
+                            log.len() - 1
+                        };
+                        let reply = script[i.min(script.len() - 1)];
+                        let text = match reply {
+                            Reply::Created => "HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}".to_owned(),
+                            Reply::Busy(secs) => format!("HTTP/1.1 503 Service Unavailable\r\nretry-after: {secs}\r\ncontent-length: 2\r\n\r\n{{}}"),
+                            Reply::Hang => {
+                                std::future::pending::<()>().await;
+                                unreachable!()
+                            }
+                        };
+                        if write.write_all(text.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn client(retries: u32, retry_after: bool, timeout: Duration) -> ClientBehaviour {
+        ClientBehaviour {
+            retries,
+            retry_after,
+            timeout: HumanDuration(timeout),
+            ..ClientBehaviour::default()
+        }
+    }
+
+    /// One order through a generator aimed at `addr`; its status once done.
+    async fn one_order(addr: SocketAddr, client: ClientBehaviour) -> LoadStatus {
+        let metrics = crate::observability::Metrics::new();
+        let feed = Arc::new(Feed::new(Instant::now()));
+        let traffic = Traffic::new(addr, metrics.load(), feed, Some(1), client);
+        traffic
+            .start(LoadPlan::new(1.0, Some(Duration::from_millis(500))).unwrap())
+            .unwrap();
+        for _ in 0..400 {
+            let status = traffic.status();
+            if !status.running && status.in_flight == 0 {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the order never finished: {:?}", traffic.status());
+    }
+
+    #[tokio::test]
+    async fn an_impatient_client_retries_a_503_at_once_with_the_same_key() {
+        // Retry-After says 30 s: a client that waited would not finish
+        // within one_order's few seconds.
+        let (addr, seen) = scripted(vec![Reply::Busy(30), Reply::Busy(30), Reply::Created]).await;
+        let status = one_order(addr, client(3, false, REQUEST_TIMEOUT)).await;
+        assert_eq!(status.outcomes.accepted, 1, "{status:?}");
+        assert_eq!((status.attempts, status.retries_after_503), (3, 2));
+        let seen = seen.lock().unwrap();
+        let keys: Vec<_> = seen.iter().map(|(_, k)| k.clone().unwrap()).collect();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_polite_client_waits_retry_after_and_gives_up_after_its_retries() {
+        let (addr, seen) = scripted(vec![Reply::Busy(1)]).await;
+        let status = one_order(addr, client(1, true, REQUEST_TIMEOUT)).await;
+        assert_eq!(status.outcomes.rejected, 1, "{status:?}");
+        assert_eq!((status.attempts, status.retries_after_503), (2, 1));
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen[1].0 - seen[0].0 >= Duration::from_secs(1),
+            "waited Retry-After"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_times_out_sends_again_and_without_keys_sends_none() {
+        let (addr, seen) = scripted(vec![Reply::Hang, Reply::Created]).await;
+        let status = one_order(addr, client(2, true, Duration::from_millis(200))).await;
+        assert_eq!(status.outcomes.accepted, 1, "{status:?}");
+        assert_eq!((status.attempts, status.retries_after_timeout), (2, 1));
+        {
+            let seen = seen.lock().unwrap();
+            assert!(seen[0].1.is_some() && seen[0].1 == seen[1].1, "{seen:?}");
+        }
+
+        let (addr, seen) = scripted(vec![Reply::Hang]).await;
+        let status = one_order(
+            addr,
+            ClientBehaviour {
+                idempotency_keys: false,
+                ..client(1, true, Duration::from_millis(100))
+            },
+        )
+        .await;
+        assert_eq!(status.outcomes.timed_out, 1, "{status:?}");
+        assert_eq!(status.attempts, 2);
+        assert!(seen.lock().unwrap().iter().all(|(_, k)| k.is_none()));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_run_sends_no_more_retries() {
+        let (addr, seen) = scripted(vec![Reply::Busy(1)]).await;
+        let metrics = crate::observability::Metrics::new();
+        let feed = Arc::new(Feed::new(Instant::now()));
+        let slow = ClientBehaviour {
+            retry_delay: HumanDuration(Duration::from_secs(30)),
+            ..client(5, false, REQUEST_TIMEOUT)
+        };
+        let traffic = Traffic::new(addr, metrics.load(), feed, Some(1), slow);
+        traffic.start(LoadPlan::new(1.0, None).unwrap()).unwrap();
+        while seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        traffic.stop();
+        for _ in 0..200 {
+            if traffic.status().in_flight == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let status = traffic.status();
+        assert_eq!(status.in_flight, 0, "the waiting retry ended with the run");
+        assert_eq!((status.attempts, status.outcomes.rejected), (1, 1));
+    }
+
+    #[test]
+    fn client_bounds_are_checked_by_name() {
+        let plan = LoadPlan::new(1.0, None).unwrap();
+        let over = |c: ClientBehaviour| plan.with_client(c).unwrap_err().field;
+        assert_eq!(over(client(11, true, REQUEST_TIMEOUT)), "client.retries");
+        assert_eq!(over(client(1, true, Duration::ZERO)), "client.timeout");
+        assert_eq!(
+            over(client(1, true, Duration::from_secs(61))),
+            "client.timeout"
+        );
+        let slow = ClientBehaviour {
+            retry_delay: HumanDuration(Duration::from_secs(61)),
+            ..ClientBehaviour::default()
+        };
+        assert_eq!(over(slow), "client.retry_delay");
+        assert!(plan.with_client(client(10, false, MAX_CLIENT_WAIT)).is_ok());
     }
 }

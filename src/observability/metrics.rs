@@ -515,16 +515,19 @@ pub struct Totals {
 #[derive(Clone)]
 pub struct LoadMetrics {
     outcomes: IntCounterVec,
+    retried_503: IntCounter,
+    retried_timeout: IntCounter,
 }
 
 /// Every outcome a generated request can have, in the order reports list them.
-pub const LOAD_OUTCOMES: [&str; 6] = [
+pub const LOAD_OUTCOMES: [&str; 7] = [
     "accepted",
     "rejected",
     "client_error",
     "server_error",
     "transport_error",
     "skipped",
+    "timed_out",
 ];
 
 impl LoadMetrics {
@@ -532,13 +535,32 @@ impl LoadMetrics {
         let outcomes = counter_vec(
             registry,
             "load_requests_total",
-            "Requests of the built-in traffic generator by outcome: accepted (2xx), rejected (503, dropped), client_error (other 4xx), server_error (other 5xx), transport_error (no answer), skipped (too many in flight).",
+            "Orders of the built-in traffic generator by what came of them (after the clients' retries): accepted (2xx), rejected (503), client_error (other 4xx), server_error (other 5xx), transport_error (the connection failed), skipped (too many in flight), timed_out (no answer within the client's timeout).",
             &["outcome"],
         );
         for outcome in LOAD_OUTCOMES {
             outcomes.with_label_values(&[outcome]);
         }
-        Self { outcomes }
+        let retries = counter_vec(
+            registry,
+            "load_client_retries_total",
+            "Requests the traffic generator's clients sent again, by reason: 503 (the service refused), timeout (the client gave up waiting).",
+            &["reason"],
+        );
+        Self {
+            outcomes,
+            retried_503: retries.with_label_values(&["503"]),
+            retried_timeout: retries.with_label_values(&["timeout"]),
+        }
+    }
+
+    /// Counts one client retry, after a timeout or after a 503.
+    pub fn count_retry(&self, after_timeout: bool) {
+        if after_timeout {
+            self.retried_timeout.inc();
+        } else {
+            self.retried_503.inc();
+        }
     }
 
     /// Counts one request; `outcome` is one of `LOAD_OUTCOMES`.

@@ -114,6 +114,56 @@ async fn a_full_queue_is_counted_as_rejected_and_not_retried() {
     server.await.unwrap().unwrap();
 }
 
+/// Clients that retry a 503 at once, ignoring Retry-After: the same ten
+/// orders against the full queue above become 24 requests, and the 503s
+/// the service answers triple.
+#[tokio::test]
+async fn impatient_clients_retry_the_503s_and_multiply_the_requests() {
+    let lab = Lab::new(LabOptions {
+        capacity: 3,
+        start_workers: false,
+        ..LabOptions::default()
+    })
+    .await;
+    let metrics = lab.metrics.clone();
+    let (router, stop, server) = serve(lab);
+    let (status, _, started) = send(
+        &router,
+        put_json(
+            "/admin/load",
+            r#"{"rate": 100, "duration": "100ms", "client": {"retries": 2, "retry_after": false}}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    assert_eq!(started["client"]["retries"], 2, "{started}");
+    assert_eq!(started["client"]["retry_after"], false, "{started}");
+    assert_eq!(started["client"]["timeout"], "30s", "{started}");
+    let load = finished_run(&router).await;
+    assert_eq!(load["sent"], 10, "{load}");
+    assert_eq!(load["outcomes"]["accepted"], 3, "{load}");
+    assert_eq!(load["outcomes"]["rejected"], 7, "{load}");
+    assert_eq!(load["attempts"], 24, "{load}");
+    assert_eq!(load["retries_after_503"], 14, "{load}");
+    let text = metrics.render().unwrap();
+    for line in [
+        r#"http_requests_total{method="POST",route="/orders",status_code="503"} 21"#,
+        r#"load_client_retries_total{reason="503"} 14"#,
+        r#"load_client_retries_total{reason="timeout"} 0"#,
+        r#"load_requests_total{outcome="rejected"} 7"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line}");
+    }
+    // The next run without a client object goes back to the configured
+    // clients (no retries).
+    send(&router, put_json("/admin/load", r#"{"rate": 100, "duration": "30ms"}"#)).await;
+    let load = finished_run(&router).await;
+    assert_eq!(load["client"]["retries"], 0, "{load}");
+    assert_eq!(load["attempts"], load["sent"], "{load}");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn bad_load_values_are_refused_by_name_and_change_nothing() {
     let lab = Lab::new(LabOptions::default()).await;
@@ -127,6 +177,13 @@ async fn bad_load_values_are_refused_by_name_and_change_nothing() {
         (r#"{"rate": 10, "duration": "25h"}"#, "duration"),
         (r#"{"rate": 10, "burst": 3}"#, "burst"),
         (r#"{"duration": "1m"}"#, "rate"),
+        (r#"{"rate": 10, "client": {"retries": 11}}"#, "client.retries"),
+        (r#"{"rate": 10, "client": {"retries": -1}}"#, "client.retries"),
+        (r#"{"rate": 10, "client": {"timeout": "0s"}}"#, "client.timeout"),
+        (r#"{"rate": 10, "client": {"timeout": "2m"}}"#, "client.timeout"),
+        (r#"{"rate": 10, "client": {"retry_delay": "61s"}}"#, "client.retry_delay"),
+        (r#"{"rate": 10, "client": {"retry_after": "maybe"}}"#, "client.retry_after"),
+        (r#"{"rate": 10, "client": {"patience": 1}}"#, "client.patience"),
     ] {
         let (status, _, error) = send(&router, put_json("/admin/load", body)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {error}");
