@@ -227,6 +227,114 @@ fn provider_limited(outcome: &Outcome) -> bool {
     })
 }
 
+/// Figures against the offered rate: drawn when variants differ in their
+/// `rate` only (the same settings at three rates or more), one line per set
+/// of settings, the rate on a log scale.
+pub const RATE_CHARTS: [(&str, &str, &str); 2] = [
+    (
+        "Completed share against offered rate",
+        "completed / finished",
+        "success_ratio",
+    ),
+    (
+        "Breaker openings per minute against offered rate",
+        "openings/min",
+        "breaker_opened_per_minute",
+    ),
+];
+
+/// An offered rate and the index of the variant that ran at it.
+type RatePoint = (f64, usize);
+/// A group's name and its points, by rate.
+type RateGroup = (String, Vec<RatePoint>);
+
+/// The variants grouped by their settings, each group's (rate, variant
+/// index) sorted by rate; only groups with three rates or more. A group is
+/// named by its variants' common name before the last `_`.
+fn rate_groups(outcome: &Outcome) -> Vec<RateGroup> {
+    // Each group with the settings its variants share.
+    let mut groups: Vec<(&[(String, String)], RateGroup)> = Vec::new();
+    for (i, result) in outcome.variants.iter().enumerate() {
+        let Some(variant) = outcome
+            .experiment
+            .variants
+            .iter()
+            .find(|v| v.name == result.name)
+        else {
+            continue;
+        };
+        let label = variant
+            .name
+            .rsplit_once('_')
+            .map_or(variant.name.as_str(), |(head, _)| head)
+            .to_owned();
+        match groups
+            .iter_mut()
+            .find(|(overrides, _)| *overrides == variant.overrides.as_slice())
+        {
+            Some((_, (_, points))) => points.push((variant.rate, i)),
+            None => groups.push((&variant.overrides, (label, vec![(variant.rate, i)]))),
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(_, (label, mut points))| {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            points.dedup_by(|a, b| a.0 == b.0);
+            (points.len() >= 3).then_some((label, points))
+        })
+        .collect()
+}
+
+fn draw_rate_chart(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    outcome: &Outcome,
+    groups: &[RateGroup],
+    (title, unit, figure): (&str, &str, &str),
+) -> Result<(), Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let value = |i: usize| outcome.variants[i].figures.get(figure).copied().flatten();
+    let rates = groups.iter().flat_map(|(_, p)| p.iter().map(|(r, _)| *r));
+    let (lo, hi) = rates.fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let y_max = groups
+        .iter()
+        .flat_map(|(_, p)| p.iter().filter_map(|(_, i)| value(*i)))
+        .fold(0f64, f64::max);
+    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered rate, orders/s (log scale)")
+        .x_label_formatter(&|r| format!("{r:.0}"))
+        .y_desc(unit)
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+    for (g, (label, points)) in groups.iter().enumerate() {
+        let c = colour(g);
+        let line: Vec<(f64, f64)> = points
+            .iter()
+            .filter_map(|(r, i)| value(*i).map(|y| (*r, y)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), c.stroke_width(2)))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3)));
+        chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 200, 200))
+        .draw()?;
+    Ok(())
+}
+
 /// Every chart of the report, titled, each an `<svg>` element.
 pub fn svgs(outcome: &Outcome) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
@@ -256,5 +364,19 @@ pub fn svgs(outcome: &Outcome) -> Vec<(&'static str, String)> {
         let _ = root.present();
     }
     out.push(("Breaker state", svg));
+    let groups = rate_groups(outcome);
+    if !groups.is_empty() {
+        for chart in RATE_CHARTS {
+            let mut svg = String::new();
+            {
+                let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+                if let Err(err) = draw_rate_chart(&root, outcome, &groups, chart) {
+                    tracing::error!(error = %err, chart = chart.0, "a chart could not be drawn");
+                }
+                let _ = root.present();
+            }
+            out.push((chart.0, svg));
+        }
+    }
     out
 }

@@ -175,6 +175,76 @@ fn the_command_line_lists_runs_and_reports_and_says_what_is_wrong_with_a_file() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Variants that differ only in their rate make a curve: the report adds
+/// the completed share and the breaker's openings against the rate, one
+/// line per set of settings, a point per rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_at_several_rates_are_charted_against_the_rate() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let text = r#"
+title = "Rates"
+claim = "every order completes"
+[base]
+PAYMENT_FAILURE_RATE = 0
+PAYMENT_LATENCY_MIN = "1ms"
+PAYMENT_LATENCY_MAX = "2ms"
+[[variants]]
+name = "plain_5"
+rate = 5
+[[variants]]
+name = "plain_20"
+rate = 20
+[[variants]]
+name = "plain_80"
+rate = 80
+[[variants]]
+name = "other"
+settings = { WORKER_COUNT = 2 }
+[traffic]
+rate = 10
+duration = "1s"
+[[hypotheses]]
+claim = "all complete"
+expr = "success_ratio[plain_5] == 1 and success_ratio[plain_80] == 1"
+"#;
+    let e = experiment::file::parse("rates", text, false).unwrap();
+    let outcome = experiment::run::run(&e, None, &mut std::io::sink())
+        .await
+        .unwrap();
+    assert!(
+        outcome.passed(),
+        "{}",
+        experiment::report::markdown(&outcome)
+    );
+    let charts = experiment::charts::svgs(&outcome);
+    let titles: Vec<&str> = charts.iter().map(|(t, _)| *t).collect();
+    let curve = charts
+        .iter()
+        .find(|(t, _)| *t == "Completed share against offered rate")
+        .unwrap_or_else(|| panic!("no rate chart in {titles:?}"));
+    assert!(titles.contains(&"Breaker openings per minute against offered rate"));
+    // One group ("plain", three rates); "other" has one rate and is left out.
+    assert_eq!(curve.1.matches("<circle").count(), 3, "{}", curve.1);
+    assert!(
+        curve.1.contains(">\nplain\n<"),
+        "the legend names the group"
+    );
+    assert!(!curve.1.contains(">\nother\n<"));
+    assert!(curve.1.contains("log scale"));
+
+    // Two rates are no curve.
+    let two = text
+        .replace("[[variants]]\nname = \"plain_80\"\nrate = 80\n", "")
+        .replace(" and success_ratio[plain_80] == 1", "");
+    let e = experiment::file::parse("rates", &two, true).unwrap();
+    let outcome = experiment::run::run(&e, None, &mut std::io::sink())
+        .await
+        .unwrap();
+    assert!(experiment::charts::svgs(&outcome)
+        .iter()
+        .all(|(t, _)| !t.contains("against offered rate")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_html_report_shows_every_chart_in_a_real_browser() {
     let _turn = ONE_AT_A_TIME.lock().await;

@@ -156,7 +156,11 @@ async fn impatient_clients_retry_the_503s_and_multiply_the_requests() {
     }
     // The next run without a client object goes back to the configured
     // clients (no retries).
-    send(&router, put_json("/admin/load", r#"{"rate": 100, "duration": "30ms"}"#)).await;
+    send(
+        &router,
+        put_json("/admin/load", r#"{"rate": 100, "duration": "30ms"}"#),
+    )
+    .await;
     let load = finished_run(&router).await;
     assert_eq!(load["client"]["retries"], 0, "{load}");
     assert_eq!(load["attempts"], load["sent"], "{load}");
@@ -177,13 +181,34 @@ async fn bad_load_values_are_refused_by_name_and_change_nothing() {
         (r#"{"rate": 10, "duration": "25h"}"#, "duration"),
         (r#"{"rate": 10, "burst": 3}"#, "burst"),
         (r#"{"duration": "1m"}"#, "rate"),
-        (r#"{"rate": 10, "client": {"retries": 11}}"#, "client.retries"),
-        (r#"{"rate": 10, "client": {"retries": -1}}"#, "client.retries"),
-        (r#"{"rate": 10, "client": {"timeout": "0s"}}"#, "client.timeout"),
-        (r#"{"rate": 10, "client": {"timeout": "2m"}}"#, "client.timeout"),
-        (r#"{"rate": 10, "client": {"retry_delay": "61s"}}"#, "client.retry_delay"),
-        (r#"{"rate": 10, "client": {"retry_after": "maybe"}}"#, "client.retry_after"),
-        (r#"{"rate": 10, "client": {"patience": 1}}"#, "client.patience"),
+        (
+            r#"{"rate": 10, "client": {"retries": 11}}"#,
+            "client.retries",
+        ),
+        (
+            r#"{"rate": 10, "client": {"retries": -1}}"#,
+            "client.retries",
+        ),
+        (
+            r#"{"rate": 10, "client": {"timeout": "0s"}}"#,
+            "client.timeout",
+        ),
+        (
+            r#"{"rate": 10, "client": {"timeout": "2m"}}"#,
+            "client.timeout",
+        ),
+        (
+            r#"{"rate": 10, "client": {"retry_delay": "61s"}}"#,
+            "client.retry_delay",
+        ),
+        (
+            r#"{"rate": 10, "client": {"retry_after": "maybe"}}"#,
+            "client.retry_after",
+        ),
+        (
+            r#"{"rate": 10, "client": {"patience": 1}}"#,
+            "client.patience",
+        ),
     ] {
         let (status, _, error) = send(&router, put_json("/admin/load", body)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {error}");
