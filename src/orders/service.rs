@@ -431,4 +431,76 @@ mod tests {
             OrderError::NotFound(missing)
         );
     }
+
+    /// The memory store, with `insert` held until the gate opens.
+    struct Gated {
+        inner: MemoryStore,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl OrderRepository for Gated {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        fn durability(&self) -> super::super::Durability {
+            self.inner.durability()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn insert(&self, order: &Order) -> Result<bool, StoreError> {
+            let _open = self.gate.acquire().await.expect("the gate stays");
+            self.inner.insert(order).await
+        }
+        async fn insert_with_key(
+            &self,
+            order: &Order,
+            key: &str,
+            digest: &str,
+        ) -> Result<super::super::KeyedInsert, StoreError> {
+            self.inner.insert_with_key(order, key, digest).await
+        }
+        async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+            self.inner.get(id).await
+        }
+        async fn update_status(
+            &self,
+            id: OrderId,
+            change: &StatusChange,
+        ) -> Result<super::super::UpdateOutcome, StoreError> {
+            self.inner.update_status(id, change).await
+        }
+        async fn count_by_status(&self) -> Result<super::super::StatusCounts, StoreError> {
+            self.inner.count_by_status().await
+        }
+        async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
+            self.inner.purge_keys_older_than(age).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_who_leaves_mid_write_still_gets_the_order_stored_and_queued() {
+        let queue = Arc::new(RecordingQueue::default());
+        let store = Arc::new(Gated {
+            inner: MemoryStore::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let service = Service::new(store.clone(), queue.clone());
+        // The caller gives up while the store is still writing (its future
+        // is dropped, as hyper drops a request's when the client hangs up).
+        let gave_up = tokio::time::timeout(
+            Duration::from_secs(1),
+            service.create_order(&request(), None),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the write was held");
+        assert!(queue.submitted.lock().unwrap().is_empty());
+        store.gate.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let queued = queue.submitted.lock().unwrap().clone();
+        assert_eq!(queued.len(), 1, "the write went on without its caller");
+        let stored = service.get_order(queued[0]).await.unwrap();
+        assert_eq!(stored.status, Status::Pending);
+    }
 }
