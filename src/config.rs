@@ -142,6 +142,13 @@ fn client_retry_delay(raw: &str) -> Result<Duration, String> {
     client_wait(raw, false)
 }
 
+/// The largest failure threshold and minimum of calls the breaker takes.
+pub const BREAKER_COUNT_LIMIT: u32 = 1_000_000;
+
+fn breaker_count(raw: &str) -> Result<u32, String> {
+    one_to(raw, BREAKER_COUNT_LIMIT)
+}
+
 /// The most probes a half-open window may admit.
 pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
 
@@ -332,8 +339,8 @@ pub struct Config {
     #[arg(long, env = "RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = budget_window)]
     pub retry_budget_window: Duration,
 
-    /// Consecutive payment failures that open the circuit breaker.
-    #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = at_least_one::<u32>)]
+    /// Consecutive payment failures that open the circuit breaker (1 to 1000000).
+    #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = breaker_count)]
     pub breaker_failure_threshold: u32,
 
     /// How long the breaker stays open before it lets probes through.
@@ -352,8 +359,8 @@ pub struct Config {
     #[arg(long, env = "BREAKER_WINDOW", default_value = "10s", value_parser = budget_window)]
     pub breaker_window: Duration,
 
-    /// With BREAKER_POLICY=failure_rate: calls the window must hold before the rate can open it.
-    #[arg(long, env = "BREAKER_MIN_CALLS", default_value = "20", value_parser = at_least_one::<u32>)]
+    /// With BREAKER_POLICY=failure_rate: calls the window must hold before the rate can open it (1 to 1000000).
+    #[arg(long, env = "BREAKER_MIN_CALLS", default_value = "20", value_parser = breaker_count)]
     pub breaker_min_calls: u32,
 
     /// With BREAKER_POLICY=failure_rate: a call slower than this counts as a failure for the rate (its result still reaches the caller). Unset: none.
@@ -756,6 +763,27 @@ mod tests {
                 "at least 0",
             ),
             (&["--load-rate", "5001"][..], "LOAD_RATE", "0.1 to 5000"),
+            (
+                &["--breaker-min-calls", "2147483648"][..],
+                "BREAKER_MIN_CALLS",
+                "from 1 to 1000000",
+            ),
+            (
+                &["--breaker-failure-threshold", "0"][..],
+                "BREAKER_FAILURE_THRESHOLD",
+                "from 1 to 1000000",
+            ),
+            (
+                &["--load-retries", "11"][..],
+                "LOAD_RETRIES",
+                "from 0 to 10",
+            ),
+            (&["--load-timeout", "0s"][..], "LOAD_TIMEOUT", "above zero"),
+            (
+                &["--load-retry-delay", "2m"][..],
+                "LOAD_RETRY_DELAY",
+                "at most 60s",
+            ),
             (
                 &["--timeline-interval", "1ms"][..],
                 "TIMELINE_INTERVAL",

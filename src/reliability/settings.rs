@@ -1,6 +1,6 @@
 //! The breaker's settings as the admin API shows and changes them
 //! (`GET`/`PUT /admin/breaker`). The environment's rules hold here too: a
-//! threshold and min calls of at least 1, a rate above 0 and at most 1, a
+//! threshold and min calls from 1 to 1,000,000, a rate above 0 and at most 1, a
 //! window of whole seconds from 1 s to 1 h, 1 to 100 probes, and slow calls
 //! only under the failure-rate policy. A refused change changes nothing.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BreakerConfig, BreakerPolicy, RateFigures};
-use crate::config::HALF_OPEN_PROBES_LIMIT;
+use crate::config::{BREAKER_COUNT_LIMIT, HALF_OPEN_PROBES_LIMIT};
 use crate::units::{invalid, HumanDuration, SettingsError};
 
 /// The breaker's settings now.
@@ -81,7 +81,7 @@ pub enum PolicyName {
 #[serde(deny_unknown_fields)]
 pub struct BreakerUpdate {
     pub policy: Option<PolicyName>,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub failure_threshold: Option<u32>,
     #[serde(default, deserialize_with = "crate::units::de_duration")]
     #[schema(schema_with = crate::units::duration_schema)]
@@ -95,7 +95,7 @@ pub struct BreakerUpdate {
     #[serde(default, deserialize_with = "crate::units::de_duration")]
     #[schema(schema_with = crate::units::duration_schema)]
     pub window: Option<Duration>,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub min_calls: Option<u32>,
     /// A duration, or null to count no call as slow.
     #[serde(default, deserialize_with = "nullable_duration")]
@@ -120,10 +120,18 @@ impl BreakerUpdate {
     /// that is out of range.
     pub fn apply_to(&self, current: BreakerConfig) -> Result<BreakerConfig, SettingsError> {
         let mut next = current;
-        if let Some(n) = self.failure_threshold {
-            if n < 1 {
-                return Err(invalid("failure_threshold", "must be at least 1"));
+        let count = |field: &'static str, n: u32| {
+            if (1..=BREAKER_COUNT_LIMIT).contains(&n) {
+                Ok(n)
+            } else {
+                Err(invalid(
+                    field,
+                    format!("must be from 1 to {BREAKER_COUNT_LIMIT}"),
+                ))
             }
+        };
+        if let Some(n) = self.failure_threshold {
+            let n = count("failure_threshold", n)?;
             next.failure_threshold = n;
         }
         if let Some(d) = self.open_duration {
@@ -156,9 +164,7 @@ impl BreakerUpdate {
             rate.window = w;
         }
         if let Some(n) = self.min_calls {
-            if n < 1 {
-                return Err(invalid("min_calls", "must be at least 1"));
-            }
+            let n = count("min_calls", n)?;
             rate.min_calls = n;
         }
         if let Some(slow) = self.slow_call_duration {
@@ -270,6 +276,9 @@ mod tests {
             (r#"{"window":"1500ms"}"#, "window"),
             (r#"{"window":"2h"}"#, "window"),
             (r#"{"min_calls":0}"#, "min_calls"),
+            (r#"{"min_calls":1000001}"#, "min_calls"),
+            (r#"{"min_calls":2147483648}"#, "min_calls"),
+            (r#"{"failure_threshold":1000001}"#, "failure_threshold"),
             (
                 r#"{"slow_call_duration":"0s","policy":"failure_rate"}"#,
                 "slow_call_duration",
