@@ -78,14 +78,15 @@ fn non_negative(raw: &str) -> Result<f64, String> {
     }
 }
 
+/// Whether `d` is a window of whole seconds from 1 s to 1 h (the retry
+/// budget's and the failure-rate breaker's; the admin API checks the same).
+pub fn is_window(d: Duration) -> bool {
+    d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) && d.subsec_nanos() == 0
+}
+
 fn budget_window(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
-        d if d >= Duration::from_secs(1)
-            && d <= Duration::from_secs(3600)
-            && d.subsec_nanos() == 0 =>
-        {
-            Ok(d)
-        }
+        d if is_window(d) => Ok(d),
         _ => Err("expected whole seconds from 1s to 1h, such as 10s".into()),
     }
 }

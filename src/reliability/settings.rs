@@ -157,8 +157,7 @@ impl BreakerUpdate {
             rate.rate = r;
         }
         if let Some(w) = self.window {
-            if w < Duration::from_secs(1) || w > Duration::from_secs(3600) || w.subsec_nanos() != 0
-            {
+            if !crate::config::is_window(w) {
                 return Err(invalid("window", "must be whole seconds from 1s to 1h"));
             }
             rate.window = w;
