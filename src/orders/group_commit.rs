@@ -264,8 +264,7 @@ async fn together(
     let created: Vec<DateTime<Utc>> = orders.iter().map(|o| o.created_at).collect();
     let updated: Vec<DateTime<Utc>> = orders.iter().map(|o| o.updated_at).collect();
 
-    let mut tx = single.pool().begin().await.map_err(map_err)?;
-    let stored: Vec<Uuid> = sqlx::query_scalar(
+    let insert = sqlx::query_scalar(
         "INSERT INTO orders (id, customer_id, amount, currency, status, attempts, last_error,
                              created_at, updated_at, lease_owner, lease_expires_at)
          SELECT n.id, n.customer_id, n.amount, n.currency, n.status, n.attempts, n.last_error,
@@ -287,10 +286,29 @@ async fn together(
     .bind(&created)
     .bind(&updated)
     .bind(&single.lease().owner)
-    .bind(single.lease().duration.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(map_err)?;
+    .bind(single.lease().duration.as_secs_f64());
+    if first_with_key.is_empty() {
+        // No keys: the one statement is the whole write, atomic on its own,
+        // so no BEGIN and COMMIT round trips around it.
+        let stored: HashSet<Uuid> = insert
+            .fetch_all(single.pool())
+            .await
+            .map_err(map_err)?
+            .into_iter()
+            .collect();
+        return Ok(batch
+            .iter()
+            .map(|p| {
+                Ok(if stored.contains(&p.order.id.as_uuid()) {
+                    Written::Stored
+                } else {
+                    Written::IdTaken
+                })
+            })
+            .collect());
+    }
+    let mut tx = single.pool().begin().await.map_err(map_err)?;
+    let stored: Vec<Uuid> = insert.fetch_all(&mut *tx).await.map_err(map_err)?;
     let stored: HashSet<Uuid> = stored.into_iter().collect();
 
     // The keys of the first requests whose order went in, sorted so that

@@ -149,10 +149,7 @@ impl PostgresStore {
                 }
             }
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        let pool = pool_options(max_connections, PING_IF_IDLE_FOR).connect_lazy_with(options);
         MIGRATOR
             .run(&pool)
             .await
@@ -160,6 +157,35 @@ impl PostgresStore {
         Ok(Self::from_pool(pool, lease))
     }
 }
+
+/// The pool's settings. sqlx pings every idle connection before handing it
+/// out (`test_before_acquire`, on by default; sqlx-core 0.9
+/// `pool/inner.rs`, `check_idle_conn`): one more round trip ahead of every
+/// statement. Here a connection is pinged only when it sat idle for
+/// `ping_if_idle_for` or longer, which is when a server restart or a dropped
+/// link may have broken it unseen; one that fails the ping is closed and
+/// another opened, so the caller does not see it. A connection in steady use
+/// answers for itself with its next statement. (sqlx also pings each
+/// connection as it goes back to the pool, off the caller's path; that one
+/// cannot be turned off.)
+pub fn pool_options(max_connections: u32, ping_if_idle_for: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= ping_if_idle_for {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+/// How long the service's pooled connections may sit idle and still be
+/// handed out without a ping first.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub(super) fn row_to_order(row: &sqlx::postgres::PgRow) -> Result<Order, StoreError> {
     let bad = |what: &str, e: &dyn std::fmt::Display| {

@@ -148,6 +148,19 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
 
 #[tokio::test]
 async fn a_batch_cut_off_by_postgres_fails_every_request_in_it_and_stores_nothing() {
+    cut_off(true).await;
+}
+
+/// A batch without keys is one statement outside a transaction: cut off,
+/// it too stores nothing.
+#[tokio::test]
+async fn a_batch_without_keys_cut_off_by_postgres_fails_every_request_and_stores_nothing() {
+    cut_off(false).await;
+}
+
+/// A batch of ten (half with keys when `keyed`) whose statement is ended
+/// by the server while it waits on a lock.
+async fn cut_off(keyed: bool) {
     let Some(db) = TestDb::create().await else {
         return;
     };
@@ -167,7 +180,7 @@ async fn a_batch_cut_off_by_postgres_fails_every_request_in_it_and_stores_nothin
             let writes = orders.iter().enumerate().map(|(i, o)| {
                 let store = store.clone();
                 async move {
-                    if i % 2 == 0 {
+                    if i % 2 == 0 || !keyed {
                         store.insert(o).await.map(|_| ())
                     } else {
                         let key = format!("key-{i}");

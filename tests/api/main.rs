@@ -18,6 +18,7 @@ mod metrics;
 mod monitoring;
 mod openapi;
 mod pipeline;
+mod pool;
 mod profiling;
 mod shutdown;
 mod tls;
