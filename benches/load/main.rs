@@ -352,7 +352,17 @@ fn wrapper_cost_ns() -> (f64, f64) {
 }
 
 /// pgbench's single-row INSERT into the same table, at `clients` concurrency.
-fn postgres_ceiling(pgbench: &str, url: &str, clients: usize, seconds: u64) -> Option<f64> {
+/// pgbench's single-row INSERT into the orders table, `clients` at once for
+/// `seconds`: closed loop without a rate, else `rate` transactions a second
+/// in all. Its output, or None when it did not run.
+fn pgbench_insert(
+    pgbench: &str,
+    url: &str,
+    clients: usize,
+    seconds: u64,
+    rate: Option<f64>,
+    log_prefix: Option<&std::path::Path>,
+) -> Option<String> {
     let script = std::env::temp_dir().join("reliability-lab-insert.sql");
     std::fs::write(
         &script,
@@ -360,26 +370,75 @@ fn postgres_ceiling(pgbench: &str, url: &str, clients: usize, seconds: u64) -> O
          VALUES (gen_random_uuid(), 'cust-42', 1999, 'USD', 'pending', 0, now(), now(), 'pgbench', now() + interval '30 seconds');\n",
     )
     .ok()?;
-    let out = Command::new(pgbench)
-        .args([
-            "-n",
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-T",
-            &seconds.to_string(),
-            "-f",
-        ])
-        .arg(&script)
-        .arg(url)
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut command = Command::new(pgbench);
+    command.args([
+        "-n",
+        "-c",
+        &clients.to_string(),
+        "-j",
+        "2",
+        "-T",
+        &seconds.to_string(),
+    ]);
+    if let Some(rate) = rate {
+        command.args(["-R", &format!("{rate:.0}")]);
+    }
+    if let Some(prefix) = log_prefix {
+        command
+            .arg("--log")
+            .arg(format!("--log-prefix={}", prefix.display()));
+    }
+    let out = command.arg("-f").arg(&script).arg(url).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// pgbench's single-row INSERT tps at `clients` at once.
+fn postgres_ceiling(pgbench: &str, url: &str, clients: usize, seconds: u64) -> Option<f64> {
+    let text = pgbench_insert(pgbench, url, clients, seconds, None, None)?;
     text.lines()
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse().ok())
+}
+
+/// The p99 latency in ms of pgbench's single-row INSERT at `rate` a second,
+/// counted as the load client counts it: from each transaction's scheduled
+/// start (pgbench's per-transaction log under `-R`, third column, µs).
+fn postgres_p99_at(
+    pgbench: &str,
+    url: &str,
+    clients: usize,
+    seconds: u64,
+    rate: f64,
+) -> Option<f64> {
+    let dir = std::env::temp_dir().join(format!("reliability-lab-pgbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let ran = pgbench_insert(
+        pgbench,
+        url,
+        clients,
+        seconds,
+        Some(rate),
+        Some(&dir.join("log")),
+    );
+    let mut latencies: Vec<f64> = Vec::new();
+    for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        latencies.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    ran?;
+    if latencies.is_empty() {
+        return None;
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((0.99 * (latencies.len() - 1) as f64).round()) as usize;
+    Some(latencies[i] / 1000.0)
 }
 
 async fn fresh_database(admin_url: &str, name: &str) -> String {
@@ -488,7 +547,9 @@ async fn bench() {
 
     // Diagnostics: what the request log line costs (no lines at warn), and
     // what admission costs with the pipeline idle (charges that take a
-    // minute keep the workers parked after their first job).
+    // minute, under a timeout longer than that, keep the workers parked
+    // after their first job; with the default 1 s timeout they would time
+    // out, open the breaker and then fail the queue as fast as they can).
     eprintln!("diagnostics: request lines off; pipeline idle");
     let quiet = start_service(&[("RUST_LOG", "warn")]).await;
     let quiet_post = phase(quiet.addr, Kind::Post, None, Arc::default()).await;
@@ -503,6 +564,7 @@ async fn bench() {
     let idle = start_service(&[
         ("PAYMENT_LATENCY_MIN", "60s"),
         ("PAYMENT_LATENCY_MAX", "60s"),
+        ("PAYMENT_TIMEOUT", "120s"),
     ])
     .await;
     let idle_post = phase(idle.addr, Kind::Post, None, Arc::default()).await;
@@ -809,26 +871,69 @@ async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<R
         Arc::default(),
     )
     .await;
+    // Postgres's own p99 at that rate: pgbench's INSERT, open loop, at the
+    // same concurrency, once the service's workers have caught up (it has
+    // no pipeline writing behind it).
+    wait_drained(batched.addr).await;
+    let pg_p99 = postgres_p99_at(&pgbench, &url, connections, seconds, pg_rate / 2.0);
     rows.push(Row {
         figure: format!("POST with Postgres p99 at {:.0} r/s (half)", pg_rate / 2.0),
         value: half.percentile_ms(99.0),
         unit: "ms",
-        reference: None,
+        reference: pg_p99.map(|p99| ("pgbench INSERT, same rate".into(), p99)),
         target: Some(("< 10 ms".into(), half.percentile_ms(99.0) < 10.0)),
         errors: Some(half.errors),
+    });
+
+    drop(batched);
+    // The same rate with the workers parked (charges that take a minute,
+    // under a longer timeout):
+    // what admission alone costs at that rate.
+    eprintln!("Postgres: p99 at half the maximum rate, workers idle");
+    let idle = start_service(&[
+        ("DATABASE_URL", url.as_str()),
+        ("PAYMENT_LATENCY_MIN", "60s"),
+        ("PAYMENT_LATENCY_MAX", "60s"),
+        ("PAYMENT_TIMEOUT", "120s"),
+    ])
+    .await;
+    let half_idle = phase(idle.addr, Kind::Post, Some(pg_rate / 2.0), Arc::default()).await;
+    drop(idle);
+    rows.push(Row {
+        figure: "  diag: the same, workers idle".into(),
+        value: half_idle.percentile_ms(99.0),
+        unit: "ms",
+        reference: None,
+        target: None,
+        errors: Some(half_idle.errors),
     });
 
     // Five workers each move one order at a time through three round trips
     // (claim, charge, final move): with Postgres that bounds the pipeline
     // by latency, not by the database. With 64, their moves batch.
-    eprintln!("Postgres: the pipeline, POST to completed, 64 workers");
-    drop(batched);
     let url_pipeline = fresh_database(&admin_url, "reliability_lab_bench_pipeline").await;
     let pipelined = start_service(&[
         ("DATABASE_URL", url_pipeline.as_str()),
         ("WORKER_COUNT", "64"),
     ])
     .await;
+    eprintln!("Postgres: p99 at half the maximum rate, 64 workers");
+    let half_64 = phase(
+        pipelined.addr,
+        Kind::Post,
+        Some(pg_rate / 2.0),
+        Arc::default(),
+    )
+    .await;
+    rows.push(Row {
+        figure: "  diag: the same, 64 workers".into(),
+        value: half_64.percentile_ms(99.0),
+        unit: "ms",
+        reference: None,
+        target: None,
+        errors: Some(half_64.errors),
+    });
+    eprintln!("Postgres: the pipeline, POST to completed, 64 workers");
     let (pipeline, errors) = pipeline_rate(pipelined.addr).await;
     rows.push(Row {
         figure: "pipeline with Postgres (64 workers)".into(),
@@ -841,10 +946,52 @@ async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<R
     rows
 }
 
+/// `--probe ADDR post|get [RATE]`: one phase against a service already
+/// running (BENCH_SECONDS, BENCH_CONNECTIONS apply); prints its figures.
+/// Closed loop without a rate, open loop at RATE requests a second with one.
+fn probe(args: &[String]) {
+    let usage = "usage: load --probe ADDR post|get [RATE]";
+    let addr: SocketAddr = args.first().and_then(|a| a.parse().ok()).expect(usage);
+    let kind = match args.get(1).map(String::as_str) {
+        Some("post") => Kind::Post,
+        Some("get") => Kind::Get,
+        _ => panic!("{usage}"),
+    };
+    let rate = args.get(2).map(|r| r.parse::<f64>().expect(usage));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = runtime.block_on(async {
+        let targets = if kind == Kind::Get {
+            let posted = phase(addr, Kind::Post, Some(200.0), Arc::default()).await;
+            Arc::new(posted.locations)
+        } else {
+            Arc::default()
+        };
+        phase(addr, kind, rate, targets).await
+    });
+    println!(
+        "{} requests, {} errors, {:.1} r/s; p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
+        outcome.requests,
+        outcome.errors,
+        outcome.rate(),
+        outcome.percentile_ms(50.0),
+        outcome.percentile_ms(90.0),
+        outcome.percentile_ms(99.0),
+        outcome.percentile_ms(99.9),
+        outcome.percentile_ms(100.0),
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve-reference") {
         reference::serve(&args[i + 1]);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--probe") {
+        probe(&args[i + 1..]);
         return;
     }
     if !args.iter().any(|a| a == "--bench") {
