@@ -4,9 +4,10 @@
 //! single-row transaction per client. Here the requests that arrive while a
 //! write is running wait for it to end and then go together: one transaction,
 //! one `INSERT … SELECT … FROM UNNEST(…)` for their orders and one for their
-//! Idempotency-Keys. There is no timer: a lone request is written at once
-//! (with the same statements as without batching), and a batch is only ever
-//! what piled up during the previous write, up to `DATABASE_BATCH_MAX` rows.
+//! Idempotency-Keys. There is no timer: a request that finds no other new
+//! order being written writes its own at once, in its own task, with the
+//! same statements as without batching; a batch is only ever what piled up
+//! meanwhile, up to `DATABASE_BATCH_MAX` rows.
 //! Every request is answered after its own row committed.
 //!
 //! What each request gets is what it would get alone:
@@ -23,6 +24,7 @@
 //!   was one transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -73,6 +75,30 @@ struct PendingMove {
 pub struct GroupCommit {
     inserts: mpsc::UnboundedSender<Pending>,
     moves: mpsc::UnboundedSender<PendingMove>,
+    /// New orders being written or waiting to be, this replica's: a request
+    /// that finds none writes its row itself, in its own task, with no hop
+    /// through the writer.
+    inserts_in_flight: Arc<AtomicUsize>,
+    single: PostgresStore,
+    metrics: StoreMetrics,
+}
+
+/// One new order counted in `inserts_in_flight` until dropped (also when
+/// the request is abandoned mid-write).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more; says whether it is the only one.
+    fn enter(count: &Arc<AtomicUsize>) -> (Self, bool) {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        (Self(count.clone()), before == 0)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many writes of one kind may run at once. One would serialize every
@@ -126,14 +152,32 @@ impl GroupCommit {
         let max = max.max(1);
         let inserts = batch_loop(max, {
             let single = single.clone();
+            let metrics = metrics.clone();
             move |batch| write_orders(single.clone(), batch, metrics.clone())
         });
-        let moves = batch_loop(max, move |batch| write_moves(single.clone(), batch));
-        Arc::new(Self { inserts, moves })
+        let moves = batch_loop(max, {
+            let single = single.clone();
+            move |batch| write_moves(single.clone(), batch)
+        });
+        Arc::new(Self {
+            inserts,
+            moves,
+            inserts_in_flight: Arc::default(),
+            single,
+            metrics,
+        })
     }
 
-    /// Writes one new order (with its key), in whatever batch it joins.
+    /// Writes one new order (with its key): alone and at once when no other
+    /// is being written, else in whatever batch it joins. The lone request
+    /// thus takes exactly the path it would take without group commit, in
+    /// its own task; the ones arriving while it runs pile up for the writer.
     pub async fn write(&self, order: &Order, key: Option<Keyed>) -> Result<Written, StoreError> {
+        let (_counted, alone_now) = InFlight::enter(&self.inserts_in_flight);
+        if alone_now {
+            self.metrics.batch(1);
+            return alone(&self.single, order, key.as_ref()).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.inserts
             .send(Pending {

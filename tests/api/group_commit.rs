@@ -2,9 +2,11 @@
 //! batch gets is what it would get alone.
 //!
 //! The tests run on tokio's current-thread runtime and send a batch's
-//! requests with `join_all`: its first poll sends every request before the
-//! writer task can run, so the writer finds them all waiting and writes them
-//! as one batch. The store's histogram says how they were grouped.
+//! requests with `join_all`: its first poll starts every request before the
+//! writer task can run. The first finds no other new order being written
+//! and writes its own at once; the rest find it running, so the writer finds
+//! them all waiting and writes them as one batch. The store's histogram says
+//! how they were grouped.
 
 use std::time::Duration;
 
@@ -80,8 +82,8 @@ async fn a_batch_with_a_bad_row_stores_every_other_row_and_fails_only_that_one()
     }
     assert_eq!(
         metrics.batches(),
-        (1, 20),
-        "one statement of 20 rows was tried"
+        (2, 20),
+        "the first alone, then one statement of 19 rows was tried"
     );
     assert_eq!(metrics.fallbacks(), 1);
     db.destroy().await;
@@ -100,12 +102,15 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
         Ok(KeyedInsert::Created)
     );
 
+    // The first of a join goes alone at once; the four after it batch.
+    let lead = order("cust-0", 50);
     let first = order("cust-1", 100);
     let same = order("cust-1", 100);
     let other_body = order("cust-2", 200);
     let replay_of_earlier = order("cust-9", 900);
     let unkeyed = order("cust-3", 300);
-    let results = join_all([
+    let mut results = join_all([
+        store.insert_with_key(&lead, "lead-key", "digest-l"),
         store.insert_with_key(&first, "new-key", "digest-a"),
         store.insert_with_key(&same, "new-key", "digest-a"),
         store.insert_with_key(&other_body, "new-key", "digest-b"),
@@ -113,6 +118,7 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
     ])
     .await;
     let plain = store.insert(&unkeyed).await;
+    assert_eq!(results.remove(0), Ok(KeyedInsert::Created), "the lead");
 
     assert_eq!(results[0], Ok(KeyedInsert::Created));
     let existing = |r: &Result<KeyedInsert, StoreError>| match r {
@@ -130,8 +136,9 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
         "a replay of the earlier key"
     );
     assert_eq!(plain, Ok(true));
-    // Stored: the earlier order, the first of the batch, the unkeyed one.
-    assert_eq!(stored(&db).await, 3);
+    // Stored: the earlier order, the lead, the first of the batch, the
+    // unkeyed one.
+    assert_eq!(stored(&db).await, 4);
     assert!(store.get(same.id).await.unwrap().is_none());
     assert!(store.get(other_body.id).await.unwrap().is_none());
     assert!(store.get(replay_of_earlier.id).await.unwrap().is_none());
@@ -139,9 +146,9 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(keys, 2);
+    assert_eq!(keys, 3);
     // The lone writes went alone; the four went as one statement.
-    assert_eq!(metrics.batches(), (3, 6));
+    assert_eq!(metrics.batches(), (4, 7));
     assert_eq!(metrics.fallbacks(), 0);
     db.destroy().await;
 }
@@ -165,8 +172,8 @@ async fn cut_off(keyed: bool) {
         return;
     };
     let (store, metrics) = grouped(&db);
-    // Hold the batch's INSERT at the table lock, then end its connection as
-    // a server going away would.
+    // Hold the first request's INSERT (alone) and the batch's INSERT at the
+    // table lock, then end their connections as a server going away would.
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE orders IN SHARE MODE")
         .execute(&mut *blocker)
@@ -191,25 +198,27 @@ async fn cut_off(keyed: bool) {
             join_all(writes).await
         }
     });
-    let waiting_pid = loop {
-        let pid: Option<i32> = sqlx::query_scalar(
+    let waiting: Vec<i32> = loop {
+        let pids: Vec<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity
               WHERE datname = current_database() AND wait_event_type = 'Lock'
                 AND query LIKE 'INSERT INTO orders%'",
         )
-        .fetch_optional(&db.pool)
+        .fetch_all(&db.pool)
         .await
         .unwrap();
-        if let Some(pid) = pid {
-            break pid;
+        if pids.len() == 2 {
+            break pids;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(waiting_pid)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    for pid in waiting {
+        let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    }
     let results = batch.await.unwrap();
     blocker.rollback().await.unwrap();
 
@@ -225,7 +234,7 @@ async fn cut_off(keyed: bool) {
         .await
         .unwrap();
     assert_eq!(keys, 0);
-    assert_eq!(metrics.batches(), (1, 10));
+    assert_eq!(metrics.batches(), (2, 10), "the first alone, then nine");
     // The next write finds a fresh connection.
     assert_eq!(store.insert(&order("cust-1", 1)).await, Ok(true));
     db.destroy().await;
