@@ -2,9 +2,10 @@
 //!
 //! One INSERT per request caps admission at what Postgres does with one
 //! single-row transaction per client. Here the requests that arrive while a
-//! write is running wait for it to end and then go together: one transaction,
-//! one `INSERT … SELECT … FROM UNNEST(…)` for their orders and one for their
-//! Idempotency-Keys. There is no timer: a request that finds no other new
+//! write is running wait for it to end and then go together: one
+//! `INSERT … SELECT … FROM UNNEST(…)` for their orders and, when some have
+//! Idempotency-Keys, one for the keys in the same transaction (without keys
+//! the one statement is atomic on its own). There is no timer: a request that finds no other new
 //! order being written writes its own at once, in its own task, with the
 //! same statements as without batching; a batch is only ever what piled up
 //! meanwhile, up to `DATABASE_BATCH_MAX` rows.
@@ -21,7 +22,7 @@
 //!   so one bad row fails only itself;
 //! - a batch that fails because Postgres cannot be reached fails every
 //!   request in it with that error (503), and nothing of it is stored: it
-//!   was one transaction.
+//!   was one transaction, or one statement.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -272,8 +273,9 @@ async fn alone(
     }
 }
 
-/// A batch in one transaction. The outer error is the transaction's (nothing
-/// was stored); after the commit each request has its own answer, in order.
+/// A batch in one transaction (one statement when it has no keys). The
+/// outer error is the write's (nothing was stored); after the commit each
+/// request has its own answer, in order.
 async fn together(
     single: &PostgresStore,
     batch: &[Pending],
