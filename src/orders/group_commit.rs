@@ -5,10 +5,10 @@
 //! write is running wait for it to end and then go together: one
 //! `INSERT … SELECT … FROM UNNEST(…)` for their orders and, when some have
 //! Idempotency-Keys, one for the keys in the same transaction (without keys
-//! the one statement is atomic on its own). There is no timer: a request that finds no other new
-//! order being written writes its own at once, in its own task, with the
-//! same statements as without batching; a batch is only ever what piled up
-//! meanwhile, up to `DATABASE_BATCH_MAX` rows.
+//! the one statement is atomic on its own). There is no timer: a request
+//! that finds no other new order being written writes its own at once, in
+//! its own task, with the same statements as without batching; a batch is
+//! only ever what piled up meanwhile, up to `DATABASE_BATCH_MAX` rows.
 //! Every request is answered after its own row committed.
 //!
 //! What each request gets is what it would get alone:
