@@ -3,10 +3,13 @@
 //!
 //! The tests run on tokio's current-thread runtime and send a batch's
 //! requests with `join_all`: its first poll starts every request before the
-//! writer task can run. The first finds no other new order being written
-//! and writes its own at once; the rest find it running, so the writer finds
-//! them all waiting and writes them as one batch. The store's histogram says
-//! how they were grouped.
+//! writer task can run. A new order that finds no other being written goes
+//! alone at once, so each test first holds one "lead" order mid-write (its
+//! Idempotency-Key is taken by an open transaction); the requests after it
+//! find it running and the writer finds them all waiting, one batch. (A lead
+//! that is not held can finish inside that first poll on a busy machine,
+//! Postgres answering between the write and the read, and the next request
+//! then goes alone too.) The store's histogram says how they were grouped.
 
 use std::time::Duration;
 
@@ -41,6 +44,69 @@ fn grouped(db: &TestDb) -> (PostgresStore, StoreMetrics) {
     (store, metrics)
 }
 
+/// A new order written alone and held mid-write until `release`: an open
+/// transaction holds its Idempotency-Key, so its key INSERT waits.
+struct HeldLead {
+    blocker: sqlx::Transaction<'static, sqlx::Postgres>,
+    write: tokio::task::JoinHandle<Result<KeyedInsert, StoreError>>,
+}
+
+impl HeldLead {
+    async fn start(db: &TestDb, store: &PostgresStore) -> Self {
+        let mut blocker = db.pool.begin().await.unwrap();
+        let holder = order("cust-0", 1);
+        sqlx::query(
+            "INSERT INTO orders (id, customer_id, amount, currency, status, attempts,
+                                 created_at, updated_at)
+             VALUES ($1, 'cust-0', 1, 'USD', 'pending', 0, now(), now())",
+        )
+        .bind(holder.id.as_uuid())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_digest, order_id)
+             VALUES ('lead-key', 'digest-h', $1)",
+        )
+        .bind(holder.id.as_uuid())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .insert_with_key(&order("cust-0", 50), "lead-key", "digest-l")
+                    .await
+            }
+        });
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE 'INSERT INTO idempotency_keys%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if waiting == 1 {
+                return Self { blocker, write };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Lets the lead finish: with the blocker rolled back its key is free.
+    async fn release(self) {
+        self.blocker.rollback().await.unwrap();
+        assert_eq!(
+            self.write.await.unwrap(),
+            Ok(KeyedInsert::Created),
+            "the lead"
+        );
+    }
+}
+
 async fn stored(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&db.pool)
@@ -59,10 +125,12 @@ async fn a_batch_with_a_bad_row_stores_every_other_row_and_fails_only_that_one()
         .await
         .unwrap();
     let (store, metrics) = grouped(&db);
+    let lead = HeldLead::start(&db, &store).await;
     let orders: Vec<Order> = (0..20)
         .map(|i| order(if i == 7 { "bad-row" } else { "cust-1" }, 100 + i))
         .collect();
     let results = join_all(orders.iter().map(|o| store.insert(o))).await;
+    lead.release().await;
 
     for (i, r) in results.iter().enumerate() {
         if i == 7 {
@@ -75,15 +143,15 @@ async fn a_batch_with_a_bad_row_stores_every_other_row_and_fails_only_that_one()
             assert_eq!(r, &Ok(true), "row {i}");
         }
     }
-    assert_eq!(stored(&db).await, 19);
+    assert_eq!(stored(&db).await, 19 + 1, "and the lead");
     for (i, o) in orders.iter().enumerate() {
         let found = store.get(o.id).await.unwrap();
         assert_eq!(found.is_some(), i != 7, "row {i}");
     }
     assert_eq!(
         metrics.batches(),
-        (2, 20),
-        "the first alone, then one statement of 19 rows was tried"
+        (2, 21),
+        "the lead alone, then one statement of 20 rows was tried"
     );
     assert_eq!(metrics.fallbacks(), 1);
     db.destroy().await;
@@ -102,23 +170,22 @@ async fn a_key_repeated_in_one_batch_stores_one_order_and_the_others_get_it_back
         Ok(KeyedInsert::Created)
     );
 
-    // The first of a join goes alone at once; the four after it batch.
-    let lead = order("cust-0", 50);
+    // With a lead held mid-write, the four batch.
+    let lead = HeldLead::start(&db, &store).await;
     let first = order("cust-1", 100);
     let same = order("cust-1", 100);
     let other_body = order("cust-2", 200);
     let replay_of_earlier = order("cust-9", 900);
     let unkeyed = order("cust-3", 300);
-    let mut results = join_all([
-        store.insert_with_key(&lead, "lead-key", "digest-l"),
+    let results = join_all([
         store.insert_with_key(&first, "new-key", "digest-a"),
         store.insert_with_key(&same, "new-key", "digest-a"),
         store.insert_with_key(&other_body, "new-key", "digest-b"),
         store.insert_with_key(&replay_of_earlier, "old-key", "digest-z"),
     ])
     .await;
+    lead.release().await;
     let plain = store.insert(&unkeyed).await;
-    assert_eq!(results.remove(0), Ok(KeyedInsert::Created), "the lead");
 
     assert_eq!(results[0], Ok(KeyedInsert::Created));
     let existing = |r: &Result<KeyedInsert, StoreError>| match r {
