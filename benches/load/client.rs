@@ -50,9 +50,13 @@ impl Outcome {
         if self.latencies_us.is_empty() {
             return f64::NAN;
         }
-        let i = ((p / 100.0) * (self.latencies_us.len() - 1) as f64).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
+        self.latencies_us[nearest_rank(self.latencies_us.len(), p)] as f64 / 1000.0
     }
+}
+
+/// The index of the p-th percentile in `len` sorted values (`len` > 0).
+pub fn nearest_rank(len: usize, p: f64) -> usize {
+    ((p / 100.0) * (len - 1) as f64).round() as usize
 }
 
 pub struct Phase {

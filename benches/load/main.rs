@@ -87,6 +87,16 @@ async fn wait_healthy(addr: SocketAddr) {
     panic!("server on {addr} never came up");
 }
 
+/// Settings that park the workers after their first job: charges that take
+/// a minute, under a timeout longer than that. (With the default 1 s timeout
+/// they would time out, open the breaker and then fail the queue as fast as
+/// they can.)
+const PARKED_WORKERS: [(&str, &str); 3] = [
+    ("PAYMENT_LATENCY_MIN", "60s"),
+    ("PAYMENT_LATENCY_MAX", "60s"),
+    ("PAYMENT_TIMEOUT", "120s"),
+];
+
 async fn start_service(extra: &[(&str, &str)]) -> Server {
     let binary = repo_root().join("target/release/reliability-lab");
     assert!(
@@ -351,7 +361,6 @@ fn wrapper_cost_ns() -> (f64, f64) {
     })
 }
 
-/// pgbench's single-row INSERT into the same table, at `clients` concurrency.
 /// pgbench's single-row INSERT into the orders table, `clients` at once for
 /// `seconds`: closed loop without a rate, else `rate` transactions a second
 /// in all. Its output, or None when it did not run.
@@ -437,8 +446,7 @@ fn postgres_p99_at(
         return None;
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((0.99 * (latencies.len() - 1) as f64).round()) as usize;
-    Some(latencies[i] / 1000.0)
+    Some(latencies[client::nearest_rank(latencies.len(), 99.0)] / 1000.0)
 }
 
 async fn fresh_database(admin_url: &str, name: &str) -> String {
@@ -546,10 +554,7 @@ async fn bench() {
     });
 
     // Diagnostics: what the request log line costs (no lines at warn), and
-    // what admission costs with the pipeline idle (charges that take a
-    // minute, under a timeout longer than that, keep the workers parked
-    // after their first job; with the default 1 s timeout they would time
-    // out, open the breaker and then fail the queue as fast as they can).
+    // what admission costs with the pipeline idle (PARKED_WORKERS).
     eprintln!("diagnostics: request lines off; pipeline idle");
     let quiet = start_service(&[("RUST_LOG", "warn")]).await;
     let quiet_post = phase(quiet.addr, Kind::Post, None, Arc::default()).await;
@@ -561,12 +566,7 @@ async fn bench() {
     )
     .await;
     drop(quiet);
-    let idle = start_service(&[
-        ("PAYMENT_LATENCY_MIN", "60s"),
-        ("PAYMENT_LATENCY_MAX", "60s"),
-        ("PAYMENT_TIMEOUT", "120s"),
-    ])
-    .await;
+    let idle = start_service(&PARKED_WORKERS).await;
     let idle_post = phase(idle.addr, Kind::Post, None, Arc::default()).await;
     drop(idle);
     rows.push(Row {
@@ -886,17 +886,11 @@ async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<R
     });
 
     drop(batched);
-    // The same rate with the workers parked (charges that take a minute,
-    // under a longer timeout):
-    // what admission alone costs at that rate.
+    // The same rate with the workers parked: what admission alone costs.
     eprintln!("Postgres: p99 at half the maximum rate, workers idle");
-    let idle = start_service(&[
-        ("DATABASE_URL", url.as_str()),
-        ("PAYMENT_LATENCY_MIN", "60s"),
-        ("PAYMENT_LATENCY_MAX", "60s"),
-        ("PAYMENT_TIMEOUT", "120s"),
-    ])
-    .await;
+    let idle =
+        start_service(&[[("DATABASE_URL", url.as_str())].as_slice(), &PARKED_WORKERS].concat())
+            .await;
     let half_idle = phase(idle.addr, Kind::Post, Some(pg_rate / 2.0), Arc::default()).await;
     drop(idle);
     rows.push(Row {
@@ -950,9 +944,11 @@ async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<R
 /// running (BENCH_SECONDS, BENCH_CONNECTIONS apply); prints its figures.
 /// Closed loop without a rate, open loop at RATE requests a second with one.
 fn probe(args: &[String]) {
+    // `cargo bench` adds its own `--bench`.
+    let args: Vec<&String> = args.iter().filter(|a| *a != "--bench").collect();
     let usage = "usage: load --probe ADDR post|get [RATE]";
     let addr: SocketAddr = args.first().and_then(|a| a.parse().ok()).expect(usage);
-    let kind = match args.get(1).map(String::as_str) {
+    let kind = match args.get(1).map(|a| a.as_str()) {
         Some("post") => Kind::Post,
         Some("get") => Kind::Get,
         _ => panic!("{usage}"),
