@@ -24,6 +24,12 @@ async fn pool(db: &TestDb, ping_if_idle_for: Duration) -> PgPool {
         .await
         .unwrap();
     assert_eq!(one, 1);
+    // sqlx hands a connection back in a task of its own, with a ping:
+    // wait until it is idle, or the ending below could meet that ping and
+    // the pool would drop the connection before the test's statement.
+    while pool.num_idle() != 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     pool
 }
 
@@ -31,7 +37,8 @@ async fn pool(db: &TestDb, ping_if_idle_for: Duration) -> PgPool {
 /// would, and waits until they are gone.
 async fn end_server_side(db: &TestDb) {
     let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = $1 AND datname = current_database()",
     )
     .bind(APP)
     .fetch_all(&db.pool)
@@ -39,12 +46,14 @@ async fn end_server_side(db: &TestDb) {
     .unwrap();
     assert!(!ended.is_empty(), "the pool had a connection to end");
     loop {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-                .bind(APP)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+          WHERE application_name = $1 AND datname = current_database()",
+        )
+        .bind(APP)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
         if left == 0 {
             return;
         }
