@@ -1,7 +1,8 @@
 //! The lab's claims, as the shipped experiments state them, in their quick
 //! profile: a change that breaks a claim fails here. These run on the wall
 //! clock (each variant is a real service with real traffic) and take a few
-//! seconds each; the hypotheses compare variants, never speeds.
+//! seconds each; the hypotheses compare variants, never speeds. A failed
+//! claim is run once more (see `claims_hold`).
 
 use std::path::Path;
 use std::process::Command;
@@ -21,9 +22,24 @@ async fn claims_hold(name: &str) {
         .join(format!("{name}.toml"));
     let e = experiment::load(&path, true).unwrap();
     let mut progress = Vec::new();
-    let outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
+    let mut outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
+    if !outcome.passed() {
+        // A claim is a statement about random runs on the wall clock of a
+        // shared machine: one run in many can land in its tail (a run of
+        // five failures that comes late). A broken claim fails both runs;
+        // the first failure is printed so a one-off is still on record.
+        eprintln!(
+            "{name}: a claim failed, running it once more\n{}",
+            failed_claims(&outcome)
+        );
+        outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
+    }
     let report = experiment::report::markdown(&outcome);
-    assert!(outcome.passed(), "{name}: a claim failed\n{report}");
+    assert!(
+        outcome.passed(),
+        "{name}: a claim failed twice\n{}\n{report}",
+        failed_claims(&outcome)
+    );
     assert!(!outcome.verdicts.is_empty());
     for v in &outcome.variants {
         assert!(
@@ -36,6 +52,33 @@ async fn claims_hold(name: &str) {
         String::from_utf8_lossy(&progress).contains("variant"),
         "progress names the variants"
     );
+}
+
+/// The failed hypotheses with the figures they read, first in a failure's
+/// message: a long report can be cut short in a CI log.
+fn failed_claims(outcome: &experiment::run::Outcome) -> String {
+    outcome
+        .verdicts
+        .iter()
+        .filter(|v| !v.passed)
+        .map(|v| {
+            let values: Vec<String> = v
+                .values
+                .iter()
+                .map(|(figure, value)| match value {
+                    Some(x) => format!("{figure} = {x}"),
+                    None => format!("{figure} = none"),
+                })
+                .collect();
+            format!(
+                "FAILED: {}\n  {}\n  measured: {}",
+                v.claim,
+                v.expr,
+                values.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
