@@ -33,7 +33,7 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::postgres::{map_err, row_to_order, PostgresStore, QUALIFIED};
+use super::postgres::{map_err, row_to_order, MoveKind, PostgresStore, QUALIFIED};
 use super::{
     KeyedInsert, Order, OrderId, OrderRepository, StatusChange, StoreError, UpdateOutcome,
 };
@@ -486,10 +486,21 @@ async fn write_moves(single: PostgresStore, batch: Vec<PendingMove>) {
     let mut seen = HashSet::new();
     let (firsts, repeats): (Vec<PendingMove>, Vec<PendingMove>) =
         batch.into_iter().partition(|m| seen.insert(m.id));
-    if firsts.len() == 1 {
-        move_alone(&single, firsts).await;
-    } else {
-        moves_in_one(&single, firsts).await;
+    // One statement per kind of move (`MoveKind`): claims, then releases.
+    let mut kinds: Vec<(MoveKind, Vec<PendingMove>)> = Vec::new();
+    for m in firsts {
+        let kind = MoveKind::of(&m.change);
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, moves)) => moves.push(m),
+            None => kinds.push((kind, vec![m])),
+        }
+    }
+    for (kind, moves) in kinds {
+        if moves.len() == 1 {
+            move_alone(&single, moves).await;
+        } else {
+            moves_in_one(&single, kind, moves).await;
+        }
     }
     move_alone(&single, repeats).await;
 }
@@ -502,8 +513,8 @@ async fn move_alone(single: &PostgresStore, moves: Vec<PendingMove>) {
     }
 }
 
-async fn moves_in_one(single: &PostgresStore, batch: Vec<PendingMove>) {
-    match moves_together(single, &batch).await {
+async fn moves_in_one(single: &PostgresStore, kind: MoveKind, batch: Vec<PendingMove>) {
+    match moves_together(single, kind, &batch).await {
         Ok(moved) => {
             for (m, outcome) in batch.into_iter().zip(moved) {
                 let outcome = match outcome {
@@ -526,10 +537,11 @@ async fn moves_in_one(single: &PostgresStore, batch: Vec<PendingMove>) {
     }
 }
 
-/// The moves of a batch (distinct orders) in one statement: per move, the
-/// order as moved, or none where its conditions did not hold.
+/// The moves of a batch (distinct orders, one kind) in one statement: per
+/// move, the order as moved, or none where its conditions did not hold.
 async fn moves_together(
     single: &PostgresStore,
+    kind: MoveKind,
     batch: &[PendingMove],
 ) -> Result<Vec<Option<Order>>, StoreError> {
     let ids: Vec<Uuid> = batch.iter().map(|m| m.id.as_uuid()).collect();
@@ -548,58 +560,119 @@ async fn moves_together(
         .map(|m| m.change.last_error.as_deref())
         .collect();
     let at: Vec<DateTime<Utc>> = batch.iter().map(|m| m.at).collect();
-    // The single move's statement (PostgresStore::update_status), over a
-    // set: the same status and lease conditions per row.
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "WITH input AS (
-            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[],
-                                 $6::timestamptz[])
-                AS i(id, from_status, to_status, attempts, last_error, at)
-         ),
-         moved AS (
-            UPDATE orders o
-               SET status = i.to_status,
-                   attempts = COALESCE(i.attempts, o.attempts),
-                   last_error = COALESCE(i.last_error, o.last_error),
-                   updated_at = i.at,
-                   lease_owner = CASE WHEN i.to_status = 'processing' THEN $7 ELSE
-                                 CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_owner END END,
-                   lease_expires_at = CASE WHEN i.to_status = 'processing' THEN now() + make_interval(secs => $8) ELSE
-                                      CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_expires_at END END
-              FROM input i
-             WHERE o.id = i.id AND o.status = i.from_status
-               AND (CASE WHEN i.from_status = 'processing' THEN o.lease_owner = $7
-                         ELSE (o.lease_owner IS NULL OR o.lease_owner = $7
-                               OR o.lease_expires_at IS NULL OR o.lease_expires_at < now()) END)
-            RETURNING {QUALIFIED}, i.from_status, i.to_status
-         ),
-         opened AS (
-            INSERT INTO order_lease_history (order_id, owner)
-            SELECT id, $7 FROM moved WHERE to_status = 'processing'
-         ),
-         closed AS (
-            UPDATE order_lease_history h SET ended_at = clock_timestamp(), outcome = m.to_status
-              FROM moved m
-             WHERE m.from_status = 'processing' AND h.order_id = m.id AND h.owner = $7
-               AND h.ended_at IS NULL
-         )
-         SELECT * FROM moved"
-    )))
-    .bind(&ids)
-    .bind(&from)
-    .bind(&to)
-    .bind(&attempts)
-    .bind(&errors)
-    .bind(&at)
-    .bind(&single.lease().owner)
-    .bind(single.lease().duration.as_secs_f64())
-    .fetch_all(single.pool())
-    .await
-    .map_err(map_err)?;
+    let query = sqlx::query(sqlx::AssertSqlSafe(batch_statement(kind)))
+        .bind(&ids)
+        .bind(&from)
+        .bind(&to)
+        .bind(&attempts)
+        .bind(&errors)
+        .bind(&at)
+        .bind(&single.lease().owner);
+    let query = match kind {
+        MoveKind::Release => query,
+        MoveKind::Claim | MoveKind::Other => query.bind(single.lease().duration.as_secs_f64()),
+    };
+    let rows = query.fetch_all(single.pool()).await.map_err(map_err)?;
     let mut moved: HashMap<Uuid, Order> = HashMap::new();
     for row in rows {
         let order = row_to_order(&row)?;
         moved.insert(order.id.as_uuid(), order);
     }
     Ok(ids.iter().map(|id| moved.remove(id)).collect())
+}
+
+/// The single move's statement (`MoveKind::statement`) over a set: the same
+/// status and lease conditions per row. Parameters: arrays $1 ids, $2 from,
+/// $3 to, $4 attempts, $5 last errors, $6 updated_at; $7 the lease owner
+/// and, except for releases, $8 the lease's seconds.
+fn batch_statement(kind: MoveKind) -> &'static str {
+    static STATEMENTS: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    let all = STATEMENTS.get_or_init(|| {
+        let input = "input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[],
+                                 $6::timestamptz[])
+                AS i(id, from_status, to_status, attempts, last_error, at)
+         )";
+        [
+            format!(
+                "WITH {input},
+                 moved AS (
+                    UPDATE orders o
+                       SET status = i.to_status,
+                           attempts = COALESCE(i.attempts, o.attempts),
+                           last_error = COALESCE(i.last_error, o.last_error),
+                           updated_at = i.at,
+                           lease_owner = $7,
+                           lease_expires_at = now() + make_interval(secs => $8)
+                      FROM input i
+                     WHERE o.id = i.id AND o.status = i.from_status
+                       AND (o.lease_owner IS NULL OR o.lease_owner = $7
+                            OR o.lease_expires_at IS NULL OR o.lease_expires_at < now())
+                    RETURNING {QUALIFIED}
+                 ),
+                 opened AS (
+                    INSERT INTO order_lease_history (order_id, owner)
+                    SELECT id, $7 FROM moved
+                 )
+                 SELECT * FROM moved"
+            ),
+            format!(
+                "WITH {input},
+                 moved AS (
+                    UPDATE orders o
+                       SET status = i.to_status,
+                           attempts = COALESCE(i.attempts, o.attempts),
+                           last_error = COALESCE(i.last_error, o.last_error),
+                           updated_at = i.at,
+                           lease_owner = NULL,
+                           lease_expires_at = NULL
+                      FROM input i
+                     WHERE o.id = i.id AND o.status = i.from_status AND o.lease_owner = $7
+                    RETURNING {QUALIFIED}, i.to_status
+                 ),
+                 closed AS (
+                    UPDATE order_lease_history h SET ended_at = clock_timestamp(), outcome = m.to_status
+                      FROM moved m
+                     WHERE h.order_id = m.id AND h.owner = $7 AND h.ended_at IS NULL
+                 )
+                 SELECT * FROM moved"
+            ),
+            format!(
+                "WITH {input},
+                 moved AS (
+                    UPDATE orders o
+                       SET status = i.to_status,
+                           attempts = COALESCE(i.attempts, o.attempts),
+                           last_error = COALESCE(i.last_error, o.last_error),
+                           updated_at = i.at,
+                           lease_owner = CASE WHEN i.to_status = 'processing' THEN $7 ELSE
+                                         CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_owner END END,
+                           lease_expires_at = CASE WHEN i.to_status = 'processing' THEN now() + make_interval(secs => $8) ELSE
+                                              CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_expires_at END END
+                      FROM input i
+                     WHERE o.id = i.id AND o.status = i.from_status
+                       AND (CASE WHEN i.from_status = 'processing' THEN o.lease_owner = $7
+                                 ELSE (o.lease_owner IS NULL OR o.lease_owner = $7
+                                       OR o.lease_expires_at IS NULL OR o.lease_expires_at < now()) END)
+                    RETURNING {QUALIFIED}, i.from_status, i.to_status
+                 ),
+                 opened AS (
+                    INSERT INTO order_lease_history (order_id, owner)
+                    SELECT id, $7 FROM moved WHERE to_status = 'processing'
+                 ),
+                 closed AS (
+                    UPDATE order_lease_history h SET ended_at = clock_timestamp(), outcome = m.to_status
+                      FROM moved m
+                     WHERE m.from_status = 'processing' AND h.order_id = m.id AND h.owner = $7
+                       AND h.ended_at IS NULL
+                 )
+                 SELECT * FROM moved"
+            ),
+        ]
+    });
+    match kind {
+        MoveKind::Claim => &all[0],
+        MoveKind::Release => &all[1],
+        MoveKind::Other => &all[2],
+    }
 }

@@ -360,23 +360,39 @@ async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
             .unwrap();
     assert_eq!(opened, 2);
 
-    // Finishing both in one batch closes their rows and frees their leases.
+    // The other replica takes its own order.
+    assert!(matches!(
+        other.update_status(theirs.id, &claim).await,
+        Ok(UpdateOutcome::Updated(_))
+    ));
+
+    // Finishing ours in one batch closes their rows and frees their leases;
+    // finishing theirs in the same batch is refused, and its row stays open.
     let done = join_all([
         ours.update_status(mine[0].id, &finish),
         ours.update_status(mine[1].id, &finish),
+        ours.update_status(theirs.id, &finish),
     ])
     .await;
-    assert!(done
-        .iter()
-        .all(|r| matches!(r, Ok(UpdateOutcome::Updated(o)) if o.status == Status::Completed)));
-    let (open, freed): (i64, i64) = sqlx::query_as(
+    let seen: Vec<String> = done.iter().map(status).collect();
+    assert_eq!(
+        seen,
+        [
+            "moved to completed",
+            "moved to completed",
+            "leased elsewhere"
+        ]
+    );
+    let (open, freed, still_theirs): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM order_lease_history WHERE ended_at IS NULL),
-                (SELECT count(*) FROM orders WHERE status = 'completed' AND lease_owner IS NULL)",
+                (SELECT count(*) FROM orders WHERE status = 'completed' AND lease_owner IS NULL),
+                (SELECT count(*) FROM orders WHERE status = 'processing' AND lease_owner = $1)",
     )
+    .bind(&other.lease().owner)
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!((open, freed), (0, 2));
+    assert_eq!((open, freed, still_theirs), (1, 2, 1));
     db.destroy().await;
 }
 
