@@ -588,6 +588,9 @@ async fn moves_together(
 fn batch_statement(kind: MoveKind) -> &'static str {
     static STATEMENTS: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
     let all = STATEMENTS.get_or_init(|| {
+        // What every move sets besides the lease.
+        let set = "status = i.to_status, attempts = COALESCE(i.attempts, o.attempts), \
+                   last_error = COALESCE(i.last_error, o.last_error), updated_at = i.at";
         let input = "input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[],
                                  $6::timestamptz[])
@@ -598,10 +601,7 @@ fn batch_statement(kind: MoveKind) -> &'static str {
                 "WITH {input},
                  moved AS (
                     UPDATE orders o
-                       SET status = i.to_status,
-                           attempts = COALESCE(i.attempts, o.attempts),
-                           last_error = COALESCE(i.last_error, o.last_error),
-                           updated_at = i.at,
+                       SET {set},
                            lease_owner = $7,
                            lease_expires_at = now() + make_interval(secs => $8)
                       FROM input i
@@ -620,10 +620,7 @@ fn batch_statement(kind: MoveKind) -> &'static str {
                 "WITH {input},
                  moved AS (
                     UPDATE orders o
-                       SET status = i.to_status,
-                           attempts = COALESCE(i.attempts, o.attempts),
-                           last_error = COALESCE(i.last_error, o.last_error),
-                           updated_at = i.at,
+                       SET {set},
                            lease_owner = NULL,
                            lease_expires_at = NULL
                       FROM input i
@@ -641,10 +638,7 @@ fn batch_statement(kind: MoveKind) -> &'static str {
                 "WITH {input},
                  moved AS (
                     UPDATE orders o
-                       SET status = i.to_status,
-                           attempts = COALESCE(i.attempts, o.attempts),
-                           last_error = COALESCE(i.last_error, o.last_error),
-                           updated_at = i.at,
+                       SET {set},
                            lease_owner = CASE WHEN i.to_status = 'processing' THEN $7 ELSE
                                          CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_owner END END,
                            lease_expires_at = CASE WHEN i.to_status = 'processing' THEN now() + make_interval(secs => $8) ELSE

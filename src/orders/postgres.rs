@@ -259,15 +259,15 @@ impl MoveKind {
     /// for a release, $8 the lease's seconds.
     fn statement(self) -> &'static str {
         static STATEMENTS: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+        // What every move sets besides the lease.
+        const SET: &str = "status = $3, attempts = COALESCE($4, attempts), \
+                           last_error = COALESCE($5, last_error), updated_at = $6";
         let all = STATEMENTS.get_or_init(|| {
             [
                 format!(
                     "WITH moved AS (
                         UPDATE orders
-                           SET status = $3,
-                               attempts = COALESCE($4, attempts),
-                               last_error = COALESCE($5, last_error),
-                               updated_at = $6,
+                           SET {SET},
                                lease_owner = $7,
                                lease_expires_at = now() + make_interval(secs => $8)
                          WHERE id = $1 AND status = $2
@@ -284,10 +284,7 @@ impl MoveKind {
                 format!(
                     "WITH moved AS (
                         UPDATE orders
-                           SET status = $3,
-                               attempts = COALESCE($4, attempts),
-                               last_error = COALESCE($5, last_error),
-                               updated_at = $6,
+                           SET {SET},
                                lease_owner = NULL,
                                lease_expires_at = NULL
                          WHERE id = $1 AND status = $2 AND lease_owner = $7
@@ -303,10 +300,7 @@ impl MoveKind {
                 format!(
                     "WITH moved AS (
                         UPDATE orders
-                           SET status = $3,
-                               attempts = COALESCE($4, attempts),
-                               last_error = COALESCE($5, last_error),
-                               updated_at = $6,
+                           SET {SET},
                                lease_owner = CASE WHEN $3 = 'processing' THEN $7 ELSE
                                              CASE WHEN $2 = 'processing' THEN NULL ELSE lease_owner END END,
                                lease_expires_at = CASE WHEN $3 = 'processing' THEN now() + make_interval(secs => $8) ELSE
