@@ -489,7 +489,13 @@ async fn write_moves(single: PostgresStore, batch: Vec<PendingMove>) {
     // One statement per kind of move (`MoveKind`): claims, then releases.
     let mut kinds: Vec<(MoveKind, Vec<PendingMove>)> = Vec::new();
     for m in firsts {
-        let kind = MoveKind::of(&m.change);
+        let kind = match MoveKind::of(&m.change) {
+            Ok(kind) => kind,
+            Err(err) => {
+                let _ = m.reply.send(Err(err));
+                continue;
+            }
+        };
         match kinds.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, moves)) => moves.push(m),
             None => kinds.push((kind, vec![m])),
@@ -570,7 +576,7 @@ async fn moves_together(
         .bind(&single.lease().owner);
     let query = match kind {
         MoveKind::Release => query,
-        MoveKind::Claim | MoveKind::Other => query.bind(single.lease().duration.as_secs_f64()),
+        MoveKind::Claim => query.bind(single.lease().duration.as_secs_f64()),
     };
     let rows = query.fetch_all(single.pool()).await.map_err(map_err)?;
     let mut moved: HashMap<Uuid, Order> = HashMap::new();
@@ -586,7 +592,7 @@ async fn moves_together(
 /// $3 to, $4 attempts, $5 last errors, $6 updated_at; $7 the lease owner
 /// and, except for releases, $8 the lease's seconds.
 fn batch_statement(kind: MoveKind) -> &'static str {
-    static STATEMENTS: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    static STATEMENTS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
     let all = STATEMENTS.get_or_init(|| {
         // What every move sets besides the lease.
         let set = "status = i.to_status, attempts = COALESCE(i.attempts, o.attempts), \
@@ -634,39 +640,10 @@ fn batch_statement(kind: MoveKind) -> &'static str {
                  )
                  SELECT * FROM moved"
             ),
-            format!(
-                "WITH {input},
-                 moved AS (
-                    UPDATE orders o
-                       SET {set},
-                           lease_owner = CASE WHEN i.to_status = 'processing' THEN $7 ELSE
-                                         CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_owner END END,
-                           lease_expires_at = CASE WHEN i.to_status = 'processing' THEN now() + make_interval(secs => $8) ELSE
-                                              CASE WHEN i.from_status = 'processing' THEN NULL ELSE o.lease_expires_at END END
-                      FROM input i
-                     WHERE o.id = i.id AND o.status = i.from_status
-                       AND (CASE WHEN i.from_status = 'processing' THEN o.lease_owner = $7
-                                 ELSE (o.lease_owner IS NULL OR o.lease_owner = $7
-                                       OR o.lease_expires_at IS NULL OR o.lease_expires_at < now()) END)
-                    RETURNING {QUALIFIED}, i.from_status, i.to_status
-                 ),
-                 opened AS (
-                    INSERT INTO order_lease_history (order_id, owner)
-                    SELECT id, $7 FROM moved WHERE to_status = 'processing'
-                 ),
-                 closed AS (
-                    UPDATE order_lease_history h SET ended_at = clock_timestamp(), outcome = m.to_status
-                      FROM moved m
-                     WHERE m.from_status = 'processing' AND h.order_id = m.id AND h.owner = $7
-                       AND h.ended_at IS NULL
-                 )
-                 SELECT * FROM moved"
-            ),
         ]
     });
     match kind {
         MoveKind::Claim => &all[0],
         MoveKind::Release => &all[1],
-        MoveKind::Other => &all[2],
     }
 }

@@ -227,30 +227,31 @@ pub(super) const QUALIFIED: &str =
     "o.id, o.customer_id, o.amount, o.currency, o.status, o.attempts, \
      o.last_error, o.created_at, o.updated_at";
 
-/// Which statement a status move takes. Each legal move is a claim
+/// Which statement a status move takes. Every legal move is a claim
 /// (pending -> processing: the lease must be free, expired or ours; it
 /// becomes ours and a lease-history row opens) or a release (processing ->
 /// anything else: the lease must be ours; it is freed and the history row
-/// closes). Each kind has a statement of its own, with no part that applies
-/// to the other. One statement for both, its parts switched on by the
+/// closes). Each has a statement of its own, with no part that applies to
+/// the other. One statement for both, its parts switched on by the
 /// statuses, was planned anew at most executions (4-9% of the whole machine
 /// under load with the workers running, README "Performance"); with a
-/// statement per kind that share fell to about 2.5%. `Other` (not a legal
-/// move; the service refuses it before it reaches a store) keeps that
-/// general statement.
+/// statement per kind that share fell to about 2.5%.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum MoveKind {
     Claim,
     Release,
-    Other,
 }
 
 impl MoveKind {
-    pub(super) fn of(change: &StatusChange) -> Self {
+    /// The kind of a move; an error for one that is neither (not a legal
+    /// move: the service refuses it before it reaches a store).
+    pub(super) fn of(change: &StatusChange) -> Result<Self, StoreError> {
         match (change.from, change.to) {
-            (from, Status::Processing) if from != Status::Processing => Self::Claim,
-            (Status::Processing, to) if to != Status::Processing => Self::Release,
-            _ => Self::Other,
+            (from, Status::Processing) if from != Status::Processing => Ok(Self::Claim),
+            (Status::Processing, to) if to != Status::Processing => Ok(Self::Release),
+            (from, to) => Err(StoreError::Other(format!(
+                "no statement moves an order from {from} to {to}"
+            ))),
         }
     }
 
@@ -258,7 +259,7 @@ impl MoveKind {
     /// $4 attempts, $5 last error, $6 updated_at, $7 lease owner and, except
     /// for a release, $8 the lease's seconds.
     fn statement(self) -> &'static str {
-        static STATEMENTS: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+        static STATEMENTS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
         // What every move sets besides the lease.
         const SET: &str = "status = $3, attempts = COALESCE($4, attempts), \
                            last_error = COALESCE($5, last_error), updated_at = $6";
@@ -297,37 +298,11 @@ impl MoveKind {
                      )
                      SELECT {COLUMNS} FROM moved"
                 ),
-                format!(
-                    "WITH moved AS (
-                        UPDATE orders
-                           SET {SET},
-                               lease_owner = CASE WHEN $3 = 'processing' THEN $7 ELSE
-                                             CASE WHEN $2 = 'processing' THEN NULL ELSE lease_owner END END,
-                               lease_expires_at = CASE WHEN $3 = 'processing' THEN now() + make_interval(secs => $8) ELSE
-                                                  CASE WHEN $2 = 'processing' THEN NULL ELSE lease_expires_at END END
-                         WHERE id = $1 AND status = $2
-                           AND (CASE WHEN $2 = 'processing' THEN lease_owner = $7
-                                     ELSE (lease_owner IS NULL OR lease_owner = $7
-                                           OR lease_expires_at IS NULL OR lease_expires_at < now()) END)
-                     RETURNING {COLUMNS}
-                     ),
-                     opened AS (
-                        INSERT INTO order_lease_history (order_id, owner)
-                        SELECT id, $7 FROM moved WHERE $3 = 'processing'
-                     ),
-                     closed AS (
-                        UPDATE order_lease_history SET ended_at = clock_timestamp(), outcome = $3
-                         WHERE $2 = 'processing' AND order_id = $1 AND owner = $7 AND ended_at IS NULL
-                           AND EXISTS (SELECT 1 FROM moved)
-                     )
-                     SELECT {COLUMNS} FROM moved"
-                ),
             ]
         });
         match self {
             Self::Claim => &all[0],
             Self::Release => &all[1],
-            Self::Other => &all[2],
         }
     }
 }
@@ -454,7 +429,8 @@ impl OrderRepository for PostgresStore {
         let attempts = change
             .attempts
             .map(|a| i32::try_from(a).unwrap_or(i32::MAX));
-        let query = sqlx::query(sqlx::AssertSqlSafe(MoveKind::of(change).statement()))
+        let kind = MoveKind::of(change)?;
+        let query = sqlx::query(sqlx::AssertSqlSafe(kind.statement()))
             .bind(id.as_uuid())
             .bind(change.from.as_str())
             .bind(change.to.as_str())
@@ -462,9 +438,9 @@ impl OrderRepository for PostgresStore {
             .bind(change.last_error.as_deref())
             .bind(at)
             .bind(&self.lease.owner);
-        let query = match MoveKind::of(change) {
+        let query = match kind {
             MoveKind::Release => query,
-            MoveKind::Claim | MoveKind::Other => query.bind(self.lease_secs()),
+            MoveKind::Claim => query.bind(self.lease_secs()),
         };
         let moved = query.fetch_optional(&self.pool).await.map_err(map_err)?;
         if let Some(row) = moved {

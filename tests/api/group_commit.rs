@@ -397,6 +397,32 @@ async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
 }
 
 #[tokio::test]
+async fn a_move_that_is_neither_a_claim_nor_a_release_is_refused_and_changes_nothing() {
+    use reliability_lab::orders::{Status, StatusChange};
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let (grouped_store, _) = grouped(&db);
+    let single = db.replica(Duration::from_secs(30));
+    let o = order("cust-1", 1);
+    assert_eq!(single.insert(&o).await, Ok(true));
+    // The service refuses such moves before a store sees them; a store
+    // asked anyway has no statement for them.
+    let skip = StatusChange::new(Status::Pending, Status::Completed);
+    for store in [&single, &grouped_store] {
+        match store.update_status(o.id, &skip).await {
+            Err(StoreError::Other(reason)) => {
+                assert!(reason.contains("pending to completed"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let status = single.get(o.id).await.unwrap().unwrap().status;
+    assert_eq!(status, Status::Pending);
+    db.destroy().await;
+}
+
+#[tokio::test]
 async fn charges_in_one_batch_answer_as_each_would_alone() {
     use reliability_lab::payment::{ChargeRequest, Ledger, PostgresLedger};
     let Some(db) = TestDb::create().await else {
