@@ -332,7 +332,7 @@ async fn together(
     .bind(&created)
     .bind(&updated)
     .bind(&single.lease().owner)
-    .bind(single.lease().duration.as_secs_f64());
+    .bind(single.lease_secs());
     if first_with_key.is_empty() {
         // No keys: the one statement is the whole write, atomic on its own,
         // so no BEGIN and COMMIT round trips around it.
@@ -574,11 +574,11 @@ async fn moves_together(
         .bind(&errors)
         .bind(&at)
         .bind(&single.lease().owner);
-    let query = match kind {
-        MoveKind::Release => query,
-        MoveKind::Claim => query.bind(single.lease().duration.as_secs_f64()),
-    };
-    let rows = query.fetch_all(single.pool()).await.map_err(map_err)?;
+    let rows = kind
+        .bind_lease(query, single.lease_secs())
+        .fetch_all(single.pool())
+        .await
+        .map_err(map_err)?;
     let mut moved: HashMap<Uuid, Order> = HashMap::new();
     for row in rows {
         let order = row_to_order(&row)?;

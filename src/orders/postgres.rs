@@ -103,7 +103,8 @@ impl PostgresStore {
         &self.lease
     }
 
-    fn lease_secs(&self) -> f64 {
+    /// The lease's length in seconds, as the statements take it.
+    pub(super) fn lease_secs(&self) -> f64 {
         self.lease.duration.as_secs_f64()
     }
 
@@ -252,6 +253,19 @@ impl MoveKind {
             (from, to) => Err(StoreError::Other(format!(
                 "no statement moves an order from {from} to {to}"
             ))),
+        }
+    }
+
+    /// Binds the lease's seconds, the last parameter, which only a claim's
+    /// statements (single and batched) take.
+    pub(super) fn bind_lease<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        lease_secs: f64,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        match self {
+            Self::Claim => query.bind(lease_secs),
+            Self::Release => query,
         }
     }
 
@@ -438,11 +452,11 @@ impl OrderRepository for PostgresStore {
             .bind(change.last_error.as_deref())
             .bind(at)
             .bind(&self.lease.owner);
-        let query = match kind {
-            MoveKind::Release => query,
-            MoveKind::Claim => query.bind(self.lease_secs()),
-        };
-        let moved = query.fetch_optional(&self.pool).await.map_err(map_err)?;
+        let moved = kind
+            .bind_lease(query, self.lease_secs())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
         if let Some(row) = moved {
             return Ok(UpdateOutcome::Updated(row_to_order(&row)?));
         }

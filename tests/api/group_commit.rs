@@ -18,8 +18,8 @@ use futures_util::future::join_all;
 use reliability_lab::observability::metrics::StoreMetrics;
 use reliability_lab::orders::postgres::PostgresStore;
 use reliability_lab::orders::{
-    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderId, OrderRepository,
-    StoreError,
+    Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderId, OrderRepository, Status,
+    StatusChange, StoreError, UpdateOutcome,
 };
 
 use crate::helpers::TestDb;
@@ -309,7 +309,6 @@ async fn cut_off(keyed: bool) {
 
 #[tokio::test]
 async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
-    use reliability_lab::orders::{Status, StatusChange, UpdateOutcome};
     let Some(db) = TestDb::create().await else {
         return;
     };
@@ -398,7 +397,6 @@ async fn moves_in_one_batch_keep_each_moves_status_and_lease_conditions() {
 
 #[tokio::test]
 async fn a_move_that_is_neither_a_claim_nor_a_release_is_refused_and_changes_nothing() {
-    use reliability_lab::orders::{Status, StatusChange};
     let Some(db) = TestDb::create().await else {
         return;
     };
