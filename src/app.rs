@@ -9,7 +9,9 @@
 //! Building binds the listener (port 0 works; `local_addr` tells which port)
 //! and starts the workers and the background loops, but serves nothing until
 //! `run_until_stopped`. The router can also be driven without a socket
-//! (`router()`, for `oneshot` tests).
+//! (`router()`, for `oneshot` tests), and a whole service can be built to
+//! serve over in-memory connections instead of a socket (`in_memory`, for
+//! simulated runs on a paused clock).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use crate::orders::{
 };
 use crate::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
 use crate::reliability::{Breaker, Observers, Reliability};
+use crate::transport::{self, Listener, Target};
 use crate::workers::leases::{self, KEY_PURGE_EVERY};
 use crate::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
 
@@ -110,6 +113,7 @@ pub struct AppBuilder {
     config: Config,
     stores: Option<Stores>,
     start_workers: bool,
+    in_memory: bool,
 }
 
 impl AppBuilder {
@@ -123,6 +127,16 @@ impl AppBuilder {
     /// `App::start_workers` (tests stage a queue this way).
     pub fn hold_workers(mut self) -> Self {
         self.start_workers = false;
+        self
+    }
+
+    /// Serves over in-memory connections instead of binding `LISTEN_ADDR`:
+    /// the traffic generator reaches the router through them, and nothing
+    /// outside the process can. With this (and the memory store), nothing
+    /// the service does waits on the operating system, so it can run on a
+    /// paused tokio clock.
+    pub fn in_memory(mut self) -> Self {
+        self.in_memory = true;
         self
     }
 
@@ -240,10 +254,24 @@ impl AppBuilder {
                 "ADMIN_TOKEN is unset: /admin and /debug are open to anyone who can reach this port"
             );
         }
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let local_addr = listener.local_addr()?;
+        let (listener, target) = if self.in_memory {
+            let (connector, listener) = transport::memory();
+            (Listener::Memory(listener), Target::Memory(connector))
+        } else {
+            let listener = TcpListener::bind(config.listen_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+            let mut addr = listener.local_addr()?;
+            // The generator reaches an unspecified address over loopback.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            (Listener::Tcp(listener), Target::Tcp(addr))
+        };
+        let local_addr = listener.local_addr();
 
         // The lab's instruments: the timeline records from now on; the
         // traffic generator sends to this service's own listener.
@@ -265,7 +293,7 @@ impl AppBuilder {
         background.close();
         let instruments = Instruments {
             traffic: Arc::new(Traffic::new(
-                local_addr,
+                target,
                 metrics.load(),
                 feed.clone(),
                 config.payment_seed,
@@ -305,7 +333,7 @@ impl AppBuilder {
             admin_token: config.admin_token.as_deref().map(AdminToken::new),
         }));
         tracing::info!(
-            addr = %local_addr,
+            addr = %local_addr.map_or_else(|| "in memory".to_owned(), |a| a.to_string()),
             store = store_kind,
             workers = config.worker_count,
             queue_capacity = config.queue_capacity,
@@ -347,8 +375,8 @@ pub struct AppHandles {
 pub struct App {
     handles: AppHandles,
     router: http::Api,
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    listener: Listener,
+    local_addr: Option<SocketAddr>,
     processor: Arc<OrderProcessor>,
     workers: usize,
     shutdown_timeout: Duration,
@@ -372,11 +400,12 @@ impl App {
             config,
             stores: None,
             start_workers: true,
+            in_memory: false,
         }
     }
 
-    /// The address the listener is bound to.
-    pub fn local_addr(&self) -> SocketAddr {
+    /// The address the listener is bound to (none when built `in_memory`).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
@@ -428,6 +457,7 @@ impl App {
             traffic.start(plan)?;
         }
         tokio::select! {
+            biased;
             _ = shutdown => tracing::info!("shutting down: no new connections; finishing in-flight requests"),
             result = &mut server => {
                 result.context("HTTP server task failed")?;

@@ -4,6 +4,7 @@
 //! ARCHITECTURE.md for the flow and who depends on whom.
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod experiment;
 pub mod healthcheck;
@@ -13,5 +14,6 @@ pub mod observability;
 pub mod orders;
 pub mod payment;
 pub mod reliability;
+pub mod transport;
 pub mod units;
 pub mod workers;

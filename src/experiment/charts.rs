@@ -1,11 +1,17 @@
 //! The report's charts: inline SVG drawn with plotters, one chart per
 //! quantity with the variants overlaid and the fault window shaded, and the
-//! breaker's state as one band per variant.
+//! breaker's state as one band per variant. A sweep draws instead each
+//! `[[charts]]` figure against its first parameter (a line per variant) and
+//! each `[[maps]]` figure over its two parameters (a grid per variant, the
+//! value written in every cell).
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use super::file::{ChartSpec, MapSpec};
+use super::hypothesis::Scope;
 use super::run::Outcome;
+use super::sweep::Param;
 use crate::lab::Sample;
 use crate::reliability::BreakerState;
 
@@ -227,116 +233,397 @@ fn provider_limited(outcome: &Outcome) -> bool {
     })
 }
 
-/// Figures against the offered rate: drawn when variants differ in their
-/// `rate` only (the same settings at three rates or more), one line per set
-/// of settings, the rate on a log scale.
-pub const RATE_CHARTS: [(&str, &str, &str); 2] = [
-    (
-        "Completed share against offered rate",
-        "completed / finished",
-        "success_ratio",
-    ),
-    (
-        "Breaker openings per minute against offered rate",
-        "openings/min",
-        "breaker_opened_per_minute",
-    ),
-];
+/// A figure's value in a cell, for a variant.
+fn value_at(outcome: &Outcome, figure: &str, variant: &str, cell: usize) -> Option<f64> {
+    outcome
+        .result(variant, cell)
+        .and_then(|v| v.figures.get(figure).copied().flatten())
+        .filter(|v| v.is_finite())
+}
 
-/// An offered rate and the index of the variant that ran at it.
-type RatePoint = (f64, usize);
-/// A group's name and its points, by rate.
-type RateGroup = (String, Vec<RatePoint>);
+/// The cell whose parameters have these value indices.
+fn cell_at(outcome: &Outcome, at: &[usize]) -> Option<usize> {
+    outcome.experiment.cells.iter().position(|c| c.at == at)
+}
 
-/// The variants grouped by their settings, each group's (rate, variant
-/// index) sorted by rate; only groups with three rates or more. A group is
-/// named by its variants' common name before the last `_`.
-fn rate_groups(outcome: &Outcome) -> Vec<RateGroup> {
-    // Each group with the settings its variants share.
-    let mut groups: Vec<(&[(String, String)], RateGroup)> = Vec::new();
-    for (i, result) in outcome.variants.iter().enumerate() {
-        let Some(variant) = outcome
-            .experiment
-            .variants
-            .iter()
-            .find(|v| v.name == result.name)
-        else {
-            continue;
-        };
-        let label = variant
-            .name
-            .rsplit_once('_')
-            .map_or(variant.name.as_str(), |(head, _)| head)
-            .to_owned();
-        match groups
-            .iter_mut()
-            .find(|(overrides, _)| *overrides == variant.overrides.as_slice())
-        {
-            Some((_, (_, points))) => points.push((variant.rate, i)),
-            None => groups.push((&variant.overrides, (label, vec![(variant.rate, i)]))),
+/// Whether an axis over these values reads best on a log scale: positive
+/// values spread over a factor of 20 or more.
+fn log_axis(param: &Param) -> bool {
+    let (lo, hi) = param
+        .values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| {
+            (lo.min(v.number), hi.max(v.number))
+        });
+    lo > 0.0 && hi / lo >= 20.0
+}
+
+/// One line of a sweep chart: its label and its points.
+type SweepLine = (String, Vec<(f64, f64)>);
+
+/// The lines of a sweep chart: one per variant, and with a second
+/// parameter one per variant and value of it.
+fn sweep_lines(outcome: &Outcome, figure: &str) -> Vec<SweepLine> {
+    let e = &outcome.experiment;
+    let x = &e.sweep[0];
+    let seconds: Vec<usize> = match e.sweep.get(1) {
+        Some(p) => (0..p.values.len()).collect(),
+        None => vec![0],
+    };
+    let mut lines = Vec::new();
+    for variant in &e.variants {
+        for &j in &seconds {
+            let label = match e.sweep.get(1) {
+                Some(p) => format!("{}, {}={}", variant.name, p.name, p.values[j].text),
+                None => variant.name.clone(),
+            };
+            let points = (0..x.values.len())
+                .filter_map(|i| {
+                    let at: Vec<usize> = if e.sweep.len() > 1 {
+                        vec![i, j]
+                    } else {
+                        vec![i]
+                    };
+                    let cell = cell_at(outcome, &at)?;
+                    value_at(outcome, figure, &variant.name, cell).map(|y| (x.values[i].number, y))
+                })
+                .collect();
+            lines.push((label, points));
         }
     }
-    groups
-        .into_iter()
-        .filter_map(|(_, (label, mut points))| {
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            points.dedup_by(|a, b| a.0 == b.0);
-            (points.len() >= 3).then_some((label, points))
+    lines
+}
+
+fn draw_sweep_chart(
+    root: &DrawingArea<SVGBackend<'_>, Shift>,
+    outcome: &Outcome,
+    spec: &ChartSpec,
+) -> Result<(), Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let x = &outcome.experiment.sweep[0];
+    let lines = sweep_lines(outcome, &spec.figure);
+    let (lo, hi) = x.values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| {
+        (lo.min(v.number), hi.max(v.number))
+    });
+    let y_max = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(0f64, f64::max);
+    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(&spec.title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(60);
+    macro_rules! plot {
+        ($chart:expr, $desc:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc($desc)
+                .x_label_formatter(&|v| trim_number(*v))
+                .y_desc(&spec.figure)
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()?;
+            for (i, (label, points)) in lines.iter().enumerate() {
+                let c = colour(i);
+                chart
+                    .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+                    .label(label.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3))
+                    });
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(200, 200, 200))
+                .draw()?;
+        }};
+    }
+    if log_axis(x) {
+        let chart = builder.build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..y_max)?;
+        plot!(chart, format!("{} (log scale)", x.label));
+    } else {
+        let pad = ((hi - lo) * 0.05).max(1e-9);
+        let chart = builder.build_cartesian_2d(lo - pad..hi + pad, 0f64..y_max)?;
+        plot!(chart, x.label.clone());
+    }
+    Ok(())
+}
+
+/// A number as an axis or a cell shows it: at most three decimals, no
+/// trailing zeros.
+fn trim_number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e12 {
+        return format!("{v:.0}");
+    }
+    let text = if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    };
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        text
+    }
+}
+
+/// A cell of a map: its value and, with a verdict, whether it holds.
+struct MapCell {
+    value: Option<f64>,
+    holds: Option<bool>,
+}
+
+/// A map's verdict reads the figures of its own variant and cell.
+struct CellScope<'a> {
+    outcome: &'a Outcome,
+    variant: &'a str,
+    cell: usize,
+}
+
+impl Scope for CellScope<'_> {
+    fn params(&self) -> &[Param] {
+        &[]
+    }
+
+    fn figure(&self, figure: &str, _variant: &str, _at: &[(String, String)]) -> Option<f64> {
+        value_at(self.outcome, figure, self.variant, self.cell)
+    }
+}
+
+fn map_cells(outcome: &Outcome, spec: &MapSpec, variant: &str) -> Vec<Vec<MapCell>> {
+    let e = &outcome.experiment;
+    let (xs, ys) = (e.sweep[0].values.len(), e.sweep[1].values.len());
+    (0..ys)
+        .map(|j| {
+            (0..xs)
+                .map(|i| {
+                    let Some(cell) = cell_at(outcome, &[i, j]) else {
+                        return MapCell {
+                            value: None,
+                            holds: None,
+                        };
+                    };
+                    let holds = spec.verdict.as_ref().map(|(_, expr)| {
+                        expr.eval(&CellScope {
+                            outcome,
+                            variant,
+                            cell,
+                        }) == 1.0
+                    });
+                    MapCell {
+                        value: value_at(outcome, &spec.figure, variant, cell),
+                        holds,
+                    }
+                })
+                .collect()
         })
         .collect()
 }
 
-fn draw_rate_chart(
+/// A value's colour on a blue scale from the smallest value to the largest.
+fn shade(value: f64, lo: f64, hi: f64) -> RGBColor {
+    let share = if hi > lo {
+        ((value - lo) / (hi - lo)).clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    let mix = |a: u8, b: u8| (a as f64 + (b as f64 - a as f64) * share).round() as u8;
+    RGBColor(mix(239, 30), mix(246, 64), mix(255, 175))
+}
+
+const MAP_CELL_HEIGHT: i32 = 34;
+const MAP_TOP: i32 = 44;
+const MAP_LEFT: i32 = 110;
+const MAP_BOTTOM: i32 = 56;
+
+/// The height of one variant's map.
+fn map_height(outcome: &Outcome) -> u32 {
+    let rows = outcome.experiment.sweep[1].values.len() as i32;
+    (MAP_TOP + rows * MAP_CELL_HEIGHT + MAP_BOTTOM) as u32
+}
+
+fn draw_map(
     root: &DrawingArea<SVGBackend<'_>, Shift>,
     outcome: &Outcome,
-    groups: &[RateGroup],
-    (title, unit, figure): (&str, &str, &str),
+    spec: &MapSpec,
+    variant: &str,
+    range: (f64, f64),
 ) -> Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
-    let value = |i: usize| outcome.variants[i].figures.get(figure).copied().flatten();
-    let rates = groups.iter().flat_map(|(_, p)| p.iter().map(|(r, _)| *r));
-    let (lo, hi) = rates.fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
-    let y_max = groups
-        .iter()
-        .flat_map(|(_, p)| p.iter().filter_map(|(_, i)| value(*i)))
-        .fold(0f64, f64::max);
-    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("offered rate, orders/s (log scale)")
-        .x_label_formatter(&|r| format!("{r:.0}"))
-        .y_desc(unit)
-        .light_line_style(RGBColor(235, 235, 235))
-        .draw()?;
-    for (g, (label, points)) in groups.iter().enumerate() {
-        let c = colour(g);
-        let line: Vec<(f64, f64)> = points
-            .iter()
-            .filter_map(|(r, i)| value(*i).map(|y| (*r, y)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), c.stroke_width(2)))?
-            .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3)));
-        chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+    let e = &outcome.experiment;
+    let (xp, yp) = (&e.sweep[0], &e.sweep[1]);
+    let cells = map_cells(outcome, spec, variant);
+    let caption = match &spec.verdict {
+        Some((text, _)) => format!(
+            "{}: {variant} (green: {text}; red: not; grey: no value)",
+            spec.title
+        ),
+        None => format!("{}: {variant}", spec.title),
+    };
+    root.draw(&Text::new(
+        caption,
+        (10, 10),
+        ("sans-serif", 17).into_font().color(&BLACK),
+    ))?;
+    let width = WIDTH as i32 - MAP_LEFT - 20;
+    let cell_w = width / xp.values.len().max(1) as i32;
+    let label = ("sans-serif", 13).into_font().color(&RGBColor(60, 60, 60));
+    let centred = |font: TextStyle<'static>| {
+        font.pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        ))
+    };
+    // Rows from the top: the second parameter's largest value first.
+    let rows = yp.values.len() as i32;
+    for (j, row) in cells.iter().enumerate().rev() {
+        let top = MAP_TOP + (rows - 1 - j as i32) * MAP_CELL_HEIGHT;
+        root.draw(&Text::new(
+            yp.values[j].text.clone(),
+            (MAP_LEFT - 8, top + MAP_CELL_HEIGHT / 2),
+            label.clone().pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Right,
+                plotters::style::text_anchor::VPos::Center,
+            )),
+        ))?;
+        for (i, cell) in row.iter().enumerate() {
+            let left = MAP_LEFT + i as i32 * cell_w;
+            let fill = match (cell.holds, cell.value) {
+                (Some(true), _) => RGBColor(187, 247, 208),
+                (Some(false), _) => RGBColor(254, 202, 202),
+                (None, Some(v)) => shade(v, range.0, range.1),
+                (None, None) => RGBColor(229, 231, 235),
+            };
+            root.draw(&Rectangle::new(
+                [(left, top), (left + cell_w - 2, top + MAP_CELL_HEIGHT - 2)],
+                fill.filled(),
+            ))?;
+            let dark = cell.holds.is_none()
+                && cell.value.is_some_and(|v| {
+                    range.1 > range.0 && (v - range.0) / (range.1 - range.0) > 0.55
+                });
+            let text = cell.value.map_or_else(|| "–".to_owned(), trim_number);
+            root.draw(&Text::new(
+                text,
+                (left + cell_w / 2, top + MAP_CELL_HEIGHT / 2),
+                centred(
+                    ("sans-serif", 14)
+                        .into_font()
+                        .color(if dark { &WHITE } else { &BLACK }),
+                ),
+            ))?;
+        }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::MiddleRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(200, 200, 200))
-        .draw()?;
+    let axis_y = MAP_TOP + rows * MAP_CELL_HEIGHT;
+    for (i, v) in xp.values.iter().enumerate() {
+        root.draw(&Text::new(
+            v.text.clone(),
+            (MAP_LEFT + i as i32 * cell_w + cell_w / 2, axis_y + 12),
+            centred(label.clone()),
+        ))?;
+    }
+    root.draw(&Text::new(
+        xp.label.clone(),
+        (MAP_LEFT + width / 2, axis_y + 34),
+        centred(label.clone()),
+    ))?;
+    root.draw(&Text::new(yp.label.clone(), (10, MAP_TOP - 14), label))?;
     Ok(())
 }
 
-/// Every chart of the report, titled, each an `<svg>` element.
-pub fn svgs(outcome: &Outcome) -> Vec<(&'static str, String)> {
+fn svg_of(
+    size: (u32, u32),
+    name: &str,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), Box<dyn std::error::Error>>,
+) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        if let Err(err) = draw(&root) {
+            tracing::error!(error = %err, chart = name, "a chart could not be drawn");
+        }
+        let _ = root.present();
+    }
+    svg
+}
+
+/// A sweep's charts: each `[[charts]]` figure against the first parameter,
+/// then each `[[maps]]` figure as one map per variant (a shared colour
+/// scale for the maps of one figure).
+fn sweep_svgs(outcome: &Outcome) -> Vec<Chart> {
+    let e = &outcome.experiment;
+    let mut out = Vec::new();
+    for spec in &e.charts {
+        let svg = svg_of((WIDTH, HEIGHT + 40), &spec.title, |root| {
+            draw_sweep_chart(root, outcome, spec)
+        });
+        out.push(Chart {
+            title: spec.title.clone(),
+            slug: format!("sweep-{}", slug(&spec.figure)),
+            svg,
+        });
+    }
+    for spec in &e.maps {
+        let values: Vec<f64> = outcome
+            .variants
+            .iter()
+            .filter_map(|v| v.figures.get(spec.figure.as_str()).copied().flatten())
+            .filter(|v| v.is_finite())
+            .collect();
+        let range = values
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        for variant in &e.variants {
+            let title = format!("{}: {}", spec.title, variant.name);
+            let svg = svg_of((WIDTH, map_height(outcome)), &title, |root| {
+                draw_map(root, outcome, spec, &variant.name, range)
+            });
+            out.push(Chart {
+                title,
+                slug: format!("map-{}-{}", slug(&spec.figure), slug(&variant.name)),
+                svg,
+            });
+        }
+    }
+    out
+}
+
+/// One chart of a report.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    pub title: String,
+    /// What its own file is called: `chart-<slug>.svg`.
+    pub slug: String,
+    /// An `<svg>` element.
+    pub svg: String,
+}
+
+/// A file name's part from a title's words: lower case, joined by `-`.
+fn slug(words: &str) -> String {
+    words
+        .to_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Every chart of the report. A timeline chart's slug is its title up to
+/// the first colon (`chart-amplification.svg`); a sweep's chart is named
+/// by its figure, and a map by its figure and variant
+/// (`chart-map-success_ratio-plain_retry.svg`).
+pub fn svgs(outcome: &Outcome) -> Vec<Chart> {
+    if outcome.experiment.is_sweep() {
+        return sweep_svgs(outcome);
+    }
     let mut out = Vec::new();
     let provider: &[(&str, &str, Series)] = if provider_limited(outcome) {
         &PROVIDER_CHARTS
@@ -344,39 +631,23 @@ pub fn svgs(outcome: &Outcome) -> Vec<(&'static str, String)> {
         &[]
     };
     for &(title, unit, series) in CHARTS.iter().chain(provider) {
-        let mut svg = String::new();
-        {
-            let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-            if let Err(err) = draw_line_chart(&root, outcome, title, unit, series) {
-                tracing::error!(error = %err, chart = title, "a chart could not be drawn");
-            }
-            let _ = root.present();
-        }
-        out.push((title, svg));
+        let svg = svg_of((WIDTH, HEIGHT), title, |root| {
+            draw_line_chart(root, outcome, title, unit, series)
+        });
+        out.push(Chart {
+            title: title.to_owned(),
+            slug: slug(title.split(':').next().unwrap_or(title)),
+            svg,
+        });
     }
-    let mut svg = String::new();
-    {
-        let height = 90 + 40 * timelines(outcome).len() as u32;
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
-        if let Err(err) = draw_bands(&root, outcome) {
-            tracing::error!(error = %err, "the breaker bands could not be drawn");
-        }
-        let _ = root.present();
-    }
-    out.push(("Breaker state", svg));
-    let groups = rate_groups(outcome);
-    if !groups.is_empty() {
-        for chart in RATE_CHARTS {
-            let mut svg = String::new();
-            {
-                let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-                if let Err(err) = draw_rate_chart(&root, outcome, &groups, chart) {
-                    tracing::error!(error = %err, chart = chart.0, "a chart could not be drawn");
-                }
-                let _ = root.present();
-            }
-            out.push((chart.0, svg));
-        }
-    }
+    let height = 90 + 40 * timelines(outcome).len() as u32;
+    let svg = svg_of((WIDTH, height), "Breaker state", |root| {
+        draw_bands(root, outcome)
+    });
+    out.push(Chart {
+        title: "Breaker state".to_owned(),
+        slug: "breaker-state".to_owned(),
+        svg,
+    });
     out
 }

@@ -10,7 +10,7 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 35] = [
+pub const FIGURES: [&str; 36] = [
     "accepted",
     "completed",
     "failed",
@@ -32,6 +32,7 @@ pub const FIGURES: [&str; 35] = [
     "time_to_recover_s",
     "goodput_before_fault",
     "goodput_after_fault",
+    "goodput_after_share",
     "wasted_calls",
     "overloaded_calls",
     "charges",
@@ -215,9 +216,16 @@ pub fn compute(run: &RunRecord) -> Figures {
         "goodput_before_fault",
         run.fault.and_then(|w| goodput_before(&run.samples, w)),
     );
+    let after = run.fault.and_then(|w| goodput_after(&run.samples, w));
+    put("goodput_after_fault", after);
+    // Goodput after the fault as a share of goodput before it: 1 when it
+    // came back whole, near 0 when it never did.
     put(
-        "goodput_after_fault",
-        run.fault.and_then(|w| goodput_after(&run.samples, w)),
+        "goodput_after_share",
+        run.fault
+            .and_then(|w| goodput_before(&run.samples, w))
+            .zip(after)
+            .and_then(|(before, after)| ratio(after, before)),
     );
     // The provider's figures exist only where it has a capacity.
     let provider = run.samples.last().filter(|_| {

@@ -30,9 +30,17 @@
 //! settings = { BREAKER_OPEN_DURATION = "2s" }
 //! ```
 //!
-//! Every problem is reported with the file's line and the key at fault.
+//! A file may also sweep one or two parameters (`[[sweep]]`, see `sweep`):
+//! every variant then runs in every cell, hypotheses name cells
+//! (`success_ratio[both, rate=500]`), and the report draws `[[charts]]`
+//! (a figure against the one parameter) or `[[maps]]` (a figure over two).
+//!
+//! Every problem is reported with the file's line and the key at fault,
+//! and every cell's settings and schedule are checked when the file is
+//! loaded, before anything runs.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,10 +48,14 @@ use serde::Deserialize;
 
 use super::figures::FIGURES;
 use super::hypothesis::{self, Expr};
+use super::sweep::{self, Param, ParamKind};
 use crate::config::Config;
 use crate::payment::PaymentUpdate;
 use crate::reliability::SwitchesUpdate;
 use crate::units::parse_duration;
+
+/// The largest experiment file read, in bytes.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +76,12 @@ struct RawFile {
     quick: RawQuick,
     #[serde(default = "default_replicas")]
     replicas: u32,
+    #[serde(default)]
+    sweep: Vec<sweep::RawParam>,
+    #[serde(default)]
+    charts: Vec<RawChart>,
+    #[serde(default)]
+    maps: Vec<RawMap>,
 }
 
 fn default_seed() -> u64 {
@@ -99,7 +117,7 @@ struct RawTraffic {
     duration: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStep {
     at: String,
@@ -108,7 +126,7 @@ struct RawStep {
     #[serde(default)]
     payment: Option<toml::Value>,
     #[serde(default)]
-    reliability: Option<SwitchesUpdate>,
+    reliability: Option<toml::Value>,
     #[serde(default)]
     reset_breaker: bool,
     #[serde(default)]
@@ -129,6 +147,9 @@ struct RawQuick {
     scale: f64,
     #[serde(default)]
     settings: BTreeMap<String, toml::Value>,
+    /// Values that replace a swept parameter's in the quick profile.
+    #[serde(default)]
+    sweep: BTreeMap<String, Vec<toml::Value>>,
 }
 
 impl Default for RawQuick {
@@ -136,12 +157,31 @@ impl Default for RawQuick {
         Self {
             scale: default_scale(),
             settings: BTreeMap::new(),
+            sweep: BTreeMap::new(),
         }
     }
 }
 
 fn default_scale() -> f64 {
     0.25
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChart {
+    figure: String,
+    #[serde(default)]
+    title: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    figure: String,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    verdict: Option<String>,
 }
 
 /// Where a fault begins or ends.
@@ -187,6 +227,44 @@ pub struct Hypothesis {
     pub expr: Expr,
 }
 
+/// Which clock a run keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Clock {
+    /// tokio's paused clock: each variant's whole service runs on one
+    /// thread, in memory, and time moves only when every task waits. The
+    /// same file and seed give the same figures every time, and a run costs
+    /// CPU, not its duration.
+    Virtual,
+    /// The wall clock, over real sockets: what replicas and Postgres need.
+    Real,
+}
+
+/// One cell of a sweep (the only one, without a sweep): a value of each
+/// swept parameter, and the variants and schedule it runs with.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// The index of each parameter's value, in `Experiment::sweep` order.
+    pub at: Vec<usize>,
+    pub variants: Vec<Variant>,
+    pub schedule: Vec<Step>,
+}
+
+/// A figure drawn against the first swept parameter.
+#[derive(Debug, Clone)]
+pub struct ChartSpec {
+    pub figure: String,
+    pub title: String,
+}
+
+/// A figure drawn over two swept parameters, one map per variant.
+#[derive(Debug, Clone)]
+pub struct MapSpec {
+    pub figure: String,
+    pub title: String,
+    /// Colours each cell by whether it holds (bare figure names).
+    pub verdict: Option<(String, Expr)>,
+}
+
 /// A validated experiment, with `--quick` applied when asked.
 #[derive(Debug, Clone)]
 pub struct Experiment {
@@ -197,9 +275,11 @@ pub struct Experiment {
     pub claim: String,
     pub seed: u64,
     pub base: Vec<(String, String)>,
+    /// The variants as the file gives them (the first cell's, in a sweep).
     pub variants: Vec<Variant>,
     pub rate: f64,
     pub duration: Duration,
+    /// The schedule (the first cell's, in a sweep).
     pub schedule: Vec<Step>,
     pub hypotheses: Vec<Hypothesis>,
     pub quick: bool,
@@ -207,12 +287,76 @@ pub struct Experiment {
     /// many replica processes sharing one Postgres, the traffic split
     /// evenly between them.
     pub replicas: usize,
+    /// The swept parameters (none: no sweep).
+    pub sweep: Vec<Param>,
+    /// Every cell, in run order; one without a sweep.
+    pub cells: Vec<Cell>,
+    pub charts: Vec<ChartSpec>,
+    pub maps: Vec<MapSpec>,
+    /// The clock its runs keep: virtual unless it needs replicas.
+    pub clock: Clock,
 }
 
 impl Experiment {
     /// Replicas share their orders through Postgres only.
     pub fn needs_postgres(&self) -> bool {
         self.replicas > 1
+    }
+
+    pub fn is_sweep(&self) -> bool {
+        !self.sweep.is_empty()
+    }
+
+    /// A cell's parameters and values, as hypotheses name them.
+    pub fn cell_coords(&self, cell: usize) -> Vec<(String, String)> {
+        self.sweep
+            .iter()
+            .zip(&self.cells[cell].at)
+            .map(|(p, &i)| (p.name.clone(), p.values[i].text.clone()))
+            .collect()
+    }
+
+    /// A cell as reports and progress lines name it: `rate=500, spike=1s`
+    /// (empty without a sweep).
+    pub fn cell_label(&self, cell: usize) -> String {
+        self.cell_coords(cell)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The cell whose coordinates are `at` (every parameter named).
+    pub fn find_cell(&self, at: &[(String, String)]) -> Option<usize> {
+        let wanted: Option<Vec<usize>> = self
+            .sweep
+            .iter()
+            .map(|p| {
+                at.iter()
+                    .find(|(k, _)| *k == p.name)
+                    .and_then(|(_, v)| p.find(v))
+            })
+            .collect();
+        let wanted = wanted?;
+        self.cells.iter().position(|c| c.at == wanted)
+    }
+
+    /// This experiment run on `clock`; refused where that clock cannot run
+    /// it.
+    pub fn with_clock(mut self, clock: Clock, database: bool) -> Result<Self, String> {
+        if clock == Clock::Virtual && (self.needs_postgres() || database) {
+            return Err(format!(
+                "{}: --clock virtual runs in memory; {} need the real clock",
+                self.name,
+                if self.needs_postgres() {
+                    "replicas (processes sharing Postgres)"
+                } else {
+                    "experiments on Postgres (its pool times out by the wall clock)"
+                }
+            ));
+        }
+        self.clock = clock;
+        Ok(self)
     }
 }
 
@@ -256,10 +400,23 @@ fn scaled(d: Duration, scale: f64) -> Duration {
     Duration::from_secs_f64(d.as_secs_f64() * scale)
 }
 
-/// Reads and validates an experiment file.
+/// Reads and validates an experiment file (at most `MAX_FILE_BYTES`).
 pub fn load(path: &Path, quick: bool) -> Result<Experiment, String> {
-    let source = std::fs::read_to_string(path)
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "{}: an experiment file is at most {} KiB",
+            path.display(),
+            MAX_FILE_BYTES / 1024
+        ));
+    }
+    let source = String::from_utf8(bytes)
+        .map_err(|_| format!("{}: cannot read: not UTF-8 text", path.display()))?;
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -268,127 +425,129 @@ pub fn load(path: &Path, quick: bool) -> Result<Experiment, String> {
     parse(&name, &source, quick).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Validates an experiment's text (`name` is what reports are filed under).
-pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String> {
-    // toml's own errors name the line, the column and the key.
-    let raw: RawFile = toml::from_str(source).map_err(|e| e.to_string().trim().to_owned())?;
-    if raw.variants.is_empty() {
-        return Err(at_line(
-            source,
-            "variants",
-            "at least one [[variants]] is needed".into(),
-        ));
-    }
-    let scale = if quick { raw.quick.scale } else { 1.0 };
-    if !(scale > 0.0 && scale <= 1.0) {
-        return Err(at_line(
-            source,
-            "scale",
-            format!(
-                "quick.scale must be above 0 and at most 1, got {}",
-                raw.quick.scale
-            ),
-        ));
-    }
-    let base = settings(&raw.base);
-    let quick_settings = if quick {
-        settings(&raw.quick.settings)
-    } else {
-        Vec::new()
+/// The settings a variant runs with in one cell: base, its own, the quick
+/// profile's, then the cell's swept settings.
+fn variant_in_cell(
+    source: &str,
+    raw: &RawVariant,
+    base: &[(String, String)],
+    quick_settings: &[(String, String)],
+    default_rate: f64,
+    swept: &[(&Param, &sweep::Value)],
+    cell: &str,
+) -> Result<Variant, String> {
+    let overrides = settings(&raw.settings);
+    let swept_settings: Vec<(String, String)> = swept
+        .iter()
+        .filter(|(p, _)| p.kind == ParamKind::Setting)
+        .map(|(p, v)| (p.name.clone(), v.text.clone()))
+        .collect();
+    // Later layers win.
+    let merged: BTreeMap<&str, &str> = base
+        .iter()
+        .chain(&overrides)
+        .chain(quick_settings)
+        .chain(&swept_settings)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let all: Vec<(&str, &str)> = merged.into_iter().collect();
+    let settings: Vec<(String, String)> = all
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let in_cell = |message: String| {
+        if cell.is_empty() {
+            format!("variant {}: {message}", raw.name)
+        } else {
+            format!("variant {} in cell {cell}: {message}", raw.name)
+        }
     };
-    let mut variants: Vec<Variant> = Vec::new();
-    for v in &raw.variants {
-        if variants.iter().any(|w| w.name == v.name) {
-            return Err(at_line(
-                source,
-                "name",
-                format!("variant {:?} appears twice", v.name),
-            ));
-        }
-        if v.name.is_empty()
-            || !v
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(at_line(
-                source,
-                "name",
-                format!("variant name {:?}: use letters, digits, _ and -", v.name),
-            ));
-        }
-        let overrides = settings(&v.settings);
-        // Later layers win: base, then the variant, then --quick's.
-        let merged: BTreeMap<&str, &str> = base
-            .iter()
-            .chain(&overrides)
-            .chain(&quick_settings)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let all: Vec<(&str, &str)> = merged.into_iter().collect();
-        let settings: Vec<(String, String)> = all
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        let config = Config::from_settings(all).map_err(|e| {
-            let key = e
-                .split_whitespace()
-                .find(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_') && w.len() > 2)
-                .unwrap_or("")
-                .trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-                .to_owned();
-            at_line(source, &key, format!("variant {}: {e}", v.name))
-        })?;
-        let rate = v.rate.unwrap_or(raw.traffic.rate);
-        crate::lab::LoadPlan::new(rate, None)
-            .map_err(|e| at_line(source, "rate", format!("variant {}: {e}", v.name)))?;
-        variants.push(Variant {
-            name: v.name.clone(),
-            overrides,
-            settings,
-            config,
-            rate,
-        });
-    }
+    let config = Config::from_settings(all).map_err(|e| {
+        let key = e
+            .split_whitespace()
+            .find(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_') && w.len() > 2)
+            .unwrap_or("")
+            .trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .to_owned();
+        at_line(source, &key, in_cell(e))
+    })?;
+    let rate = swept
+        .iter()
+        .find(|(p, _)| p.kind == ParamKind::Rate)
+        .map_or(raw.rate.unwrap_or(default_rate), |(_, v)| v.number);
+    crate::lab::LoadPlan::new(rate, None)
+        .map_err(|e| at_line(source, "rate", in_cell(e.to_string())))?;
+    Ok(Variant {
+        name: raw.name.clone(),
+        overrides,
+        settings,
+        config,
+        rate,
+    })
+}
 
-    let duration = parse_duration(&raw.traffic.duration)
-        .map_err(|e| at_line(source, "duration", format!("traffic.duration: {e}")))?;
-    let duration = scaled(duration, scale);
-    crate::lab::LoadPlan::new(raw.traffic.rate, Some(duration))
-        .map_err(|e| at_line(source, "rate", format!("traffic.{}: {e}", e.field)))?;
+/// A step's value with the cell's parameters in place, as JSON for the
+/// API's own types.
+fn step_value(
+    value: &toml::Value,
+    swept: &[(&Param, &sweep::Value)],
+) -> Result<serde_json::Value, String> {
+    serde_json::to_value(sweep::substitute(value, swept)).map_err(|e| e.to_string())
+}
 
-    if raw.replicas == 0 || raw.replicas > MAX_REPLICAS {
-        return Err(at_line(
-            source,
-            "replicas",
-            format!("replicas must be 1 to {MAX_REPLICAS}, got {}", raw.replicas),
-        ));
-    }
-    let replicas = raw.replicas as usize;
+/// The schedule of one cell, sorted, with its fault marks checked.
+fn schedule_in_cell(
+    source: &str,
+    raw: &[RawStep],
+    swept: &[(&Param, &sweep::Value)],
+    scale: f64,
+    duration: Duration,
+    replicas: usize,
+    cell: &str,
+) -> Result<Vec<Step>, String> {
+    let in_cell = |message: String| {
+        if cell.is_empty() {
+            message
+        } else {
+            format!("in cell {cell}: {message}")
+        }
+    };
     let mut killed = Vec::new();
     let mut schedule = Vec::new();
-    for step in &raw.schedule {
-        let at = parse_duration(&step.at).map_err(|e| {
-            at_line(
-                source,
-                &format!("at = \"{}\"", step.at),
-                format!("schedule.at: {e}"),
-            )
-        })?;
+    for step in raw {
+        let at_text = sweep::substitute_text(&step.at, swept);
+        let here =
+            |message: String| at_line(source, &format!("at = \"{}\"", step.at), in_cell(message));
+        let at =
+            parse_duration(&at_text).map_err(|e| here(format!("schedule.at {at_text:?}: {e}")))?;
         let at = scaled(at, scale);
         if at > duration {
-            return Err(at_line(
-                source,
-                &format!("at = \"{}\"", step.at),
-                format!("schedule.at {} is after the traffic ends", step.at),
-            ));
+            return Err(here(format!(
+                "schedule.at {} is after the traffic ends",
+                at_text
+            )));
         }
         let payment = match &step.payment {
             None => None,
             Some(value) => {
-                let json = serde_json::to_value(value).map_err(|e| e.to_string())?;
-                let update: PaymentUpdate = serde_json::from_value(json)
-                    .map_err(|e| at_line(source, "payment", format!("schedule.payment: {e}")))?;
+                let json = step_value(value, swept)?;
+                let update: PaymentUpdate = serde_json::from_value(json).map_err(|e| {
+                    at_line(source, "payment", in_cell(format!("schedule.payment: {e}")))
+                })?;
+                Some(update)
+            }
+        };
+        let reliability = match &step.reliability {
+            None => None,
+            Some(value) => {
+                let json = step_value(value, swept)?;
+                let update: SwitchesUpdate = serde_json::from_value(json).map_err(|e| {
+                    at_line(
+                        source,
+                        "reliability",
+                        in_cell(format!("schedule.reliability: {e}")),
+                    )
+                })?;
                 Some(update)
             }
         };
@@ -420,12 +579,8 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
                 Some(index)
             }
         };
-        if replicas > 1
-            && (step.payment.is_some() || step.reliability.is_some() || step.reset_breaker)
-        {
-            return Err(at_line(
-                source,
-                &format!("at = \"{}\"", step.at),
+        if replicas > 1 && (payment.is_some() || reliability.is_some() || step.reset_breaker) {
+            return Err(here(
                 "with replicas, the schedule can only kill them (and mark the fault): set payment and reliability in [base] or the variants".into(),
             ));
         }
@@ -441,9 +596,12 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             ));
         }
         if let Some(p) = &step.payment {
-            text.push(format!("payment {}", p.to_string().replace('\n', " ")));
+            text.push(format!(
+                "payment {}",
+                sweep::substitute(p, swept).to_string().replace('\n', " ")
+            ));
         }
-        if let Some(r) = &step.reliability {
+        if let Some(r) = &reliability {
             text.push(format!("reliability {r:?}"));
         }
         if step.reset_breaker {
@@ -456,7 +614,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             at,
             fault: step.fault,
             payment,
-            reliability: step.reliability,
+            reliability,
             reset_breaker: step.reset_breaker,
             kill,
             text: text.join(", "),
@@ -479,27 +637,276 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
                 .into(),
         ));
     }
+    if let (Some(start), Some(end)) = (
+        schedule.iter().find(|s| s.fault == Some(FaultMark::Start)),
+        schedule.iter().find(|s| s.fault == Some(FaultMark::End)),
+    ) {
+        if end.at < start.at {
+            return Err(at_line(
+                source,
+                "fault",
+                in_cell("the fault ends before it starts".into()),
+            ));
+        }
+    }
+    Ok(schedule)
+}
 
+/// Every string in a step that the sweep fills in.
+fn step_texts(step: &RawStep) -> Vec<String> {
+    fn strings(v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::String(s) => out.push(s.clone()),
+            toml::Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            toml::Value::Table(t) => t.values().for_each(|i| strings(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = vec![step.at.clone()];
+    for v in [&step.payment, &step.reliability].into_iter().flatten() {
+        strings(v, &mut out);
+    }
+    out
+}
+
+/// Validates an experiment's text (`name` is what reports are filed under).
+pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String> {
+    // toml's own errors name the line, the column and the key.
+    let raw: RawFile = toml::from_str(source).map_err(|e| e.to_string().trim().to_owned())?;
+    if raw.variants.is_empty() {
+        return Err(at_line(
+            source,
+            "variants",
+            "at least one [[variants]] is needed".into(),
+        ));
+    }
+    let scale = if quick { raw.quick.scale } else { 1.0 };
+    if !(scale > 0.0 && scale <= 1.0) {
+        return Err(at_line(
+            source,
+            "scale",
+            format!(
+                "quick.scale must be above 0 and at most 1, got {}",
+                raw.quick.scale
+            ),
+        ));
+    }
+    let base = settings(&raw.base);
+    let quick_settings = if quick {
+        settings(&raw.quick.settings)
+    } else {
+        Vec::new()
+    };
+    for (key, _) in base.iter().chain(&quick_settings) {
+        if ["DATABASE_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+            return Err(at_line(
+                source,
+                key,
+                format!(
+                    "{key} cannot be set in an experiment: the runner chooses it (give --database-url for Postgres)"
+                ),
+            ));
+        }
+    }
+    for (i, v) in raw.variants.iter().enumerate() {
+        if raw.variants[..i].iter().any(|w| w.name == v.name) {
+            return Err(at_line(
+                source,
+                "name",
+                format!("variant {:?} appears twice", v.name),
+            ));
+        }
+        if v.name.is_empty()
+            || !v
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(at_line(
+                source,
+                "name",
+                format!("variant name {:?}: use letters, digits, _ and -", v.name),
+            ));
+        }
+        for key in v.settings.keys() {
+            if ["DATABASE_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+                return Err(at_line(
+                    source,
+                    key,
+                    format!(
+                        "variant {}: {key} cannot be set in an experiment: the runner chooses it",
+                        v.name
+                    ),
+                ));
+            }
+        }
+    }
+
+    let params = if quick {
+        sweep::params(&raw.sweep, &raw.quick.sweep)
+    } else {
+        sweep::params(&raw.sweep, &BTreeMap::new())
+    }
+    .map_err(|e| at_line(source, "[[sweep]]", e))?;
+    for p in &params {
+        let here = |m: String| at_line(source, &format!("name = \"{}\"", p.name), m);
+        match p.kind {
+            ParamKind::Rate => {
+                if let Some(v) = raw.variants.iter().find(|v| v.rate.is_some()) {
+                    return Err(here(format!(
+                        "sweep rate: variant {} has a rate of its own, and the sweep sets every variant's",
+                        v.name
+                    )));
+                }
+            }
+            ParamKind::Setting => {
+                if let Some(v) = raw
+                    .variants
+                    .iter()
+                    .find(|v| v.settings.contains_key(&p.name))
+                {
+                    return Err(here(format!(
+                        "sweep {}: variant {} sets it too, and the sweep sets every variant's",
+                        p.name, v.name
+                    )));
+                }
+            }
+            ParamKind::Schedule => {
+                let read = raw.schedule.iter().any(|step| {
+                    step_texts(step)
+                        .iter()
+                        .any(|t| sweep::substitute_text(t, &[(p, &p.values[0])]) != *t)
+                });
+                if !read {
+                    return Err(here(format!(
+                        "sweep {}: the schedule never reads ${}",
+                        p.name, p.name
+                    )));
+                }
+            }
+        }
+    }
+    for step in &raw.schedule {
+        for text in step_texts(step) {
+            if let Some(unknown) = sweep::unknown_references(&text, &params).first() {
+                return Err(at_line(
+                    source,
+                    &format!("at = \"{}\"", step.at),
+                    format!(
+                        "the schedule reads {unknown}, which no [[sweep]] defines as a parameter"
+                    ),
+                ));
+            }
+        }
+    }
+
+    let duration = parse_duration(&raw.traffic.duration)
+        .map_err(|e| at_line(source, "duration", format!("traffic.duration: {e}")))?;
+    let duration = scaled(duration, scale);
+    crate::lab::LoadPlan::new(raw.traffic.rate, Some(duration))
+        .map_err(|e| at_line(source, "rate", format!("traffic.{}: {e}", e.field)))?;
+
+    if raw.replicas == 0 || raw.replicas > MAX_REPLICAS {
+        return Err(at_line(
+            source,
+            "replicas",
+            format!("replicas must be 1 to {MAX_REPLICAS}, got {}", raw.replicas),
+        ));
+    }
+    let replicas = raw.replicas as usize;
+    if replicas > 1 && !params.is_empty() {
+        return Err(at_line(
+            source,
+            "[[sweep]]",
+            "a sweep runs in memory; replicas cannot be swept".into(),
+        ));
+    }
+
+    let grid = sweep::cells(&params);
+    let runs = grid.len() * raw.variants.len();
+    if runs > sweep::MAX_RUNS {
+        return Err(at_line(
+            source,
+            "[[sweep]]",
+            format!(
+                "{} cells times {} variants is {runs} runs; at most {} are run",
+                grid.len(),
+                raw.variants.len(),
+                sweep::MAX_RUNS
+            ),
+        ));
+    }
+    let mut cells = Vec::with_capacity(grid.len());
+    for at in grid {
+        let swept: Vec<(&Param, &sweep::Value)> = params
+            .iter()
+            .zip(&at)
+            .map(|(p, &i)| (p, &p.values[i]))
+            .collect();
+        let label = swept
+            .iter()
+            .map(|(p, v)| format!("{}={}", p.name, v.text))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let variants = raw
+            .variants
+            .iter()
+            .map(|v| {
+                variant_in_cell(
+                    source,
+                    v,
+                    &base,
+                    &quick_settings,
+                    raw.traffic.rate,
+                    &swept,
+                    &label,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schedule = schedule_in_cell(
+            source,
+            &raw.schedule,
+            &swept,
+            scale,
+            duration,
+            replicas,
+            &label,
+        )?;
+        cells.push(Cell {
+            at,
+            variants,
+            schedule,
+        });
+    }
+
+    let check_figure = |figure: &str, here: &dyn Fn(String) -> String| {
+        if FIGURES.contains(&figure) {
+            Ok(())
+        } else {
+            Err(here(format!(
+                "no figure named {figure}; the figures are {}",
+                FIGURES.join(", ")
+            )))
+        }
+    };
     let mut hypotheses = Vec::new();
     for h in &raw.hypotheses {
         let here = |message: String| at_line(source, &format!("expr = \"{}\"", h.expr), message);
         let expr = hypothesis::parse(&h.expr)
             .map_err(|e| here(format!("hypothesis {:?}: {e}", h.expr)))?;
-        for (figure, variant) in expr.references() {
-            if !FIGURES.contains(&figure) {
+        for r in expr.references() {
+            check_figure(&r.figure, &|m| {
+                here(format!("hypothesis {:?}: {m}", h.expr))
+            })?;
+            if !raw.variants.iter().any(|v| v.name == r.variant) {
                 return Err(here(format!(
-                    "hypothesis {:?}: no figure named {figure}; the figures are {}",
-                    h.expr,
-                    FIGURES.join(", ")
-                )));
-            }
-            if !variants.iter().any(|v| v.name == variant) {
-                return Err(here(format!(
-                    "hypothesis {:?}: no variant named {variant}",
-                    h.expr
+                    "hypothesis {:?}: no variant named {}",
+                    h.expr, r.variant
                 )));
             }
         }
+        expr.check_cells(&params)
+            .map_err(|e| here(format!("hypothesis {:?}: {e}", h.expr)))?;
         hypotheses.push(Hypothesis {
             claim: h.claim.clone(),
             text: h.expr.clone(),
@@ -507,6 +914,84 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         });
     }
 
+    let mut charts = Vec::new();
+    for c in &raw.charts {
+        let here = |m: String| at_line(source, &format!("figure = \"{}\"", c.figure), m);
+        check_figure(&c.figure, &here)?;
+        if params.is_empty() {
+            return Err(here(
+                "[[charts]] draw a figure against a swept parameter, and nothing is swept".into(),
+            ));
+        }
+        charts.push(ChartSpec {
+            title: c
+                .title
+                .clone()
+                .unwrap_or_else(|| format!("{} against {}", c.figure, params[0].name)),
+            figure: c.figure.clone(),
+        });
+    }
+    if charts.is_empty() && params.len() == 1 {
+        for (figure, title) in [
+            ("success_ratio", "Completed share"),
+            ("amplification", "Payment calls per finished order"),
+        ] {
+            charts.push(ChartSpec {
+                figure: figure.into(),
+                title: format!("{title} against {}", params[0].name),
+            });
+        }
+    }
+    let mut maps = Vec::new();
+    for m in &raw.maps {
+        let here = |msg: String| at_line(source, &format!("figure = \"{}\"", m.figure), msg);
+        check_figure(&m.figure, &here)?;
+        if params.len() != 2 {
+            return Err(here(
+                "[[maps]] draw a figure over two swept parameters".into(),
+            ));
+        }
+        let verdict = match &m.verdict {
+            None => None,
+            Some(text) => {
+                let here = |msg: String| at_line(source, &format!("verdict = \"{text}\""), msg);
+                let expr = hypothesis::parse_verdict(text)
+                    .map_err(|e| here(format!("verdict {text:?}: {e}")))?;
+                for r in expr.references() {
+                    if !r.variant.is_empty() || !r.at.is_empty() {
+                        return Err(here(format!(
+                            "verdict {text:?}: a map's verdict is about its own cell: write {} alone",
+                            r.figure
+                        )));
+                    }
+                    check_figure(&r.figure, &here)?;
+                }
+                Some((text.clone(), expr))
+            }
+        };
+        maps.push(MapSpec {
+            title: m.title.clone().unwrap_or_else(|| {
+                format!(
+                    "{} over {} and {}",
+                    m.figure, params[0].name, params[1].name
+                )
+            }),
+            figure: m.figure.clone(),
+            verdict,
+        });
+    }
+    if maps.is_empty() && params.len() == 2 {
+        maps.push(MapSpec {
+            figure: "success_ratio".into(),
+            title: format!(
+                "Completed share over {} and {}",
+                params[0].name, params[1].name
+            ),
+            verdict: None,
+        });
+    }
+
+    let first = &cells[0];
     Ok(Experiment {
         name: name.to_owned(),
         quick_settings,
@@ -514,13 +999,22 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         claim: raw.claim,
         seed: raw.seed,
         base,
-        variants,
+        variants: first.variants.clone(),
         rate: raw.traffic.rate,
         duration,
-        schedule,
+        schedule: first.schedule.clone(),
         hypotheses,
         quick,
         replicas,
+        clock: if replicas > 1 {
+            Clock::Real
+        } else {
+            Clock::Virtual
+        },
+        sweep: params,
+        cells,
+        charts,
+        maps,
     })
 }
 

@@ -1,10 +1,11 @@
 //! Experiments: scripted scenarios that test the lab's claims with numbers.
 //!
 //! `reliability-lab experiment run <file>` reads an experiment file
-//! (`file`), runs each variant on a fresh in-process service (`run`),
-//! computes its figures (`figures`), judges the hypotheses (`hypothesis`)
-//! and writes a report (`report`). It drives services built by `app` and
-//! knows nothing of HTTP internals.
+//! (`file`, with `sweep` for the parameters it may sweep), runs each
+//! variant on a fresh in-process service (`run`; on the virtual clock,
+//! `simulated`), computes its figures (`figures`), judges the hypotheses
+//! (`hypothesis`) and writes a report (`report`, `charts`). It drives
+//! services built by `app` and knows nothing of HTTP internals.
 
 pub mod charts;
 pub mod figures;
@@ -13,13 +14,15 @@ pub mod hypothesis;
 pub mod replicas;
 pub mod report;
 pub mod run;
+pub mod simulated;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use file::{load, Experiment};
+pub use file::{load, Clock, Experiment};
 pub use run::Outcome;
 
 /// `reliability-lab experiment …`
@@ -50,6 +53,16 @@ enum Command {
         /// is absent); without either they are skipped.
         #[arg(long)]
         database_url: Option<String>,
+        /// The clock the services keep. virtual (the default in memory):
+        /// a paused clock that moves only when every task waits, the same
+        /// figures for every run of a seed, at the speed of the CPU. real:
+        /// the wall clock over loopback sockets, what replicas and Postgres
+        /// need (and their default).
+        #[arg(long, value_enum)]
+        clock: Option<Clock>,
+        /// Simulated runs at once (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: Option<u16>,
     },
     /// List the experiments in a directory.
     List {
@@ -99,8 +112,24 @@ pub async fn main(args: Vec<String>) -> ExitCode {
             out,
             quick,
             database_url,
+            clock,
+            jobs,
         } => {
             let experiment = match load(&file, quick) {
+                Ok(e) => e,
+                Err(err) => {
+                    eprintln!("reliability-lab: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            let experiment = match clock {
+                None if database_url.is_some() && !experiment.needs_postgres() => {
+                    experiment.with_clock(Clock::Real, true)
+                }
+                None => Ok(experiment),
+                Some(clock) => experiment.with_clock(clock, database_url.is_some()),
+            };
+            let experiment = match experiment {
                 Ok(e) => e,
                 Err(err) => {
                     eprintln!("reliability-lab: {err}");
@@ -126,18 +155,24 @@ pub async fn main(args: Vec<String>) -> ExitCode {
             };
             let out = out.unwrap_or_else(|| Path::new("reports").join(&experiment.name));
             let mut progress = std::io::stderr();
-            let outcome = match run::run(&experiment, database_url.as_deref(), &mut progress).await
-            {
-                Ok(o) => o,
+            let threads = jobs.map_or_else(simulated::default_threads, usize::from);
+            let outcome =
+                match run::run_with(&experiment, database_url.as_deref(), threads, &mut progress)
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(err) => {
+                        eprintln!("reliability-lab: {}: {err:#}", experiment.name);
+                        return ExitCode::from(2);
+                    }
+                };
+            let digest = match report::write(&outcome, &out) {
+                Ok(digest) => digest,
                 Err(err) => {
-                    eprintln!("reliability-lab: {}: {err:#}", experiment.name);
+                    eprintln!("reliability-lab: {err:#}");
                     return ExitCode::from(2);
                 }
             };
-            if let Err(err) = report::write(&outcome, &out) {
-                eprintln!("reliability-lab: {err:#}");
-                return ExitCode::from(2);
-            }
             for v in &outcome.verdicts {
                 eprintln!(
                     "{} {}: {}",
@@ -147,6 +182,10 @@ pub async fn main(args: Vec<String>) -> ExitCode {
                 );
             }
             eprintln!("report: {}", out.join("report.md").display());
+            if let Some(speed) = outcome.speed {
+                eprintln!("{}", speed.line());
+            }
+            eprintln!("{digest}");
             if outcome.passed() {
                 ExitCode::SUCCESS
             } else {

@@ -535,8 +535,10 @@ pub async fn run_variant(
     let figures = figures::compute(&record);
     Ok(VariantResult {
         name: variant.name.clone(),
+        cell: 0,
         record,
         figures,
+        ran_for: start.elapsed(),
     })
 }
 

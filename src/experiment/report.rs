@@ -3,7 +3,13 @@
 //! verdict, the figures with the variants side by side, the settings; the
 //! HTML adds the charts as inline SVG, with no outside assets),
 //! `figures.json`, `timeline.csv` (every sample of every variant), and each
-//! chart alone as `chart-<name>.svg`.
+//! chart alone as `chart-<name>.svg`. In a sweep, each figure the report
+//! draws or a hypothesis reads gets a table of its own, cells by variants,
+//! and every figure of every run is in `figures.json`.
+//!
+//! Nothing in `figures.json` or `timeline.csv` depends on the machine: on
+//! the virtual clock, two runs of a file and seed write them byte for byte
+//! the same (`write` returns their digests).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -36,6 +42,94 @@ fn figure_rows(outcome: &Outcome) -> (Vec<&'static str>, Vec<&'static str>) {
             .iter()
             .any(|v| v.figures.get(*figure).copied().flatten().is_some())
     })
+}
+
+/// A table of figures, for both reports.
+struct Table {
+    title: Option<String>,
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+/// The figures a sweep's report tabulates: those it draws, then those its
+/// hypotheses read, each once, in the order of `FIGURES`.
+fn sweep_figures(e: &super::Experiment) -> Vec<&'static str> {
+    let wanted: Vec<&str> = e
+        .charts
+        .iter()
+        .map(|c| c.figure.as_str())
+        .chain(e.maps.iter().map(|m| m.figure.as_str()))
+        .chain(e.maps.iter().flat_map(|m| {
+            m.verdict
+                .iter()
+                .flat_map(|(_, x)| x.references().into_iter().map(|r| r.figure.as_str()))
+        }))
+        .chain(
+            e.hypotheses
+                .iter()
+                .flat_map(|h| h.expr.references().into_iter().map(|r| r.figure.as_str())),
+        )
+        .collect();
+    FIGURES
+        .iter()
+        .copied()
+        .filter(|f| wanted.contains(f))
+        .collect()
+}
+
+/// The figures' tables: without a sweep one, figures by variants; in a
+/// sweep one per figure, cells by variants.
+fn figure_tables(outcome: &Outcome) -> (Vec<Table>, Vec<&'static str>) {
+    let e = &outcome.experiment;
+    let names: Vec<String> = e.variants.iter().map(|v| v.name.clone()).collect();
+    if !e.is_sweep() {
+        let (shown, absent) = figure_rows(outcome);
+        let rows = shown
+            .into_iter()
+            .map(|figure| {
+                std::iter::once(figure.to_owned())
+                    .chain(
+                        outcome
+                            .variants
+                            .iter()
+                            .map(|v| number(v.figures.get(figure).copied().flatten())),
+                    )
+                    .collect()
+            })
+            .collect();
+        let header = std::iter::once("figure".to_owned()).chain(names).collect();
+        return (
+            vec![Table {
+                title: None,
+                header,
+                rows,
+            }],
+            absent,
+        );
+    }
+    let tables = sweep_figures(e)
+        .into_iter()
+        .map(|figure| Table {
+            title: Some(figure.to_owned()),
+            header: std::iter::once("cell".to_owned())
+                .chain(names.iter().cloned())
+                .collect(),
+            rows: (0..e.cells.len())
+                .map(|c| {
+                    std::iter::once(e.cell_label(c))
+                        .chain(names.iter().map(|n| {
+                            number(
+                                outcome
+                                    .result(n, c)
+                                    .and_then(|v| v.figures.get(figure).copied().flatten()),
+                            )
+                        }))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    (tables, Vec::new())
 }
 
 /// The settings section, in Markdown inline code, for both reports.
@@ -78,6 +172,19 @@ impl Settings {
             paragraphs.push(format!(
                 "Quick profile, over every variant: {}.",
                 code(&e.quick_settings)
+            ));
+        }
+        if e.is_sweep() {
+            let swept: Vec<String> = e
+                .sweep
+                .iter()
+                .map(|p| format!("`{}` over {}", p.name, p.listed()))
+                .collect();
+            paragraphs.push(format!(
+                "Swept: {}; every variant in each of the {} cells ({} runs). The schedule below is the first cell's.",
+                swept.join(" and "),
+                e.cells.len(),
+                e.cells.len() * e.variants.len()
             ));
         }
         let variants = e
@@ -145,20 +252,25 @@ pub fn markdown(outcome: &Outcome) -> String {
         );
     }
     let _ = writeln!(md, "\n## Figures\n");
-    let names: Vec<&str> = outcome.variants.iter().map(|v| v.name.as_str()).collect();
-    let _ = writeln!(md, "| figure | {} |", names.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---:|".repeat(names.len()));
-    let (shown, absent) = figure_rows(outcome);
-    for figure in shown {
-        let cells: Vec<String> = outcome
-            .variants
-            .iter()
-            .map(|v| number(v.figures.get(figure).copied().flatten()))
-            .collect();
-        let _ = writeln!(md, "| {figure} | {} |", cells.join(" | "));
+    let (tables, absent) = figure_tables(outcome);
+    for table in &tables {
+        if let Some(title) = &table.title {
+            let _ = writeln!(md, "### {title}\n");
+        }
+        let _ = writeln!(md, "| {} |", table.header.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---:|".repeat(table.header.len() - 1));
+        for row in &table.rows {
+            let _ = writeln!(md, "| {} |", row.join(" | "));
+        }
+        if table.title.is_some() {
+            let _ = writeln!(md);
+        }
     }
     if !absent.is_empty() {
         let _ = writeln!(md, "\nNo variant has a value for: {}.", absent.join(", "));
+    }
+    if outcome.experiment.is_sweep() {
+        let _ = writeln!(md, "Every figure of every run is in figures.json.");
     }
     let _ = writeln!(md, "\n## Settings\n");
     let settings = Settings::of(e);
@@ -234,34 +346,43 @@ pub fn html(outcome: &Outcome) -> String {
             if v.passed { "pass" } else { "FAIL" }
         );
     }
-    h.push_str("</table><h2>Charts</h2><p>The shaded band is the fault window.</p>");
-    for (_, svg) in charts::svgs(outcome) {
-        let _ = write!(h, "<figure>{svg}</figure>");
+    h.push_str(if outcome.experiment.is_sweep() {
+        "</table><h2>Charts</h2><p>Each point is one run; each map cell is one run of that variant.</p>"
+    } else {
+        "</table><h2>Charts</h2><p>The shaded band is the fault window.</p>"
+    });
+    for chart in charts::svgs(outcome) {
+        let _ = write!(h, "<figure>{}</figure>", chart.svg);
     }
-    h.push_str("<h2>Figures</h2><table><tr><th>figure</th>");
-    for v in &outcome.variants {
-        let _ = write!(h, "<th>{}</th>", escape(&v.name));
-    }
-    h.push_str("</tr>");
-    let (shown, absent) = figure_rows(outcome);
-    for figure in shown {
-        let _ = write!(h, "<tr><td>{figure}</td>");
-        for v in &outcome.variants {
-            let _ = write!(
-                h,
-                "<td class=\"n\">{}</td>",
-                number(v.figures.get(figure).copied().flatten())
-            );
+    h.push_str("<h2>Figures</h2>");
+    let (tables, absent) = figure_tables(outcome);
+    for table in &tables {
+        if let Some(title) = &table.title {
+            let _ = write!(h, "<h3>{}</h3>", escape(title));
+        }
+        h.push_str("<table><tr>");
+        for cell in &table.header {
+            let _ = write!(h, "<th>{}</th>", escape(cell));
         }
         h.push_str("</tr>");
+        for row in &table.rows {
+            let _ = write!(h, "<tr><td>{}</td>", escape(&row[0]));
+            for cell in &row[1..] {
+                let _ = write!(h, "<td class=\"n\">{}</td>", escape(cell));
+            }
+            h.push_str("</tr>");
+        }
+        h.push_str("</table>");
     }
-    h.push_str("</table>");
     if !absent.is_empty() {
         let _ = write!(
             h,
             "<p>No variant has a value for: {}.</p>",
             escape(&absent.join(", "))
         );
+    }
+    if outcome.experiment.is_sweep() {
+        h.push_str("<p>Every figure of every run is in figures.json.</p>");
     }
     h.push_str("<h2>Settings</h2>");
     // Inline code in the Markdown lines becomes <code> here.
@@ -299,67 +420,111 @@ pub fn html(outcome: &Outcome) -> String {
 }
 
 fn figures_json(outcome: &Outcome) -> serde_json::Value {
-    let variants: serde_json::Map<String, serde_json::Value> = outcome
-        .variants
-        .iter()
-        .map(|v| {
-            let figures: serde_json::Map<String, serde_json::Value> = v
-                .figures
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
-                .collect();
-            (
-                v.name.clone(),
-                serde_json::json!({ "figures": figures, "fault": v.record.fault }),
-            )
-        })
-        .collect();
-    serde_json::json!({
-        "experiment": outcome.experiment.name,
-        "title": outcome.experiment.title,
-        "claim": outcome.experiment.claim,
-        "quick": outcome.experiment.quick,
-        "seed": outcome.experiment.seed,
+    let e = &outcome.experiment;
+    let variants_of = |cell: usize| -> serde_json::Map<String, serde_json::Value> {
+        outcome
+            .cell(cell)
+            .map(|v| {
+                let figures: serde_json::Map<String, serde_json::Value> = v
+                    .figures
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+                    .collect();
+                (
+                    v.name.clone(),
+                    serde_json::json!({ "figures": figures, "fault": v.record.fault }),
+                )
+            })
+            .collect()
+    };
+    let mut json = serde_json::json!({
+        "experiment": e.name,
+        "title": e.title,
+        "claim": e.claim,
+        "quick": e.quick,
+        "seed": e.seed,
         "passed": outcome.passed(),
         "hypotheses": outcome.verdicts,
-        "variants": variants,
-    })
+    });
+    if e.is_sweep() {
+        json["sweep"] = e
+            .sweep
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "values": p.values.iter().map(|v| v.text.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json["cells"] = (0..e.cells.len())
+            .map(|c| {
+                let at: serde_json::Map<String, serde_json::Value> = e
+                    .cell_coords(c)
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                serde_json::json!({ "at": at, "variants": variants_of(c) })
+            })
+            .collect();
+    } else {
+        json["variants"] = serde_json::Value::Object(variants_of(0));
+    }
+    json
 }
 
 fn timeline_csv(outcome: &Outcome) -> String {
+    let e = &outcome.experiment;
+    let params: Vec<&str> = e.sweep.iter().map(|p| p.name.as_str()).collect();
     let mut csv = String::new();
     let mut header: Option<Vec<String>> = None;
-    for (name, samples) in outcome
-        .variants
-        .iter()
-        .flat_map(|v| v.record.timelines(&v.name))
-    {
-        for sample in samples {
-            let serde_json::Value::Object(map) = serde_json::to_value(sample).unwrap_or_default()
-            else {
-                continue;
-            };
-            let keys = header.get_or_insert_with(|| {
-                let keys: Vec<String> = map.keys().cloned().collect();
-                let _ = writeln!(csv, "variant,{}", keys.join(","));
-                keys
-            });
-            let cells: Vec<String> = keys
-                .iter()
-                .map(|k| match &map[k] {
-                    serde_json::Value::Null => String::new(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            let _ = writeln!(csv, "{},{}", name, cells.join(","));
+    for v in &outcome.variants {
+        let coords = e.cell_coords(v.cell);
+        for (name, samples) in v.record.timelines(&v.name) {
+            for sample in samples {
+                let serde_json::Value::Object(map) =
+                    serde_json::to_value(sample).unwrap_or_default()
+                else {
+                    continue;
+                };
+                let keys = header.get_or_insert_with(|| {
+                    let keys: Vec<String> = map.keys().cloned().collect();
+                    let lead: Vec<&str> = std::iter::once("variant")
+                        .chain(params.iter().copied())
+                        .collect();
+                    let _ = writeln!(csv, "{},{}", lead.join(","), keys.join(","));
+                    keys
+                });
+                let cells: Vec<String> = keys
+                    .iter()
+                    .map(|k| match &map[k] {
+                        serde_json::Value::Null => String::new(),
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                let lead: Vec<&str> = std::iter::once(name.as_str())
+                    .chain(coords.iter().map(|(_, value)| value.as_str()))
+                    .collect();
+                let _ = writeln!(csv, "{},{}", lead.join(","), cells.join(","));
+            }
         }
     }
     csv
 }
 
-/// Writes the report files into `dir` (created if needed).
-pub fn write(outcome: &Outcome, dir: &Path) -> anyhow::Result<()> {
+/// The first 16 hex digits of a text's SHA-256: enough to tell two runs
+/// apart at a glance, short enough to read out.
+pub fn digest(text: &str) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(text.as_bytes());
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes the report files into `dir` (created if needed) and returns a
+/// line with the digests of `figures.json` and `timeline.csv`, for two
+/// people to compare their runs.
+pub fn write(outcome: &Outcome, dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let write = |name: &str, text: String| {
         std::fs::write(dir.join(name), text)
@@ -368,21 +533,17 @@ pub fn write(outcome: &Outcome, dir: &Path) -> anyhow::Result<()> {
     write("report.md", markdown(outcome))?;
     write("report.html", html(outcome))?;
     // Each chart on its own too, for documents that show one.
-    for (title, svg) in charts::svgs(outcome) {
-        let slug: String = title
-            .split(':')
-            .next()
-            .unwrap_or(title)
-            .to_lowercase()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join("-");
-        write(&format!("chart-{slug}.svg"), svg)?;
+    for chart in charts::svgs(outcome) {
+        write(&format!("chart-{}.svg", chart.slug), chart.svg)?;
     }
-    write(
-        "figures.json",
-        serde_json::to_string_pretty(&figures_json(outcome))?,
-    )?;
-    write("timeline.csv", timeline_csv(outcome))?;
-    Ok(())
+    let figures = serde_json::to_string_pretty(&figures_json(outcome))?;
+    let timeline = timeline_csv(outcome);
+    let line = format!(
+        "digest: figures.json {}, timeline.csv {} (the first 16 hex digits of their SHA-256)",
+        digest(&figures),
+        digest(&timeline)
+    );
+    write("figures.json", figures)?;
+    write("timeline.csv", timeline)?;
+    Ok(line)
 }

@@ -1,7 +1,8 @@
-//! Running an experiment: each variant on a fresh in-process service built
-//! by the composition root on port 0, driven by the built-in traffic
-//! generator, with the timeline recorded; variants one after another with
-//! the same seed.
+//! Running an experiment: each variant (in each cell of a sweep) on a fresh
+//! in-process service built by the composition root, driven by the
+//! built-in traffic generator, with the timeline recorded; every run with
+//! the same seed. On the virtual clock (`simulated`) the runs go on their
+//! own threads; on the real clock one after another, over loopback.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,7 +12,9 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use super::figures::{self, FaultWindow, Figures, RunRecord};
-use super::file::{Experiment, FaultMark, Step, Variant};
+use super::file::{Clock, Experiment, FaultMark, Step, Variant};
+use super::hypothesis::Scope;
+use super::sweep::Param;
 use crate::app::{App, AppHandles};
 use crate::lab::{LoadOutcomes, LoadPlan};
 use crate::observability::latency::Snapshot;
@@ -19,12 +22,16 @@ use crate::observability::latency::Snapshot;
 /// The longest wait for the orders in flight to finish after the traffic.
 pub(super) const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
-/// One variant's outcome.
+/// One variant's outcome, in one cell.
 #[derive(Debug, Clone)]
 pub struct VariantResult {
     pub name: String,
+    /// The cell it ran in (0 without a sweep).
+    pub cell: usize,
     pub record: RunRecord,
     pub figures: Figures,
+    /// How long the run lasted on its own clock, drain included.
+    pub ran_for: Duration,
 }
 
 fn apply(step: &Step, h: &AppHandles) -> anyhow::Result<()> {
@@ -76,13 +83,26 @@ pub(super) fn check_traffic(
     Ok(())
 }
 
-/// Runs one variant. `progress` gets a line now and then.
+/// How a run is watched: the real clock's runs say where they are every
+/// two seconds; simulated ones are watched from outside, a line per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Periodic,
+    Quiet,
+}
+
+/// Runs one variant of one cell. Built `in_memory`, the service serves
+/// over in-memory connections only (what a paused clock needs).
 pub async fn run_variant(
     experiment: &Experiment,
+    cell: usize,
     variant: &Variant,
     database_url: Option<&str>,
+    in_memory: bool,
+    report: Progress,
     progress: &mut (dyn Write + Send),
 ) -> anyhow::Result<VariantResult> {
+    let schedule = &experiment.cells[cell].schedule;
     let mut config = variant.config.clone();
     config.listen_addr = "127.0.0.1:0".parse().expect("an address");
     config.payment_seed = Some(experiment.seed);
@@ -91,7 +111,12 @@ pub async fn run_variant(
     config.load_duration = None;
     // The whole run and its drain stay in the ring.
     config.timeline_retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
-    let app = App::build(config)
+    let mut builder = App::builder(config);
+    if in_memory {
+        builder = builder.in_memory();
+    }
+    let app = builder
+        .build()
         .await
         .with_context(|| format!("variant {}: the service did not build", variant.name))?;
     let h = app.handles().clone();
@@ -108,14 +133,18 @@ pub async fn run_variant(
     let mut fault_start: Option<(f64, Snapshot)> = None;
     let mut fault_end: Option<(f64, Snapshot)> = None;
     let mut next_report = start;
-    let mut steps = experiment.schedule.iter().peekable();
+    let mut steps = schedule.iter().peekable();
     let end = start + experiment.duration;
     loop {
         let due = steps.peek().map_or(end, |s| (start + s.at).min(end));
-        let wake = due.min(next_report);
+        let wake = if report == Progress::Periodic {
+            due.min(next_report)
+        } else {
+            due
+        };
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
-        if now >= next_report {
+        if report == Progress::Periodic && now >= next_report {
             let totals = h.metrics.totals();
             let _ = writeln!(
                 progress,
@@ -203,6 +232,7 @@ pub async fn run_variant(
         replicas: Vec::new(),
         takeover: None,
     };
+    let ran_for = start.elapsed();
     let _ = stop.send(());
     server
         .await
@@ -211,8 +241,10 @@ pub async fn run_variant(
     let figures = figures::compute(&record);
     Ok(VariantResult {
         name: variant.name.clone(),
+        cell,
         record,
         figures,
+        ran_for,
     })
 }
 
@@ -221,83 +253,195 @@ pub async fn run_variant(
 pub struct Verdict {
     pub claim: String,
     pub expr: String,
-    /// Each figure the expression reads, as measured.
+    /// Each figure the expression reads (and each function's result), as
+    /// measured.
     pub values: Vec<(String, Option<f64>)>,
     pub passed: bool,
 }
 
-/// Every variant's result and every verdict.
+/// How fast a simulated run went: the time its services lived through
+/// against the wall-clock time it took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    pub simulated: Duration,
+    pub wall: Duration,
+    pub threads: usize,
+}
+
+impl Speed {
+    /// `simulated 160 s in 3.1 s (52×, 2 threads)`.
+    pub fn line(&self) -> String {
+        let wall = self.wall.as_secs_f64().max(0.001);
+        format!(
+            "simulated {:.0} s in {:.1} s ({:.0}×, {} thread{})",
+            self.simulated.as_secs_f64(),
+            wall,
+            self.simulated.as_secs_f64() / wall,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// Every run's result and every verdict.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub experiment: Experiment,
+    /// Every run: each cell's variants in turn, cells in run order.
     pub variants: Vec<VariantResult>,
     pub verdicts: Vec<Verdict>,
+    /// On the virtual clock, how fast it went.
+    pub speed: Option<Speed>,
 }
 
 impl Outcome {
     pub fn passed(&self) -> bool {
         self.verdicts.iter().all(|v| v.passed)
     }
-}
 
-/// Runs every variant in turn, then judges the hypotheses. Replicas are
-/// processes of this program's own executable.
-pub async fn run(
-    experiment: &Experiment,
-    database_url: Option<&str>,
-    progress: &mut (dyn Write + Send),
-) -> anyhow::Result<Outcome> {
-    let binary = std::env::current_exe().context("cannot find this program's executable")?;
-    run_using(experiment, database_url, &binary, progress).await
-}
-
-/// `run`, with replicas started from `binary`.
-pub async fn run_using(
-    experiment: &Experiment,
-    database_url: Option<&str>,
-    binary: &Path,
-    progress: &mut (dyn Write + Send),
-) -> anyhow::Result<Outcome> {
-    let mut variants = Vec::new();
-    for variant in &experiment.variants {
-        let _ = writeln!(progress, "{}: variant {}", experiment.name, variant.name);
-        let result = if experiment.needs_postgres() {
-            let url = database_url.with_context(|| {
-                format!(
-                    "{} runs {} replicas, which share their orders through Postgres: give --database-url",
-                    experiment.name, experiment.replicas
-                )
-            })?;
-            super::replicas::run_variant(experiment, variant, url, binary, progress).await?
-        } else {
-            run_variant(experiment, variant, database_url, progress).await?
-        };
-        variants.push(result);
-    }
-    let lookup = |figure: &str, variant: &str| -> Option<f64> {
-        variants
+    /// A variant's result in a cell.
+    pub fn result(&self, variant: &str, cell: usize) -> Option<&VariantResult> {
+        self.variants
             .iter()
-            .find(|v| v.name == variant)
+            .find(|v| v.cell == cell && v.name == variant)
+    }
+
+    /// The results of one cell, in the file's order of variants.
+    pub fn cell(&self, cell: usize) -> impl Iterator<Item = &VariantResult> {
+        self.variants.iter().filter(move |v| v.cell == cell)
+    }
+}
+
+/// Figures as hypotheses read them.
+struct Measured<'a> {
+    experiment: &'a Experiment,
+    variants: &'a [VariantResult],
+}
+
+impl Scope for Measured<'_> {
+    fn params(&self) -> &[Param] {
+        &self.experiment.sweep
+    }
+
+    fn figure(&self, figure: &str, variant: &str, at: &[(String, String)]) -> Option<f64> {
+        let cell = self.experiment.find_cell(at)?;
+        self.variants
+            .iter()
+            .find(|v| v.cell == cell && v.name == variant)
             .and_then(|v| v.figures.get(figure).copied().flatten())
+    }
+}
+
+/// Judges every hypothesis against the runs' figures.
+pub fn judge(experiment: &Experiment, variants: &[VariantResult]) -> Vec<Verdict> {
+    let scope = Measured {
+        experiment,
+        variants,
     };
-    let verdicts = experiment
+    experiment
         .hypotheses
         .iter()
         .map(|h| Verdict {
             claim: h.claim.clone(),
             expr: h.text.clone(),
-            values: h
-                .expr
-                .references()
-                .into_iter()
-                .map(|(f, v)| (format!("{f}[{v}]"), lookup(f, v)))
-                .collect(),
-            passed: h.expr.eval(&lookup) == 1.0,
+            values: h.expr.readings(&scope),
+            passed: h.expr.eval(&scope) == 1.0,
         })
-        .collect();
+        .collect()
+}
+
+/// Runs every variant in every cell, then judges the hypotheses. Replicas
+/// are processes of this program's own executable.
+pub async fn run(
+    experiment: &Experiment,
+    database_url: Option<&str>,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Outcome> {
+    run_with(
+        experiment,
+        database_url,
+        super::simulated::default_threads(),
+        progress,
+    )
+    .await
+}
+
+/// `run`, with `threads` simulated runs at once (virtual clock).
+pub async fn run_with(
+    experiment: &Experiment,
+    database_url: Option<&str>,
+    threads: usize,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Outcome> {
+    let binary = std::env::current_exe().context("cannot find this program's executable")?;
+    run_using(experiment, database_url, &binary, threads, progress).await
+}
+
+/// `run`, with replicas started from `binary` and `threads` simulated runs
+/// at once.
+pub async fn run_using(
+    experiment: &Experiment,
+    database_url: Option<&str>,
+    binary: &Path,
+    threads: usize,
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Outcome> {
+    // The virtual clock is for the memory store: Postgres's pool times out
+    // by the wall clock, and replicas are processes.
+    if experiment.clock == Clock::Virtual && database_url.is_none() && !experiment.needs_postgres()
+    {
+        let (variants, speed) = super::simulated::run_all(experiment, threads, progress).await?;
+        let verdicts = judge(experiment, &variants);
+        return Ok(Outcome {
+            experiment: experiment.clone(),
+            variants,
+            verdicts,
+            speed: Some(speed),
+        });
+    }
+    let mut variants = Vec::new();
+    for (c, cell) in experiment.cells.iter().enumerate() {
+        for variant in &cell.variants {
+            let label = experiment.cell_label(c);
+            let _ = writeln!(
+                progress,
+                "{}: variant {}{}",
+                experiment.name,
+                variant.name,
+                if label.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({label})")
+                }
+            );
+            let result = if experiment.needs_postgres() {
+                let url = database_url.with_context(|| {
+                    format!(
+                        "{} runs {} replicas, which share their orders through Postgres: give --database-url",
+                        experiment.name, experiment.replicas
+                    )
+                })?;
+                super::replicas::run_variant(experiment, variant, url, binary, progress).await?
+            } else {
+                run_variant(
+                    experiment,
+                    c,
+                    variant,
+                    database_url,
+                    false,
+                    Progress::Periodic,
+                    progress,
+                )
+                .await?
+            };
+            variants.push(result);
+        }
+    }
+    let verdicts = judge(experiment, &variants);
     Ok(Outcome {
         experiment: experiment.clone(),
         variants,
         verdicts,
+        speed: None,
     })
 }

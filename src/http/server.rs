@@ -31,12 +31,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::Api;
+use crate::transport::{Connection, Listener};
 use axum::body::Body;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ pub struct BodyTimedOut(pub Duration);
 /// connections finish as described in the module doc and returns once they
 /// have. Dropping the future closes every connection at once.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Listener,
     router: Api,
     timeouts: Timeouts,
     stop: CancellationToken,
@@ -77,15 +77,17 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let mut last_accept_error: Option<Instant> = None;
     loop {
+        // In a fixed order (tokio picks at random otherwise): a simulated
+        // run must take the same branch every time two are ready at once.
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
             // Reap finished connections as we go, so the set stays small.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => {
-                stream.set_nodelay(true).ok();
+            Ok(stream) => {
                 connections.spawn(connection(stream, router.clone(), timeouts, stop.clone()));
             }
             Err(err) => {
@@ -135,7 +137,7 @@ impl ConnState {
     }
 }
 
-async fn connection(stream: TcpStream, router: Api, timeouts: Timeouts, stop: CancellationToken) {
+async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: CancellationToken) {
     // A token of its own: every connection waiting on the shared one would
     // take the shared token's lock each time its connection woke.
     let stop = stop.child_token();
@@ -349,7 +351,7 @@ impl HttpBody for TimedBody {
 
 /// The socket, noting when bytes move either way.
 struct Tracked {
-    inner: TcpStream,
+    inner: Connection,
     state: Arc<ConnState>,
 }
 

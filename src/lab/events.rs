@@ -113,7 +113,7 @@ impl Feed {
     /// Records a change and tells every listener.
     pub fn publish(&self, kind: ChangeKind, summary: impl Into<String>, detail: serde_json::Value) {
         let change = Arc::new(Change {
-            at: Utc::now(),
+            at: crate::clock::now(),
             t: self.clock(),
             kind,
             summary: summary.into(),

@@ -139,7 +139,7 @@ impl Sample {
         Self {
             seq,
             t: round3(t),
-            at: Utc::now(),
+            at: crate::clock::now(),
             interval: round3(secs),
             accepted_per_s: per_s(p.accepted, n.accepted),
             rejected_per_s: per_s(p.rejected, n.rejected),
@@ -327,6 +327,9 @@ impl Timeline {
         let mut seq = 0;
         loop {
             tokio::select! {
+                // Stop first: the last sample must not depend on tokio's
+                // random pick when both are ready at once.
+                biased;
                 _ = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }

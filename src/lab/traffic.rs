@@ -18,7 +18,6 @@
 //! Requests go over real connections (kept alive, opened as needed), so they
 //! pass through the same HTTP stack, logs and metrics as a user's.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use super::events::{ChangeKind, Feed};
 use crate::observability::metrics::{LoadMetrics, LOAD_OUTCOMES};
+use crate::transport::Target;
 use crate::units::HumanDuration;
 
 pub use crate::config::{LOAD_RATE_MAX as MAX_RATE, LOAD_RATE_MIN as MIN_RATE};
@@ -284,7 +284,7 @@ struct Run {
 
 /// Keep-alive connections to the service, opened as needed.
 struct Connections {
-    target: SocketAddr,
+    target: Target,
     idle: Mutex<Vec<SendRequest<Body>>>,
     closed: AtomicBool,
     tasks: TaskTracker,
@@ -300,8 +300,7 @@ impl Connections {
                 return Ok(sender);
             }
         }
-        let stream = tokio::net::TcpStream::connect(self.target).await?;
-        stream.set_nodelay(true)?;
+        let stream = self.target.connect().await?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // The connection runs until its sender is dropped or the server closes it.
@@ -330,7 +329,7 @@ impl Connections {
         let attempt = async {
             let mut sender = self.take().await?;
             let mut request = axum::http::Request::post("/orders")
-                .header("host", self.target.to_string())
+                .header("host", self.target.host())
                 .header("content-type", "application/json")
                 .header("user-agent", "reliability-lab-load");
             if let Some(key) = key {
@@ -404,23 +403,16 @@ impl std::fmt::Debug for Traffic {
 }
 
 impl Traffic {
-    /// A generator that sends to `target` (the service's own listener; an
-    /// unspecified address is reached over loopback). With a seed, the
-    /// customers and amounts of each run are the same every time.
+    /// A generator that sends to `target` (the service's own listener, or
+    /// its in-memory one). With a seed, the customers and amounts of each
+    /// run, and its Idempotency-Keys, are the same every time.
     pub fn new(
-        target: SocketAddr,
+        target: Target,
         metrics: LoadMetrics,
         feed: Arc<Feed>,
         seed: Option<u64>,
         client: ClientBehaviour,
     ) -> Self {
-        let mut target = target;
-        if target.ip().is_unspecified() {
-            target.set_ip(match target {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
         let tasks = TaskTracker::new();
         Self {
             connections: Arc::new(Connections {
@@ -710,8 +702,12 @@ async fn generate(
         }
         // Everything due by now goes at once: timers tick in milliseconds,
         // and at high rates several requests share a tick.
+        // The request slept for is due whatever the rounding says: at
+        // exactly its time (a paused clock wakes there), `elapsed * rate`
+        // can come out a hair below `sent`, and without the `max` the loop
+        // would wake at once, send nothing and never let the clock move.
         let elapsed = Instant::now().duration_since(started).as_secs_f64();
-        let mut due = (elapsed * plan.rate).floor() as u64 + 1;
+        let mut due = ((elapsed * plan.rate).floor() as u64 + 1).max(sent + 1);
         if let Some(t) = total {
             due = due.min(t);
         }
@@ -734,6 +730,7 @@ async fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn rates_and_durations_outside_the_bounds_are_refused_by_name() {
@@ -758,7 +755,7 @@ mod tests {
         let metrics = crate::observability::Metrics::new();
         let feed = Arc::new(Feed::new(Instant::now()));
         Traffic::new(
-            "127.0.0.1:1".parse().unwrap(),
+            Target::Tcp("127.0.0.1:1".parse().unwrap()),
             metrics.load(),
             feed,
             Some(1),
@@ -785,6 +782,56 @@ mod tests {
         let after = traffic.status();
         assert_eq!(after.sent, 11, "nothing is sent after a stop");
         assert_eq!(after.outcomes.transport_error, 11);
+    }
+
+    /// On a paused clock the generator wakes exactly at a request's due
+    /// time, where `elapsed * rate` may round to just below it. It must
+    /// still send that request and go on: were it to wake and send nothing,
+    /// it would never wait again and the clock would never move. The run
+    /// goes on a thread of its own so that a hang fails the test (after a
+    /// generous wall-clock wait) instead of hanging the suite.
+    #[test]
+    fn on_a_paused_clock_every_rate_sends_its_requests_and_lets_time_move() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let sent: Vec<u64> = runtime.block_on(async {
+                let mut sent = Vec::new();
+                for rate in [3.0, 7.0, 30.0, 40.0, 50.0, 300.0] {
+                    let traffic = unanswered_in_memory();
+                    let plan = LoadPlan::new(rate, Some(Duration::from_secs(2))).unwrap();
+                    traffic.start(plan).unwrap();
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    sent.push(traffic.status().sent);
+                }
+                sent
+            });
+            let _ = done.send(sent);
+        });
+        let sent = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the generator spun without letting the paused clock move");
+        assert_eq!(sent, [6, 14, 60, 80, 100, 600]);
+    }
+
+    /// A generator whose target refuses every connection at once, without
+    /// a socket (a paused clock must not wait on one).
+    fn unanswered_in_memory() -> Traffic {
+        let metrics = crate::observability::Metrics::new();
+        let feed = Arc::new(Feed::new(Instant::now()));
+        let (connector, listener) = crate::transport::memory();
+        drop(listener);
+        Traffic::new(
+            Target::Memory(connector),
+            metrics.load(),
+            feed,
+            Some(1),
+            ClientBehaviour::default(),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -924,7 +971,7 @@ mod tests {
     async fn one_order(addr: SocketAddr, client: ClientBehaviour) -> LoadStatus {
         let metrics = crate::observability::Metrics::new();
         let feed = Arc::new(Feed::new(Instant::now()));
-        let traffic = Traffic::new(addr, metrics.load(), feed, Some(1), client);
+        let traffic = Traffic::new(Target::Tcp(addr), metrics.load(), feed, Some(1), client);
         traffic
             .start(LoadPlan::new(1.0, Some(Duration::from_millis(500))).unwrap())
             .unwrap();
@@ -999,7 +1046,7 @@ mod tests {
             retry_delay: HumanDuration(Duration::from_secs(30)),
             ..client(5, false, REQUEST_TIMEOUT)
         };
-        let traffic = Traffic::new(addr, metrics.load(), feed, Some(1), slow);
+        let traffic = Traffic::new(Target::Tcp(addr), metrics.load(), feed, Some(1), slow);
         traffic.start(LoadPlan::new(1.0, None).unwrap()).unwrap();
         while seen.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -203,7 +203,7 @@ impl GroupCommit {
             .send(PendingMove {
                 id,
                 change: change.clone(),
-                at: Utc::now().trunc_subsecs(6),
+                at: crate::clock::now().trunc_subsecs(6),
                 reply,
             })
             .map_err(|_| StoreError::Unavailable("the order writer has stopped".into()))?;

@@ -170,8 +170,10 @@ impl MemoryStore {
         shard.insert(order.id, Box::new(order.clone()));
         let key: Arc<str> = Arc::from(key);
         keys.by_order.insert(order.id, key.clone());
-        keys.by_key
-            .insert(key, (request_digest.to_owned(), order.id, Utc::now()));
+        keys.by_key.insert(
+            key,
+            (request_digest.to_owned(), order.id, crate::clock::now()),
+        );
         Ok(KeyedInsert::Created)
     }
 }
@@ -243,7 +245,7 @@ impl OrderRepository for MemoryStore {
         if let Some(reason) = &change.last_error {
             order.last_error = Some(reason.clone());
         }
-        order.updated_at = Utc::now().trunc_subsecs(6);
+        order.updated_at = crate::clock::now().trunc_subsecs(6);
         let updated = Order::clone(order);
         drop(shard);
         if updated.status.is_terminal() {
@@ -265,7 +267,8 @@ impl OrderRepository for MemoryStore {
     }
 
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {
-        let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        let cutoff =
+            crate::clock::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
         let mut keys = self.keys.write().map_err(|_| poisoned())?;
         let Keys { by_key, by_order } = &mut *keys;
         let before = by_key.len();

@@ -439,7 +439,7 @@ impl OrderRepository for PostgresStore {
         // One statement moves the order, if it is in the expected status and
         // the lease allows it, and keeps the lease history in step. A
         // statement per kind of move (see `MoveKind`).
-        let at = Utc::now().trunc_subsecs(6);
+        let at = crate::clock::now().trunc_subsecs(6);
         let attempts = change
             .attempts
             .map(|a| i32::try_from(a).unwrap_or(i32::MAX));

@@ -3,7 +3,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Deserialize;
@@ -144,7 +143,7 @@ impl Service {
             QueueError::Closed => OrderError::ShuttingDown,
         })?;
         let request_digest = idempotency_key.map(|_| digest(&new));
-        let order = Order::new(self.next_id(), new, Utc::now());
+        let order = Order::new(self.next_id(), new, crate::clock::now());
         tracing::Span::current().record("order_id", tracing::field::display(order.id));
         // Stored and queued in a task of its own, so that a caller who goes
         // away mid-write (a closed connection drops the request's future)

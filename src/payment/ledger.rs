@@ -75,7 +75,7 @@ fn charge(request: &ChargeRequest, key: Option<&str>) -> Charge {
         idempotency_key: key.map(str::to_owned),
         amount: request.amount,
         currency: request.currency.clone(),
-        created_at: Utc::now().trunc_subsecs(6),
+        created_at: crate::clock::now().trunc_subsecs(6),
     }
 }
 

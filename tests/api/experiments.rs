@@ -1,43 +1,43 @@
 //! The lab's claims, as the shipped experiments state them, in their quick
-//! profile: a change that breaks a claim fails here. These run on the wall
-//! clock (each variant is a real service with real traffic) and take a few
-//! seconds each; the hypotheses compare variants, never speeds. A failed
-//! claim is run once more (see `claims_hold`).
+//! profile: a change that breaks a claim fails here. In-memory experiments
+//! run on the virtual clock (each variant's whole service on a paused tokio
+//! clock), so a run is the same every time: each is run twice and its
+//! figures.json and timeline.csv must match byte for byte. The crash
+//! experiment's replicas and the Postgres runs keep the real clock.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use reliability_lab::experiment;
 
-/// Experiments measure timing on the wall clock: two at once on two cores
-/// distort each other (seen: the crash experiment's replicas, starved by a
-/// 500 orders/s experiment beside them, held no order at the kill). They
-/// take turns; the rest of the suite still runs beside them.
+/// Real-clock experiments measure timing on the wall clock: two at once on
+/// two cores distort each other (seen: the crash experiment's replicas,
+/// starved by a 500 orders/s experiment beside them, held no order at the
+/// kill). They take turns; simulated runs need no turn.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn claims_hold(name: &str) {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("experiments")
-        .join(format!("{name}.toml"));
-    let e = experiment::load(&path, true).unwrap();
+        .join(format!("{name}.toml"))
+}
+
+/// A directory of its own under the system's temporary one.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("reliability-lab-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+async fn claims_hold(name: &str) {
+    let e = experiment::load(&shipped(name), true).unwrap();
+    assert_eq!(e.clock, experiment::Clock::Virtual);
     let mut progress = Vec::new();
-    let mut outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
-    if !outcome.passed() {
-        // A claim is a statement about random runs on the wall clock of a
-        // shared machine: one run in many can land in its tail (a run of
-        // five failures that comes late). A broken claim fails both runs;
-        // the first failure is printed so a one-off is still on record.
-        eprintln!(
-            "{name}: a claim failed, running it once more\n{}",
-            failed_claims(&outcome)
-        );
-        outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
-    }
+    let outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
     let report = experiment::report::markdown(&outcome);
     assert!(
         outcome.passed(),
-        "{name}: a claim failed twice\n{}\n{report}",
+        "{name}: a claim failed\n{}\n{report}",
         failed_claims(&outcome)
     );
     assert!(!outcome.verdicts.is_empty());
@@ -48,10 +48,33 @@ async fn claims_hold(name: &str) {
             v.name
         );
     }
+    let progress = String::from_utf8_lossy(&progress);
+    let runs = outcome.variants.len();
     assert!(
-        String::from_utf8_lossy(&progress).contains("variant"),
-        "progress names the variants"
+        progress.contains(&format!("[{runs}/{runs}]")),
+        "progress counts the runs: {progress}"
     );
+    assert!(
+        outcome.speed.is_some(),
+        "a simulated run says how fast it went"
+    );
+
+    // Exact replay: the same file and seed write the same files.
+    let again = experiment::run::run(&e, None, &mut std::io::sink())
+        .await
+        .unwrap();
+    let (first, second) = (scratch(&format!("{name}-1")), scratch(&format!("{name}-2")));
+    let digest = experiment::report::write(&outcome, &first).unwrap();
+    assert_eq!(experiment::report::write(&again, &second).unwrap(), digest);
+    for file in ["figures.json", "timeline.csv"] {
+        let (a, b) = (
+            std::fs::read(first.join(file)).unwrap(),
+            std::fs::read(second.join(file)).unwrap(),
+        );
+        assert!(a == b, "{name}: two runs wrote different {file}");
+    }
+    let _ = std::fs::remove_dir_all(&first);
+    let _ = std::fs::remove_dir_all(&second);
 }
 
 /// The failed hypotheses with the figures they read, first in a failure's
@@ -81,42 +104,52 @@ fn failed_claims(outcome: &experiment::run::Outcome) -> String {
         .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_outage_experiments_claims_hold() {
     claims_hold("outage").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_double_charge_experiments_claims_hold() {
     claims_hold("double-charge").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_retry_budget_experiments_claims_hold() {
     claims_hold("retry-budget").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_half_open_experiments_claims_hold() {
     claims_hold("half-open").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_brownout_timeout_experiments_claims_hold() {
     claims_hold("brownout-timeout").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_metastable_experiments_claims_hold() {
     claims_hold("metastable").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn the_flapping_experiments_claims_hold() {
     claims_hold("flapping").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
+async fn the_flapping_curve_experiments_claims_hold() {
+    claims_hold("flapping-curve").await;
+}
+
+#[tokio::test]
+async fn the_metastable_map_experiments_claims_hold() {
+    claims_hold("metastable-map").await;
+}
+
+#[tokio::test]
 async fn the_slow_calls_experiments_claims_hold() {
     claims_hold("slow-calls").await;
 }
@@ -218,79 +251,209 @@ fn the_command_line_lists_runs_and_reports_and_says_what_is_wrong_with_a_file() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Variants that differ only in their rate make a curve: the report adds
-/// the completed share and the breaker's openings against the rate, one
-/// line per set of settings, a point per rate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn variants_at_several_rates_are_charted_against_the_rate() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let text = r#"
+/// A sweep over one parameter: every variant runs at every value, the
+/// hypotheses name cells and read shapes, and the report draws each
+/// `[[charts]]` figure against the parameter, one line per variant.
+const CURVE: &str = r#"
 title = "Rates"
-claim = "every order completes"
+claim = "the breaker opens more often the more traffic it carries"
+[base]
+PAYMENT_FAILURE_RATE = 0.3
+PAYMENT_LATENCY_MIN = "1ms"
+PAYMENT_LATENCY_MAX = "2ms"
+RETRY_INITIAL_INTERVAL = "10ms"
+BREAKER_OPEN_DURATION = "1s"
+WORKER_COUNT = 20
+[[variants]]
+name = "consecutive"
+[[variants]]
+name = "no_breaker"
+settings = { BREAKER_ENABLED = false }
+[traffic]
+rate = 10
+duration = "4s"
+[[sweep]]
+name = "rate"
+values = [5, 50, 500]
+[[charts]]
+figure = "success_ratio"
+[[charts]]
+figure = "breaker_opened"
+title = "Openings against the rate"
+[[hypotheses]]
+claim = "without a breaker nothing is lost to it"
+expr = "count(success_ratio[no_breaker] < 0.9) == 0"
+[[hypotheses]]
+claim = "at 500 orders/s the breaker opens"
+expr = "breaker_opened[consecutive, rate=500] > 0"
+[[hypotheses]]
+claim = "the lowest rate at which it completes under 90%"
+expr = "smallest(rate, success_ratio[consecutive] < 0.9) >= 50"
+"#;
+
+#[tokio::test]
+async fn a_sweep_runs_every_variant_in_every_cell_and_draws_a_figure_against_it() {
+    let e = experiment::file::parse("rates", CURVE, false).unwrap();
+    assert_eq!(e.cells.len(), 3);
+    let mut progress = Vec::new();
+    let outcome = experiment::run::run(&e, None, &mut progress).await.unwrap();
+    let report = experiment::report::markdown(&outcome);
+    assert!(outcome.passed(), "{}\n{report}", failed_claims(&outcome));
+    assert_eq!(outcome.variants.len(), 6);
+    let accepted: Vec<f64> = (0..3)
+        .map(|c| outcome.result("no_breaker", c).unwrap().figures["accepted"].unwrap())
+        .collect();
+    assert_eq!(accepted, [20.0, 200.0, 2000.0], "each cell at its own rate");
+    let progress = String::from_utf8_lossy(&progress);
+    assert!(
+        progress.contains("[6/6]") && progress.contains("rate=500"),
+        "{progress}"
+    );
+    // The verdict shows what the shape came to.
+    let shape = &outcome.verdicts[2];
+    assert!(
+        shape.values[0].0.starts_with("smallest(rate, "),
+        "{shape:?}"
+    );
+    assert!(shape.values[0].1.is_some_and(|r| r >= 50.0), "{shape:?}");
+
+    let charts = experiment::charts::svgs(&outcome);
+    let titles: Vec<&str> = charts.iter().map(|c| c.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        ["success_ratio against rate", "Openings against the rate"]
+    );
+    for chart in &charts {
+        assert_eq!(chart.svg.matches("<circle").count(), 6, "a point per run");
+        assert!(chart.svg.contains("consecutive") && chart.svg.contains("no_breaker"));
+        assert!(
+            chart.svg.contains("log scale"),
+            "5 to 500 reads on a log scale"
+        );
+    }
+    assert!(
+        report.contains("### success_ratio") && report.contains("| rate=50 |"),
+        "{report}"
+    );
+
+    let dir = scratch("curve");
+    experiment::report::write(&outcome, &dir).unwrap();
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("figures.json")).unwrap()).unwrap();
+    assert_eq!(
+        figures["sweep"][0]["values"],
+        serde_json::json!(["5", "50", "500"])
+    );
+    assert_eq!(figures["cells"][2]["at"]["rate"], "500");
+    assert_eq!(
+        figures["cells"][2]["variants"]["no_breaker"]["figures"]["accepted"],
+        2000.0
+    );
+    let csv = std::fs::read_to_string(dir.join("timeline.csv")).unwrap();
+    assert!(csv.starts_with("variant,rate,"), "{}", &csv[..80]);
+    assert!(csv.lines().any(|l| l.starts_with("consecutive,500,")));
+    assert!(dir.join("chart-sweep-success_ratio.svg").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two swept parameters draw a map per variant, each cell a run with its
+/// value written in it and coloured by the map's verdict; a schedule reads
+/// a parameter as `$name`.
+const MAP: &str = r#"
+title = "A map"
+claim = "outages longer than the open period cost more"
 [base]
 PAYMENT_FAILURE_RATE = 0
 PAYMENT_LATENCY_MIN = "1ms"
 PAYMENT_LATENCY_MAX = "2ms"
+BREAKER_OPEN_DURATION = "500ms"
 [[variants]]
-name = "plain_5"
-rate = 5
+name = "both"
 [[variants]]
-name = "plain_20"
-rate = 20
-[[variants]]
-name = "plain_80"
-rate = 80
-[[variants]]
-name = "other"
-settings = { WORKER_COUNT = 2 }
+name = "retry_only"
+settings = { BREAKER_ENABLED = false }
 [traffic]
-rate = 10
-duration = "1s"
+rate = 40
+duration = "3s"
+[[sweep]]
+name = "RETRY_MAX_ATTEMPTS"
+values = [1, 3]
+[[sweep]]
+name = "outage"
+values = ["500ms", "1500ms"]
+[[schedule]]
+at = "500ms"
+fault = "start"
+payment = { mode = "outage" }
+[[schedule]]
+at = "$outage"
+fault = "end"
+payment = { mode = "normal" }
+[[maps]]
+figure = "success_ratio"
+verdict = "success_ratio >= 0.75"
 [[hypotheses]]
-claim = "all complete"
-expr = "success_ratio[plain_5] == 1 and success_ratio[plain_80] == 1"
+claim = "a longer outage fails more orders"
+expr = "count(success_ratio[retry_only, outage=1500ms] < success_ratio[retry_only, outage=500ms]) == 2"
 "#;
-    let e = experiment::file::parse("rates", text, false).unwrap();
-    let outcome = experiment::run::run(&e, None, &mut std::io::sink())
-        .await
-        .unwrap();
-    assert!(
-        outcome.passed(),
-        "{}",
-        experiment::report::markdown(&outcome)
-    );
-    let charts = experiment::charts::svgs(&outcome);
-    let titles: Vec<&str> = charts.iter().map(|(t, _)| *t).collect();
-    let curve = charts
-        .iter()
-        .find(|(t, _)| *t == "Completed share against offered rate")
-        .unwrap_or_else(|| panic!("no rate chart in {titles:?}"));
-    assert!(titles.contains(&"Breaker openings per minute against offered rate"));
-    // One group ("plain", three rates); "other" has one rate and is left out.
-    assert_eq!(curve.1.matches("<circle").count(), 3, "{}", curve.1);
-    assert!(
-        curve.1.contains(">\nplain\n<"),
-        "the legend names the group"
-    );
-    assert!(!curve.1.contains(">\nother\n<"));
-    assert!(curve.1.contains("log scale"));
 
-    // Two rates are no curve.
-    let two = text
-        .replace("[[variants]]\nname = \"plain_80\"\nrate = 80\n", "")
-        .replace(" and success_ratio[plain_80] == 1", "");
-    let e = experiment::file::parse("rates", &two, true).unwrap();
+#[tokio::test]
+async fn a_two_parameter_sweep_draws_a_map_per_variant() {
+    let e = experiment::file::parse("map", MAP, false).unwrap();
+    assert_eq!(e.cells.len(), 4);
+    // The cell's value reached both the settings and the schedule.
+    assert_eq!(e.cells[3].variants[0].config.retry_max_attempts, 3);
+    assert_eq!(
+        e.cells[3].schedule[1].at,
+        std::time::Duration::from_millis(1500)
+    );
     let outcome = experiment::run::run(&e, None, &mut std::io::sink())
         .await
         .unwrap();
-    assert!(experiment::charts::svgs(&outcome)
-        .iter()
-        .all(|(t, _)| !t.contains("against offered rate")));
+    assert!(outcome.passed(), "{}", failed_claims(&outcome));
+    let charts = experiment::charts::svgs(&outcome);
+    assert_eq!(charts.len(), 2, "a map per variant");
+    assert_eq!(charts[1].slug, "map-success_ratio-retry_only");
+    let map = &charts[0].svg;
+    assert!(
+        map.contains("success_ratio &gt;= 0.75") || map.contains("success_ratio >= 0.75"),
+        "{map}"
+    );
+    for value in ["500ms", "1500ms", "RETRY_MAX_ATTEMPTS"] {
+        assert!(map.contains(value), "{value} labels an axis");
+    }
+    // Row by row from the top (the second parameter's largest value
+    // first), each row's label then its cells, each with its value.
+    let texts: Vec<&str> = map
+        .split("</text>")
+        .filter_map(|t| t.rsplit_once('>').map(|(_, text)| text.trim()))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let value = |c: usize| {
+        let v = outcome.result("both", c).unwrap().figures["success_ratio"].unwrap();
+        format!("{}", (v * 1000.0).round() / 1000.0)
+    };
+    assert_eq!(
+        texts[1..7],
+        [
+            "1500ms",
+            &value(1),
+            &value(3),
+            "500ms",
+            &value(0),
+            &value(2)
+        ],
+        "{texts:?}"
+    );
+    assert_eq!(
+        texts[7..9],
+        ["1", "3"],
+        "the first parameter's values along the bottom"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_html_report_shows_every_chart_in_a_real_browser() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let Some(browser) = crate::helpers::Browser::launch().await else {
         return;
     };
@@ -367,6 +530,73 @@ expr = "breaker_opened[both] >= 1"
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A sweep's report in a real browser: a map per variant, every cell a
+/// coloured rectangle with its value, and a curve with its points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeps_maps_and_curves_show_in_a_real_browser() {
+    let Some(browser) = crate::helpers::Browser::launch().await else {
+        return;
+    };
+    let dir = scratch("sweep-html");
+    for (name, text) in [("map", MAP), ("curve", CURVE)] {
+        let e = experiment::file::parse(name, text, false).unwrap();
+        let outcome = experiment::run::run(&e, None, &mut std::io::sink())
+            .await
+            .unwrap();
+        experiment::report::write(&outcome, &dir.join(name)).unwrap();
+    }
+    browser
+        .open(&format!("file://{}", dir.join("map/report.html").display()))
+        .await;
+    let maps = browser
+        .eval(
+            "[...document.querySelectorAll('figure svg')].map(s => { const r = s.getBoundingClientRect(); \
+             return [r.width, r.height, [...s.querySelectorAll('rect')].map(x => x.getAttribute('fill')), s.textContent]; })",
+        )
+        .await;
+    let maps = maps.as_array().unwrap();
+    assert_eq!(maps.len(), 2, "a map per variant");
+    for map in maps {
+        assert!(
+            map[0].as_f64().unwrap() > 400.0 && map[1].as_f64().unwrap() > 100.0,
+            "{map}"
+        );
+        let fills: Vec<&str> = map[2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.as_str())
+            .filter(|f| ["#BBF7D0", "#FECACA"].contains(&f.to_uppercase().as_str()))
+            .collect();
+        assert_eq!(fills.len(), 4, "four cells, each green or red: {map}");
+        let text = map[3].as_str().unwrap();
+        assert!(
+            text.contains("1500ms") && text.contains("RETRY_MAX_ATTEMPTS"),
+            "{text}"
+        );
+    }
+    assert_eq!(browser.text(".pass").await, "every hypothesis holds");
+    browser.screenshot(&dir.join("map.png")).await;
+    assert!(std::fs::metadata(dir.join("map.png")).unwrap().len() > 10_000);
+
+    browser
+        .open(&format!(
+            "file://{}",
+            dir.join("curve/report.html").display()
+        ))
+        .await;
+    let points = browser
+        .eval("[...document.querySelectorAll('figure svg')].map(s => s.querySelectorAll('circle').length)")
+        .await;
+    assert_eq!(
+        points,
+        serde_json::json!([6, 6]),
+        "two curves, a point per run"
+    );
+    assert_eq!(browser.errors(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_database_url_the_variants_run_on_postgres_and_the_claims_still_hold() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -415,6 +645,7 @@ async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgre
         &e,
         Some(&db.url),
         Path::new(env!("CARGO_BIN_EXE_reliability-lab")),
+        1,
         &mut progress,
     )
     .await
@@ -474,4 +705,120 @@ fn an_experiment_with_replicas_is_skipped_with_a_line_saying_why_when_there_is_n
         "{stderr}"
     );
     assert!(!out.exists(), "a skipped experiment writes no report");
+}
+
+/// What the README tells a user to do by hand: the flapping experiment's
+/// quick profile run twice, once with two busy loops beside it, writes the
+/// same figures.json and timeline.csv, and says so with the same digest.
+#[test]
+fn the_same_seed_writes_the_same_files_on_an_idle_machine_and_a_busy_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = scratch("replay");
+    let run = |out: &Path| {
+        let output = binary()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "experiment",
+                "run",
+                "experiments/flapping.toml",
+                "--quick",
+                "--out",
+            ])
+            .arg(out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    let idle = run(&dir.join("idle"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let busy = run(&dir.join("busy"));
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.join().unwrap();
+    }
+    for file in ["figures.json", "timeline.csv"] {
+        let a = std::fs::read(dir.join("idle").join(file)).unwrap();
+        let b = std::fs::read(dir.join("busy").join(file)).unwrap();
+        assert!(a == b, "{file} differs between the idle and the busy run");
+    }
+    let digest = |stderr: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with("digest: figures.json "))
+            .unwrap_or_else(|| panic!("no digest in {stderr}"))
+            .to_owned()
+    };
+    assert_eq!(digest(&idle), digest(&busy));
+    assert!(
+        idle.lines()
+            .any(|l| l.starts_with("simulated ") && l.contains("×")),
+        "{idle}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--clock real` keeps the wall clock and real sockets for an in-memory
+/// experiment; `--clock virtual` is refused where it cannot run.
+#[test]
+fn the_clock_can_be_chosen_and_virtual_is_refused_for_replicas() {
+    let dir = scratch("clock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiny.toml");
+    std::fs::write(
+        &file,
+        "title = \"t\"\nclaim = \"c\"\n[base]\nPAYMENT_FAILURE_RATE = 0\nPAYMENT_LATENCY_MIN = \"1ms\"\nPAYMENT_LATENCY_MAX = \"2ms\"\n\
+         [[variants]]\nname = \"a\"\n[traffic]\nrate = 20\nduration = \"500ms\"\n\
+         [[hypotheses]]\nclaim = \"all complete\"\nexpr = \"success_ratio[a] == 1\"\n",
+    )
+    .unwrap();
+    let real = binary()
+        .args(["experiment", "run", "--clock", "real", "--out"])
+        .arg(dir.join("real"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&real.stderr);
+    assert!(real.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("simulated "),
+        "a real run simulates nothing: {stderr}"
+    );
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("real/figures.json")).unwrap())
+            .unwrap();
+    assert_eq!(figures["variants"]["a"]["figures"]["accepted"], 10.0);
+
+    let refused = binary()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "experiment",
+            "run",
+            "experiments/crash.toml",
+            "--quick",
+            "--clock",
+            "virtual",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("replicas") && stderr.contains("real clock"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

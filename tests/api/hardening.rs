@@ -334,7 +334,7 @@ async fn a_panicking_handler_answers_a_counted_500_with_the_json_body_over_the_s
     })
     .await;
     let metrics = lab.metrics.clone();
-    let addr = lab.app.local_addr();
+    let addr = lab.app.local_addr().expect("a TCP listener");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(lab.app.run_until_stopped(async {
         let _ = stopped.await;

@@ -293,7 +293,7 @@ async fn the_request_id_is_echoed_when_given_and_generated_otherwise() {
 #[tokio::test]
 async fn the_service_answers_over_a_real_socket() {
     let lab = idle_lab().await;
-    let addr = lab.app.local_addr();
+    let addr = lab.app.local_addr().expect("a TCP listener");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(lab.app.run_until_stopped(async {
         let _ = stopped.await;

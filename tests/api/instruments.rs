@@ -492,7 +492,7 @@ async fn the_event_stream_opens_with_hello_then_carries_samples_and_changes() {
 async fn a_listener_that_never_reads_delays_nothing() {
     use tokio::io::AsyncWriteExt;
     let lab = Lab::new(LabOptions::default()).await;
-    let addr = lab.app.local_addr();
+    let addr = lab.app.local_addr().expect("a TCP listener");
     let (router, stop, server) = serve(lab);
     // A client that asks for the stream and never reads a byte of it.
     let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -533,7 +533,7 @@ async fn a_stop_ends_the_traffic_first_and_closes_event_streams() {
         ..LabOptions::default()
     })
     .await;
-    let addr = lab.app.local_addr();
+    let addr = lab.app.local_addr().expect("a TCP listener");
     let traffic = lab.app.handles().instruments.traffic.clone();
     let (router, stop, server) = serve(lab);
     send(&router, put_json("/admin/load", r#"{"rate": 200}"#)).await;
