@@ -338,7 +338,7 @@ fn draw_sweep_chart(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(legend_corner(&lines, x, y_max))
                 .background_style(WHITE.mix(0.85))
                 .border_style(RGBColor(200, 200, 200))
                 .draw()?;
@@ -353,6 +353,47 @@ fn draw_sweep_chart(
         plot!(chart, x.label.clone());
     }
     Ok(())
+}
+
+/// The corner of a sweep chart with the fewest points in it, for the
+/// legend: a legend over the points hides what the chart is for.
+fn legend_corner(lines: &[SweepLine], x: &Param, y_max: f64) -> SeriesLabelPosition {
+    let log = log_axis(x);
+    let scale = |v: f64| if log { v.ln() } else { v };
+    let (lo, hi) = x.values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| {
+        (lo.min(scale(v.number)), hi.max(scale(v.number)))
+    });
+    let span = (hi - lo).max(1e-9);
+    let points: Vec<(f64, f64)> = lines
+        .iter()
+        .flat_map(|(_, p)| {
+            p.iter()
+                .map(|&(px, py)| ((scale(px) - lo) / span, py / y_max))
+        })
+        .collect();
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::LowerLeft, false, false),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::UpperLeft, false, true),
+    ];
+    let crowd = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|(px, py)| {
+                (if right { *px > 0.55 } else { *px < 0.45 })
+                    && (if upper { *py > 0.55 } else { *py < 0.45 })
+            })
+            .count()
+    };
+    let mut best = (SeriesLabelPosition::UpperRight, usize::MAX);
+    for (corner, right, upper) in corners {
+        let n = crowd(right, upper);
+        if n < best.1 {
+            best = (corner, n);
+        }
+    }
+    best.0
 }
 
 /// A number as an axis or a cell shows it: at most three decimals, no

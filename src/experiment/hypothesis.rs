@@ -652,18 +652,29 @@ impl Expr {
     }
 
     /// What the report shows beside a verdict: each figure read outside a
-    /// function with its value, and each function with its result.
+    /// function with its value, and each function with its result, once
+    /// each, in the order they are written.
     pub fn readings(&self, scope: &dyn Scope) -> Vec<(String, Option<f64>)> {
+        let mut out: Vec<(String, Option<f64>)> = Vec::new();
+        for reading in self.all_readings(scope) {
+            if !out.iter().any(|(name, _)| *name == reading.0) {
+                out.push(reading);
+            }
+        }
+        out
+    }
+
+    fn all_readings(&self, scope: &dyn Scope) -> Vec<(String, Option<f64>)> {
         let value = |x: f64| (!x.is_nan()).then_some(x);
         match self {
             Expr::Number(_) => Vec::new(),
             Expr::Figure(_) | Expr::Count(_) | Expr::Extreme { .. } => {
                 vec![(self.to_string(), value(self.eval(scope)))]
             }
-            Expr::Neg(inner) => inner.readings(scope),
+            Expr::Neg(inner) => inner.all_readings(scope),
             Expr::Binary(l, _, r) => {
-                let mut out = l.readings(scope);
-                out.extend(r.readings(scope));
+                let mut out = l.all_readings(scope);
+                out.extend(r.all_readings(scope));
                 out
             }
         }
