@@ -38,7 +38,9 @@ use crate::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
 use crate::reliability::{Breaker, Observers, Reliability};
 use crate::transport::{self, Listener, Target};
 use crate::workers::leases::{self, KEY_PURGE_EVERY};
-use crate::workers::{Dispatcher, Job, OrderProcessor, Reservation, ReserveError};
+use crate::workers::{
+    deferred, DeferSettings, Deferral, Dispatcher, Job, OrderProcessor, Reservation, ReserveError,
+};
 
 /// How long cancelled workers get to hand their orders back before exit.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -52,15 +54,27 @@ impl QueueSlot for DispatcherSlot {
     fn submit(self: Box<Self>, order_id: OrderId) {
         self.0.send(Job { order_id });
     }
+
+    fn resubmit(self: Box<Self>, order_id: OrderId) {
+        self.0.resend(Job { order_id });
+    }
+}
+
+fn slot(reserved: Result<Reservation, ReserveError>) -> Result<Box<dyn QueueSlot>, QueueError> {
+    match reserved {
+        Ok(reservation) => Ok(Box::new(DispatcherSlot(reservation))),
+        Err(ReserveError::Full) => Err(QueueError::Full),
+        Err(ReserveError::Closed) => Err(QueueError::Closed),
+    }
 }
 
 impl ProcessingQueue for DispatcherQueue {
     fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
-        match self.0.try_reserve() {
-            Ok(reservation) => Ok(Box::new(DispatcherSlot(reservation))),
-            Err(ReserveError::Full) => Err(QueueError::Full),
-            Err(ReserveError::Closed) => Err(QueueError::Closed),
-        }
+        slot(self.0.try_reserve())
+    }
+
+    fn try_reserve_background(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
+        slot(self.0.try_reserve_uncounted())
     }
 }
 
@@ -215,7 +229,8 @@ impl AppBuilder {
                 &metrics,
                 config.payment_timeout,
             )
-            .with_jitter_seed(config.payment_seed),
+            .with_jitter_seed(config.payment_seed)
+            .with_deferral(config.defer_settings()),
         );
         if self.start_workers {
             dispatcher.start(config.worker_count, processor.clone());
@@ -243,6 +258,22 @@ impl AppBuilder {
                 stop_heartbeat.clone(),
             ));
         }
+        // Deferred orders go back in line once the breaker has closed. The
+        // loop runs even with BREAKER_DEFER off: orders deferred before a
+        // restart with it off still finish (or fail at their deadline).
+        background.spawn(deferred::deferred_loop(
+            Arc::new(Deferral {
+                service: service.clone(),
+                reliability: reliability.clone(),
+                settings: DeferSettings {
+                    max: config.defer_max,
+                    rate: config.defer_rate,
+                },
+                metrics: metrics.defer(),
+                jobs: metrics.workers(),
+            }),
+            stop_recovery.clone(),
+        ));
         background.spawn(leases::key_purge_loop(
             service.clone(),
             KEY_PURGE_EVERY,
@@ -432,7 +463,7 @@ impl App {
     /// 0. the traffic generator stops and its requests in flight finish;
     ///    event streams end;
     /// 1. the server stops accepting and finishes in-flight requests; lease
-    ///    recovery stops taking new work;
+    ///    recovery and the deferral loop stop taking new work;
     /// 2. the queue closes and the workers drain every queued job;
     /// 3. if the deadline passes first, the workers are cancelled: each hands
     ///    its order back to pending;

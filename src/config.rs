@@ -112,6 +112,17 @@ where
     }
 }
 
+fn defer_rate(raw: &str) -> Result<u32, String> {
+    one_to(raw, crate::workers::deferred::DEFER_RATE_LIMIT)
+}
+
+fn defer_max(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d >= Duration::from_secs(1) && d <= crate::workers::deferred::DEFER_MAX_LIMIT => Ok(d),
+        _ => Err("expected a duration from 1s to 24h, such as 5m".into()),
+    }
+}
+
 fn payment_capacity(raw: &str) -> Result<u32, String> {
     one_to(raw, PAYMENT_CAPACITY_LIMIT)
 }
@@ -372,6 +383,18 @@ pub struct Config {
     #[arg(long, env = "BREAKER_HALF_OPEN_PROBES", default_value = "1", value_parser = half_open_probes)]
     pub breaker_half_open_probes: u32,
 
+    /// Deferred retry: an order whose charge the open breaker refused waits (status deferred) instead of failing, and is charged again once the breaker has closed.
+    #[arg(long, env = "BREAKER_DEFER", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub breaker_defer: bool,
+
+    /// How long after it was placed a deferred order may still wait; then it fails as without deferral (1s to 24h).
+    #[arg(long, env = "DEFER_MAX", default_value = "5m", value_parser = defer_max)]
+    pub defer_max: Duration,
+
+    /// Deferred orders put back in the queue per second once the breaker has closed (1 to 100000).
+    #[arg(long, env = "DEFER_RATE", default_value = "50", value_parser = defer_rate)]
+    pub defer_rate: u32,
+
     /// Built-in traffic at boot, in orders per second (0.1 to 5000); unset: none until PUT /admin/load.
     #[arg(long, env = "LOAD_RATE", value_parser = load_rate)]
     pub load_rate: Option<f64>,
@@ -556,6 +579,14 @@ impl Config {
         }
     }
 
+    /// Deferral's settings, when `BREAKER_DEFER` is on.
+    pub fn defer_settings(&self) -> Option<crate::workers::DeferSettings> {
+        self.breaker_defer.then_some(crate::workers::DeferSettings {
+            max: self.defer_max,
+            rate: self.defer_rate,
+        })
+    }
+
     pub fn budget_config(&self) -> crate::reliability::BudgetConfig {
         crate::reliability::BudgetConfig {
             ratio: self.retry_budget_ratio,
@@ -667,6 +698,10 @@ mod tests {
         assert!(c.payment_idempotency);
         assert!(c.retry_enabled && c.breaker_enabled);
         assert_eq!(c.retry_jitter, 0.5);
+        assert!(!c.breaker_defer, "deferral is off unless asked for");
+        assert_eq!(c.defer_settings(), None);
+        assert_eq!(c.defer_max, Duration::from_secs(300));
+        assert_eq!(c.defer_rate, 50);
     }
 
     #[test]
@@ -764,6 +799,15 @@ mod tests {
                 "at least 0",
             ),
             (&["--load-rate", "5001"][..], "LOAD_RATE", "0.1 to 5000"),
+            (&["--defer-rate", "0"][..], "DEFER_RATE", "from 1 to 100000"),
+            (
+                &["--defer-rate", "100001"][..],
+                "DEFER_RATE",
+                "from 1 to 100000",
+            ),
+            (&["--defer-max", "500ms"][..], "DEFER_MAX", "from 1s to 24h"),
+            (&["--defer-max", "25h"][..], "DEFER_MAX", "at most 24h"),
+            (&["--breaker-defer", "perhaps"][..], "BREAKER_DEFER", "on"),
             (
                 &["--breaker-min-calls", "2147483648"][..],
                 "BREAKER_MIN_CALLS",

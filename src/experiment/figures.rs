@@ -10,7 +10,7 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 36] = [
+pub const FIGURES: [&str; 40] = [
     "accepted",
     "completed",
     "failed",
@@ -19,6 +19,7 @@ pub const FIGURES: [&str; 36] = [
     "success_ratio",
     "payment_calls",
     "amplification",
+    "calls_per_completed",
     "retries",
     "rejections_open",
     "rejections_half_open",
@@ -29,6 +30,9 @@ pub const FIGURES: [&str; 36] = [
     "backoff_seconds",
     "backoff_open_seconds",
     "budget_exhausted",
+    "deferred",
+    "defer_released",
+    "defer_expired",
     "time_to_recover_s",
     "goodput_before_fault",
     "goodput_after_fault",
@@ -194,6 +198,12 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("success_ratio", ratio(t.completed as f64, finished));
     put("payment_calls", Some(run.payment_calls as f64));
     put("amplification", ratio(run.payment_calls as f64, finished));
+    // What a completed order cost the provider: orders failed without a
+    // call (the breaker's) lower `amplification` but not this.
+    put(
+        "calls_per_completed",
+        ratio(run.payment_calls as f64, t.completed as f64),
+    );
     put("retries", Some(t.retries as f64));
     put("rejections_open", Some(t.rejected_open as f64));
     put("rejections_half_open", Some(t.rejected_half_open as f64));
@@ -208,6 +218,9 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("backoff_seconds", Some(t.backoff_seconds));
     put("backoff_open_seconds", Some(t.backoff_open_seconds));
     put("budget_exhausted", Some(t.budget_exhausted as f64));
+    put("deferred", Some(t.deferred as f64));
+    put("defer_released", Some(t.defer_released as f64));
+    put("defer_expired", Some(t.defer_expired as f64));
     put(
         "time_to_recover_s",
         run.fault.and_then(|w| time_to_recover(&run.samples, w)),
@@ -265,6 +278,9 @@ pub fn compute(run: &RunRecord) -> Figures {
             "backoff_seconds",
             "backoff_open_seconds",
             "budget_exhausted",
+            "deferred",
+            "defer_released",
+            "defer_expired",
             "breaker_opened",
             "half_open_windows",
             "probes",

@@ -102,6 +102,11 @@ pub struct Sample {
     pub provider_overloaded_total: u64,
     #[serde(default)]
     pub provider_wasted_total: u64,
+    /// Orders deferred now (BREAKER_DEFER=on), and deferrals per second.
+    #[serde(default)]
+    pub deferred: u64,
+    #[serde(default)]
+    pub deferred_per_s: f64,
 }
 
 /// One read of the sources.
@@ -175,6 +180,8 @@ impl Sample {
             provider_wasted_per_s: per_s(prev.provider.wasted, now.provider.wasted),
             provider_overloaded_total: now.provider.overloaded,
             provider_wasted_total: now.provider.wasted,
+            deferred: n.deferred_now,
+            deferred_per_s: per_s(p.deferred, n.deferred),
         }
     }
 }

@@ -46,6 +46,7 @@ pub struct Metrics {
     provider: ProviderMetrics,
     reliability: ReliabilityMetrics,
     leases: LeaseMetrics,
+    defer: DeferMetrics,
     store: StoreMetrics,
     load: LoadMetrics,
     evictions: IntCounter,
@@ -150,6 +151,23 @@ impl Metrics {
                 "Orders taken over after their lease expired (their replica died or was stopped hard).",
             ),
         };
+        let defer = DeferMetrics {
+            released: counter(
+                &registry,
+                "orders_defer_released_total",
+                "Deferred orders put back in the queue (the breaker had closed, or one went through as its probe).",
+            ),
+            expired: counter(
+                &registry,
+                "orders_defer_expired_total",
+                "Deferred orders failed at their deadline (DEFER_MAX after they were placed).",
+            ),
+            waiting: gauge(
+                &registry,
+                "orders_deferred",
+                "Orders deferred now: their charge met an open breaker and they wait for it to close (BREAKER_DEFER=on).",
+            ),
+        };
         let store = StoreMetrics {
             insert_batch_size: register(
                 &registry,
@@ -205,6 +223,7 @@ impl Metrics {
             provider,
             reliability,
             leases,
+            defer,
             store,
             load,
             evictions,
@@ -244,6 +263,11 @@ impl Metrics {
         self.leases.clone()
     }
 
+    /// Deferred orders: deferrals, releases, deadlines, how many wait.
+    pub fn defer(&self) -> DeferMetrics {
+        self.defer.clone()
+    }
+
     pub fn store(&self) -> StoreMetrics {
         self.store.clone()
     }
@@ -273,6 +297,10 @@ impl Metrics {
             backoff_seconds: r.backoff_closed.get() + r.backoff_open.get(),
             backoff_open_seconds: r.backoff_open.get(),
             budget_exhausted: r.budget_exhausted.get(),
+            deferred: w.deferred.get(),
+            defer_released: self.defer.released.get(),
+            defer_expired: self.defer.expired.get(),
+            deferred_now: u64::try_from(self.defer.waiting.get()).unwrap_or(0),
             breaker_opened: [BreakerState::Closed, BreakerState::HalfOpen]
                 .iter()
                 .map(|from| {
@@ -401,6 +429,7 @@ pub struct WorkerMetrics {
     completed: IntCounter,
     failed: IntCounter,
     rejected: IntCounter,
+    deferred: IntCounter,
     queue_depth: IntGauge,
     busy: IntGauge,
     completed_latency: LatencyHistogram,
@@ -412,7 +441,7 @@ impl WorkerMetrics {
         let jobs = counter_vec(
             registry,
             "worker_jobs_total",
-            "Jobs by outcome: submitted, completed, failed, rejected (queue full).",
+            "Jobs by outcome: submitted, completed, failed, rejected (queue full), deferred (the breaker was open; BREAKER_DEFER=on).",
             &["status"],
         );
         Self {
@@ -420,6 +449,7 @@ impl WorkerMetrics {
             completed: jobs.with_label_values(&["completed"]),
             failed: jobs.with_label_values(&["failed"]),
             rejected: jobs.with_label_values(&["rejected"]),
+            deferred: jobs.with_label_values(&["deferred"]),
             queue_depth: gauge(registry, "worker_queue_depth", "Jobs waiting in the queue."),
             busy: gauge(
                 registry,
@@ -445,6 +475,11 @@ impl WorkerMetrics {
 
     pub fn job_rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// A job ended with its order deferred (the breaker refused its charge).
+    pub fn job_deferred(&self) {
+        self.deferred.inc();
     }
 
     /// An order reached completed this long after it was created.
@@ -506,6 +541,12 @@ pub struct Totals {
     pub backoff_seconds: f64,
     pub backoff_open_seconds: f64,
     pub budget_exhausted: u64,
+    /// Times an order was deferred (its charge met an open breaker), put
+    /// back in the queue, and failed at its deadline; and how many wait now.
+    pub deferred: u64,
+    pub defer_released: u64,
+    pub defer_expired: u64,
+    pub deferred_now: u64,
     /// Times the breaker opened (from closed, or after a failed probe).
     pub breaker_opened: u64,
 }
@@ -605,6 +646,29 @@ impl StoreMetrics {
 
     pub fn fallbacks(&self) -> u64 {
         self.insert_batch_fallbacks.get()
+    }
+}
+
+/// Deferred orders (`BREAKER_DEFER`): the deferral loop's counters and the
+/// gauge of orders waiting.
+#[derive(Clone)]
+pub struct DeferMetrics {
+    released: IntCounter,
+    expired: IntCounter,
+    waiting: IntGauge,
+}
+
+impl DeferMetrics {
+    pub fn released(&self, orders: usize) {
+        self.released.inc_by(orders as u64);
+    }
+
+    pub fn expired(&self) {
+        self.expired.inc();
+    }
+
+    pub fn set_waiting(&self, orders: u64) {
+        self.waiting.set(i64::try_from(orders).unwrap_or(i64::MAX));
     }
 }
 

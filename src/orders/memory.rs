@@ -9,7 +9,7 @@
 //! every stored order is unfinished, a new one is refused with
 //! `StoreError::Full` (503, like a full queue) and nothing is stored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -56,6 +56,10 @@ pub struct MemoryStore {
     max_orders: usize,
     /// Finished orders, the earliest finished first: the eviction order.
     finished: Mutex<VecDeque<OrderId>>,
+    /// Deferred orders, the earliest created first. An entry may outlive
+    /// its order's deferral for a moment (it is added after the move and
+    /// checked again when taken), never the other way round.
+    deferred: Mutex<BTreeSet<(DateTime<Utc>, OrderId)>>,
     evicted: IntCounter,
 }
 
@@ -81,6 +85,7 @@ impl MemoryStore {
             count: AtomicUsize::new(0),
             max_orders: max_orders.max(1),
             finished: Mutex::default(),
+            deferred: Mutex::default(),
             evicted,
         }
     }
@@ -178,6 +183,28 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Moves a deferred order on (its index entry is already gone); none
+    /// when it is no longer deferred.
+    fn move_deferred(
+        &self,
+        id: OrderId,
+        to: Status,
+        reason: Option<&str>,
+    ) -> Result<Option<Order>, StoreError> {
+        let mut shard = self.shard(&id).write().map_err(|_| poisoned())?;
+        let Some(order) = shard.get_mut(&id).filter(|o| o.status == Status::Deferred) else {
+            return Ok(None);
+        };
+        order.status = to;
+        if let Some(reason) = reason {
+            order.last_error = Some(reason.to_owned());
+        }
+        order.updated_at = crate::clock::now().trunc_subsecs(6);
+        Ok(Some(Order::clone(order)))
+    }
+}
+
 fn poisoned() -> StoreError {
     StoreError::Other("in-memory store lock poisoned".into())
 }
@@ -252,6 +279,12 @@ impl OrderRepository for MemoryStore {
             // Finished: from now on it may be evicted, oldest first.
             self.finished.lock().map_err(|_| poisoned())?.push_back(id);
         }
+        if updated.status == Status::Deferred {
+            self.deferred
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert((updated.created_at, id));
+        }
         Ok(UpdateOutcome::Updated(updated))
     }
 
@@ -264,6 +297,45 @@ impl OrderRepository for MemoryStore {
             }
         }
         Ok(counts)
+    }
+
+    async fn count_deferred(&self) -> Result<u64, StoreError> {
+        Ok(self.deferred.lock().map_err(|_| poisoned())?.len() as u64)
+    }
+
+    async fn take_deferred(&self, limit: usize) -> Result<Vec<OrderId>, StoreError> {
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            let Some((_, id)) = self.deferred.lock().map_err(|_| poisoned())?.pop_first() else {
+                break;
+            };
+            if self.move_deferred(id, Status::Pending, None)?.is_some() {
+                taken.push(id);
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn expire_deferred(
+        &self,
+        created_before: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Vec<Order>, StoreError> {
+        let due: Vec<(DateTime<Utc>, OrderId)> = {
+            let mut deferred = self.deferred.lock().map_err(|_| poisoned())?;
+            let rest = deferred.split_off(&(created_before, OrderId::from_uuid(uuid::Uuid::nil())));
+            std::mem::replace(&mut *deferred, rest)
+                .into_iter()
+                .collect()
+        };
+        let mut failed = Vec::new();
+        for (_, id) in due {
+            if let Some(order) = self.move_deferred(id, Status::Failed, Some(reason))? {
+                self.finished.lock().map_err(|_| poisoned())?.push_back(id);
+                failed.push(order);
+            }
+        }
+        Ok(failed)
     }
 
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError> {

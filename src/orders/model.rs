@@ -170,14 +170,18 @@ pub enum Status {
     Processing,
     Completed,
     Failed,
+    /// Its charge met an open breaker (with `BREAKER_DEFER=on`): it waits,
+    /// charged by nobody, until the breaker has closed or its deadline passes.
+    Deferred,
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [
+    pub const ALL: [Status; 5] = [
         Status::Pending,
         Status::Processing,
         Status::Completed,
         Status::Failed,
+        Status::Deferred,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -186,6 +190,7 @@ impl Status {
             Status::Processing => "processing",
             Status::Completed => "completed",
             Status::Failed => "failed",
+            Status::Deferred => "deferred",
         }
     }
 
@@ -193,6 +198,9 @@ impl Status {
     ///
     /// `processing -> pending` hands interrupted work back (a shutdown cancelled
     /// the charge) so that it is not left `processing` forever.
+    /// `processing -> deferred` parks an order whose charge met an open
+    /// breaker; `deferred -> pending` puts it back in line once the breaker
+    /// has closed, and `deferred -> failed` ends it when its deadline passes.
     pub fn can_move_to(self, next: Status) -> bool {
         use Status::*;
         matches!(
@@ -201,6 +209,9 @@ impl Status {
                 | (Processing, Completed)
                 | (Processing, Failed)
                 | (Processing, Pending)
+                | (Processing, Deferred)
+                | (Deferred, Pending)
+                | (Deferred, Failed)
         )
     }
 
@@ -371,13 +382,16 @@ mod tests {
     }
 
     #[test]
-    fn only_the_four_legal_moves_are_allowed() {
+    fn only_the_seven_legal_moves_are_allowed() {
         use Status::*;
         let legal = [
             (Pending, Processing),
             (Processing, Completed),
             (Processing, Failed),
             (Processing, Pending),
+            (Processing, Deferred),
+            (Deferred, Pending),
+            (Deferred, Failed),
         ];
         for from in Status::ALL {
             for to in Status::ALL {

@@ -578,6 +578,77 @@ impl OrderRepository for PostgresStore {
         .map_err(map_err)?;
         Ok(result.rows_affected())
     }
+
+    async fn count_deferred(&self) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM orders WHERE status = 'deferred'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn take_deferred(&self, limit: usize) -> Result<Vec<OrderId>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // SKIP LOCKED: replicas releasing at the same moment split the
+        // orders; a deferred order has no lease, so the one that takes it
+        // leases it as a new order is leased.
+        let rows = sqlx::query(
+            "WITH picked AS (
+                SELECT id FROM orders
+                 WHERE status = 'deferred'
+                 ORDER BY created_at, id
+                 LIMIT $1
+                   FOR UPDATE SKIP LOCKED
+             )
+             UPDATE orders o
+                SET status = 'pending',
+                    lease_owner = $2,
+                    lease_expires_at = now() + make_interval(secs => $3),
+                    updated_at = $4
+               FROM picked
+              WHERE o.id = picked.id
+          RETURNING o.id, o.created_at",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(&self.lease.owner)
+        .bind(self.lease_secs())
+        .bind(crate::clock::now().trunc_subsecs(6))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut taken: Vec<(chrono::DateTime<chrono::Utc>, Uuid)> = rows
+            .iter()
+            .map(|row| Ok((row.try_get("created_at")?, row.try_get("id")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_err)?;
+        taken.sort();
+        Ok(taken
+            .into_iter()
+            .map(|(_, id)| OrderId::from_uuid(id))
+            .collect())
+    }
+
+    async fn expire_deferred(
+        &self,
+        created_before: chrono::DateTime<chrono::Utc>,
+        reason: &str,
+    ) -> Result<Vec<Order>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders
+                SET status = 'failed', last_error = $2, updated_at = $3
+              WHERE status = 'deferred' AND created_at < $1
+          RETURNING {COLUMNS}"
+        )))
+        .bind(created_before)
+        .bind(reason)
+        .bind(crate::clock::now().trunc_subsecs(6))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(row_to_order).collect()
+    }
 }
 
 /// The INSERT of a new order under `owner`'s lease.

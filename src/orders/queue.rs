@@ -20,12 +20,24 @@ pub enum QueueError {
 pub trait QueueSlot: Send {
     /// Hands the order to the queue. It cannot fail: the room was reserved.
     fn submit(self: Box<Self>, order_id: OrderId);
+
+    /// Hands back an order that was queued before (a deferred order put
+    /// back): the same as `submit`, but not counted as a new one.
+    fn resubmit(self: Box<Self>, order_id: OrderId) {
+        self.submit(order_id);
+    }
 }
 
 /// A bounded queue of orders waiting to be processed.
 pub trait ProcessingQueue: Send + Sync {
     /// Reserves room for one job without waiting.
     fn try_reserve(&self) -> Result<Box<dyn QueueSlot>, QueueError>;
+
+    /// Reserves room for a background loop's job: the same as
+    /// `try_reserve`, but a full queue is not counted as a refused request.
+    fn try_reserve_background(&self) -> Result<Box<dyn QueueSlot>, QueueError> {
+        self.try_reserve()
+    }
 }
 
 /// A queue for unit tests: it records the orders it is given, and refuses

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use chrono::{DateTime, Utc};
+
 use super::{Order, OrderId, Status, StatusChange, StoreError};
 
 /// Whether a store's orders survive a restart.
@@ -117,4 +119,29 @@ pub trait OrderRepository: Send + Sync {
 
     /// Forgets idempotency keys older than `age`.
     async fn purge_keys_older_than(&self, age: Duration) -> Result<u64, StoreError>;
+
+    /// How many orders are deferred now. The deferral methods' defaults
+    /// suit a stand-in store that never holds a deferred order; both real
+    /// stores implement all three (the contract suite runs them on both).
+    async fn count_deferred(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Moves at most `limit` deferred orders, the earliest created first,
+    /// back to pending (under this replica's lease, where there are leases)
+    /// and returns their ids to queue. Each order is taken by one caller
+    /// only, however many replicas ask at once.
+    async fn take_deferred(&self, _limit: usize) -> Result<Vec<OrderId>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Fails every deferred order created before `created_before` (its
+    /// deadline passed), with `reason` as its last error, and returns them.
+    async fn expire_deferred(
+        &self,
+        _created_before: DateTime<Utc>,
+        _reason: &str,
+    ) -> Result<Vec<Order>, StoreError> {
+        Ok(Vec::new())
+    }
 }

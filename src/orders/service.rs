@@ -253,6 +253,47 @@ impl Service {
         Ok(ids.len())
     }
 
+    /// Puts at most `max` deferred orders back in the queue, as much as it
+    /// has room for (a full queue leaves them deferred, and is not counted
+    /// as a refused request). They were accepted once: they are not counted
+    /// as accepted again. Returns how many went back.
+    pub async fn release_deferred(&self, max: usize) -> Result<usize, OrderError> {
+        let waiting = usize::try_from(self.repo.count_deferred().await?).unwrap_or(usize::MAX);
+        let wanted = waiting.min(max);
+        let mut slots = Vec::new();
+        while slots.len() < wanted {
+            match self.queue.try_reserve_background() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let ids = self.repo.take_deferred(slots.len()).await?;
+        for (slot, id) in slots.into_iter().zip(&ids) {
+            slot.resubmit(*id);
+        }
+        Ok(ids.len())
+    }
+
+    /// Fails the deferred orders placed more than `max` ago, with `reason`,
+    /// and returns them.
+    pub async fn expire_deferred(
+        &self,
+        max: std::time::Duration,
+        reason: &str,
+    ) -> Result<Vec<Order>, OrderError> {
+        let cutoff =
+            crate::clock::now() - chrono::Duration::from_std(max).unwrap_or(chrono::Duration::MAX);
+        Ok(self.repo.expire_deferred(cutoff, reason).await?)
+    }
+
+    /// How many orders are deferred now.
+    pub async fn count_deferred(&self) -> Result<u64, OrderError> {
+        Ok(self.repo.count_deferred().await?)
+    }
+
     /// Extends this replica's leases.
     pub async fn renew_leases(&self) -> Result<u64, StoreError> {
         self.repo.renew_leases().await

@@ -48,10 +48,16 @@ pub struct Reservation {
 impl Reservation {
     /// Queues the job in the reserved room; this cannot fail.
     pub fn send(self, job: Job) {
+        self.shared.metrics.job_submitted();
+        self.resend(job);
+    }
+
+    /// Queues a job that was submitted once before (a deferred order put
+    /// back), without counting it as submitted again.
+    pub fn resend(self, job: Job) {
         // Count before sending so a fast worker never drives the gauge negative.
         let depth = self.shared.depth.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.metrics.set_queue_depth(depth);
-        self.shared.metrics.job_submitted();
         self.permit.send(job);
     }
 }
@@ -124,8 +130,19 @@ impl Dispatcher {
         self.tracker.close();
     }
 
-    /// Reserves room for one job without waiting.
+    /// Reserves room for one job without waiting; a full queue counts as a
+    /// refused request.
     pub fn try_reserve(&self) -> Result<Reservation, ReserveError> {
+        let reserved = self.try_reserve_uncounted();
+        if matches!(reserved, Err(ReserveError::Full)) {
+            self.shared.metrics.job_rejected();
+        }
+        reserved
+    }
+
+    /// Reserves room for one job without waiting, counting nothing (for
+    /// the background loops).
+    pub fn try_reserve_uncounted(&self) -> Result<Reservation, ReserveError> {
         let sender = self
             .sender
             .lock()
@@ -137,10 +154,7 @@ impl Dispatcher {
                 permit,
                 shared: self.shared.clone(),
             }),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.metrics.job_rejected();
-                Err(ReserveError::Full)
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ReserveError::Full),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(ReserveError::Closed),
         }
     }

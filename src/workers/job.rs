@@ -5,7 +5,9 @@
 //! call, so a timeout counts as a failure for the breaker and is retried like
 //! any transient failure. If the worker's token fires mid-job (a shutdown
 //! that ran out of time), the order is handed back to pending rather than
-//! left processing forever.
+//! left processing forever. With deferral on (`BREAKER_DEFER`), an order
+//! whose charge the breaker refused is deferred instead of failed, while it
+//! is within its deadline (see `deferred`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
 use crate::payment::{ChargeRequest, PaymentError, Simulator};
 use crate::reliability::{CallError, Classify, Reliability};
 
+use super::deferred::DeferSettings;
 use super::{Job, JobHandler};
 
 /// What a job ended with.
@@ -29,6 +32,8 @@ use super::{Job, JobHandler};
 enum Outcome {
     Completed,
     Failed(String),
+    /// The breaker refused the charge and the order waits for it to close.
+    Deferred(String),
     Interrupted,
 }
 
@@ -55,6 +60,7 @@ pub struct OrderProcessor {
     calls: PaymentCallMetrics,
     timeout: Duration,
     jitter_seed: Option<u64>,
+    defer: Option<DeferSettings>,
 }
 
 impl OrderProcessor {
@@ -75,7 +81,15 @@ impl OrderProcessor {
             calls: metrics.payment_calls(),
             timeout,
             jitter_seed: None,
+            defer: None,
         }
+    }
+
+    /// Defers an order whose charge the breaker refused, instead of failing
+    /// it, while it is within `settings.max` of being placed (none: fail).
+    pub fn with_deferral(mut self, settings: Option<DeferSettings>) -> Self {
+        self.defer = settings;
+        self
     }
 
     /// Draws each order's retry jitter from `seed` and the order's id, so a
@@ -153,6 +167,11 @@ impl OrderProcessor {
             result = charge => match result {
                 Ok(()) => Outcome::Completed,
                 Err(CallError::Failed(PaymentError::Cancelled)) => Outcome::Interrupted,
+                Err(CallError::Rejected(rejection))
+                    if self.defer.is_some_and(|d| d.within_deadline(&order)) =>
+                {
+                    Outcome::Deferred(format!("{rejection}: deferred until the breaker closes"))
+                }
                 Err(err) => Outcome::Failed(err.to_string()),
             },
         };
@@ -166,6 +185,11 @@ impl OrderProcessor {
             },
             Outcome::Failed(reason) => StatusChange {
                 to: Status::Failed,
+                ..change
+            }
+            .with_last_error(reason.clone()),
+            Outcome::Deferred(reason) => StatusChange {
+                to: Status::Deferred,
                 ..change
             }
             .with_last_error(reason.clone()),
@@ -185,6 +209,10 @@ impl OrderProcessor {
                     self.jobs.failed_after(since_created(&updated));
                     tracing::warn!(attempts, reason = %reason, "order failed");
                 }
+                Outcome::Deferred(_) => {
+                    self.jobs.job_deferred();
+                    tracing::info!(attempts, "order deferred until the breaker closes");
+                }
                 Outcome::Interrupted => {
                     tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
                 }
@@ -198,7 +226,7 @@ impl OrderProcessor {
 
 /// How long an order took from creation to its final status, by the wall
 /// clock its `created_at` was read from (zero if that clock went back).
-fn since_created(order: &Order) -> Duration {
+pub(super) fn since_created(order: &Order) -> Duration {
     (order.updated_at - order.created_at)
         .to_std()
         .unwrap_or_default()

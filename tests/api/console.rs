@@ -274,6 +274,49 @@ async fn traffic_and_an_outage_from_the_page_open_the_breaker_and_a_probe_closes
     assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
 }
 
+/// With deferral on, orders that meet the open breaker show as deferred,
+/// and go back to zero once the breaker has closed.
+#[tokio::test]
+async fn deferred_orders_show_while_the_breaker_is_open_and_drain_once_it_closes() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let lab = lab(&[("BREAKER_DEFER", "on"), ("DEFER_RATE", "50")]).await;
+    open_live(&browser, &lab).await;
+    browser.type_into("#load-rate", "40").await;
+    browser.click("#load-start").await;
+    browser.click("#mode-outage").await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('total-deferred').textContent) > 10",
+            "orders deferred at the open breaker",
+        )
+        .await;
+    assert_eq!(browser.text("#breaker-state").await, "open");
+    let metrics = reqwest::get(lab.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("worker_jobs_total{status=\"deferred\"}") && !l.ends_with(" 0")),
+        "deferrals counted in /metrics"
+    );
+    browser.click("#mode-normal").await;
+    browser
+        .wait_for(
+            "document.getElementById('breaker-state').textContent === 'closed' && \
+             Number(document.getElementById('total-deferred').textContent) === 0",
+            "the deferred orders to drain once the breaker closed",
+        )
+        .await;
+    browser.click("#load-stop").await;
+    assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
+}
+
 #[tokio::test]
 async fn with_an_admin_token_the_page_asks_for_it_and_says_when_it_is_wrong() {
     let Some(browser) = Browser::launch().await else {

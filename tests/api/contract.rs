@@ -226,6 +226,107 @@ async fn two_racing_requests_with_one_key_create_one_order(repo: Arc<dyn OrderRe
     assert_eq!(counts[&Status::Pending], 10);
 }
 
+/// An order taken to processing and then deferred.
+async fn deferred_order(
+    repo: &Arc<dyn OrderRepository>,
+    created: chrono::DateTime<chrono::Utc>,
+) -> Order {
+    let mut o = order();
+    o.created_at = chrono::SubsecRound::trunc_subsecs(created, 6);
+    o.updated_at = o.created_at;
+    repo.insert(&o).await.unwrap();
+    updated(
+        repo.update_status(
+            o.id,
+            &StatusChange::new(Status::Pending, Status::Processing),
+        )
+        .await
+        .unwrap(),
+    );
+    let parked = updated(
+        repo.update_status(
+            o.id,
+            &StatusChange::new(Status::Processing, Status::Deferred)
+                .with_attempts(1)
+                .with_last_error("circuit open: deferred until the breaker closes"),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(parked.status, Status::Deferred);
+    parked
+}
+
+async fn deferred_orders_are_taken_back_oldest_first_each_by_one_caller(
+    repo: Arc<dyn OrderRepository>,
+) {
+    let now = chrono::Utc::now();
+    let mut ids = Vec::new();
+    for age in [3, 1, 2] {
+        ids.push(
+            deferred_order(&repo, now - chrono::Duration::seconds(age))
+                .await
+                .id,
+        );
+    }
+    assert_eq!(repo.count_deferred().await.unwrap(), 3);
+    assert_eq!(repo.count_by_status().await.unwrap()[&Status::Deferred], 3);
+    // Oldest first: created 3 s, then 2 s ago.
+    let first = repo.take_deferred(2).await.unwrap();
+    assert_eq!(first, vec![ids[0], ids[2]]);
+    for id in &first {
+        let back = repo.get(*id).await.unwrap().unwrap();
+        assert_eq!(back.status, Status::Pending);
+        assert_eq!(back.attempts, 1, "attempts are kept");
+    }
+    // Two callers at once take the last one once between them.
+    let (a, b) = tokio::join!(repo.take_deferred(5), repo.take_deferred(5));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len() + b.len(), 1, "{a:?} {b:?}");
+    assert_eq!(repo.count_deferred().await.unwrap(), 0);
+    assert!(repo.take_deferred(5).await.unwrap().is_empty());
+    // A taken order goes on like any pending one.
+    updated(
+        repo.update_status(
+            first[0],
+            &StatusChange::new(Status::Pending, Status::Processing),
+        )
+        .await
+        .unwrap(),
+    );
+}
+
+async fn deferred_orders_past_their_deadline_fail_with_the_reason(repo: Arc<dyn OrderRepository>) {
+    let now = chrono::Utc::now();
+    let old = deferred_order(&repo, now - chrono::Duration::seconds(600)).await;
+    let young = deferred_order(&repo, now - chrono::Duration::seconds(5)).await;
+    let cutoff = now - chrono::Duration::seconds(60);
+    let failed = repo
+        .expire_deferred(cutoff, "past DEFER_MAX")
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].id, old.id);
+    assert_eq!(failed[0].status, Status::Failed);
+    assert_eq!(failed[0].last_error.as_deref(), Some("past DEFER_MAX"));
+    assert_eq!(
+        repo.get(old.id).await.unwrap().unwrap().status,
+        Status::Failed
+    );
+    assert_eq!(
+        repo.get(young.id).await.unwrap().unwrap().status,
+        Status::Deferred
+    );
+    assert_eq!(repo.count_deferred().await.unwrap(), 1);
+    // Once failed it is not deferred any more: nothing to take or expire.
+    assert!(repo
+        .expire_deferred(cutoff, "again")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(repo.take_deferred(5).await.unwrap(), vec![young.id]);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -260,4 +361,6 @@ contract!(
     counts_cover_every_status,
     a_new_key_creates_and_the_same_key_returns_the_first_order,
     two_racing_requests_with_one_key_create_one_order,
+    deferred_orders_are_taken_back_oldest_first_each_by_one_caller,
+    deferred_orders_past_their_deadline_fail_with_the_reason,
 );

@@ -5,6 +5,7 @@ mod connections;
 mod console;
 mod contract;
 mod crash;
+mod deferred;
 mod durability;
 mod experiments;
 mod group_commit;

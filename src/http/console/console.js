@@ -308,6 +308,7 @@ function showSample(s) {
   $('total-amplification').textContent = finished ? fmt.format(s.payment_calls_total / finished) : '–';
   $('total-charges').textContent = s.charges;
   $('total-duplicates').textContent = s.duplicate_charges;
+  $('total-deferred').textContent = s.deferred ?? 0;
   const orders = s.completed_per_s + s.failed_per_s;
   $('amplification-now').textContent = orders > 0 ? `×${fmt.format(s.payment_calls_per_s / orders)} now` : '';
 }

@@ -31,6 +31,8 @@ pub struct LabOptions {
     pub memory_max_orders: usize,
     /// The provider's capacity (PAYMENT_CAPACITY); None: unlimited.
     pub provider_capacity: Option<Capacity>,
+    /// Deferred retry (BREAKER_DEFER with DEFER_MAX and DEFER_RATE); None: off.
+    pub defer: Option<reliability_lab::workers::DeferSettings>,
 }
 
 impl Default for LabOptions {
@@ -59,6 +61,7 @@ impl Default for LabOptions {
             shutdown_timeout: Duration::from_secs(30),
             memory_max_orders: 250_000,
             provider_capacity: None,
+            defer: None,
         }
     }
 }
@@ -114,6 +117,11 @@ impl LabOptions {
         c.admin_token = self.admin_token.map(str::to_owned);
         c.shutdown_timeout = self.shutdown_timeout;
         c.memory_max_orders = self.memory_max_orders;
+        if let Some(defer) = self.defer {
+            c.breaker_defer = true;
+            c.defer_max = defer.max;
+            c.defer_rate = defer.rate;
+        }
         c
     }
 }
