@@ -1201,6 +1201,181 @@ kill = "a"
         );
     }
 
+    const SWEEP: &str = r#"
+title = "t"
+claim = "c"
+
+[[variants]]
+name = "a"
+
+[[variants]]
+name = "b"
+settings = { BREAKER_ENABLED = false }
+
+[traffic]
+rate = 10
+duration = "20s"
+
+[[sweep]]
+name = "rate"
+values = [10, 100]
+
+[[sweep]]
+name = "spike"
+values = ["100ms", "300ms"]
+
+[[schedule]]
+at = "5s"
+fault = "start"
+payment = { latency_min = "$spike", latency_max = "$spike" }
+
+[[schedule]]
+at = "8s"
+fault = "end"
+payment = { latency_min = "1ms", latency_max = "2ms" }
+
+[[hypotheses]]
+claim = "h"
+expr = "count(success_ratio[b] < 0.5) < count(success_ratio[a] < 0.5)"
+
+[quick]
+sweep = { rate = [10] }
+"#;
+
+    #[test]
+    fn a_sweep_resolves_every_cell_and_the_quick_profile_can_shrink_it() {
+        let e = parse("s", SWEEP, false).unwrap();
+        assert_eq!(e.cells.len(), 4);
+        assert_eq!(e.cell_label(3), "rate=100, spike=300ms");
+        let cell = &e.cells[3];
+        assert_eq!(cell.variants[1].rate, 100.0);
+        assert!(!cell.variants[1].config.breaker_enabled);
+        let spike = cell.schedule[0].payment.as_ref().unwrap();
+        assert_eq!(spike.latency_min, Some(Duration::from_millis(300)));
+        assert!(
+            cell.schedule[0].text.contains("300ms"),
+            "{}",
+            cell.schedule[0].text
+        );
+        assert_eq!(e.maps.len(), 1, "two parameters draw a map by default");
+        assert_eq!(
+            e.find_cell(&[
+                ("spike".into(), "300ms".into()),
+                ("rate".into(), "100".into())
+            ]),
+            Some(3)
+        );
+        let quick = parse("s", SWEEP, true).unwrap();
+        assert_eq!(quick.cells.len(), 2);
+    }
+
+    #[test]
+    fn a_sweep_that_cannot_run_is_refused_naming_what_is_wrong() {
+        for (from, to, hint) in [
+            (
+                "name = \"b\"\n",
+                "name = \"b\"\nrate = 5\n",
+                "variant b has a rate of its own",
+            ),
+            (
+                "name = \"spike\"",
+                "name = \"BREAKER_ENABLED\"",
+                "variant b sets it too",
+            ),
+            (
+                "latency_min = \"$spike\", latency_max = \"$spike\"",
+                "latency_min = \"$spike\", latency_max = \"$spik\"",
+                "reads $spik, which no [[sweep]] defines",
+            ),
+            (
+                "latency_min = \"$spike\", latency_max = \"$spike\"",
+                "latency_min = \"1ms\", latency_max = \"2ms\"",
+                "the schedule never reads $spike",
+            ),
+            (
+                "values = [\"100ms\", \"300ms\"]",
+                "values = [\"100ms\", \"hello\"]",
+                "in cell rate=10, spike=hello: schedule.payment",
+            ),
+            (
+                "values = [10, 100]",
+                "values = [10, 100000]",
+                "rate must be",
+            ),
+            (
+                "title = \"t\"",
+                "title = \"t\"\nreplicas = 2",
+                "replicas cannot be swept",
+            ),
+            (
+                "count(success_ratio[b] < 0.5) < count(success_ratio[a] < 0.5)",
+                "success_ratio[a, rate=10] > 0",
+                "the sweep varies spike",
+            ),
+            (
+                "sweep = { rate = [10] }",
+                "sweep = { speed = [10] }",
+                "quick.sweep.speed",
+            ),
+            (
+                "[quick]",
+                "[[charts]]\nfigure = \"happiness\"\n[quick]",
+                "no figure named happiness",
+            ),
+            (
+                "[quick]",
+                "[[maps]]\nfigure = \"success_ratio\"\nverdict = \"success_ratio[a] > 1\"\n[quick]",
+                "a map's verdict is about its own cell",
+            ),
+        ] {
+            let text = SWEEP.replace(from, to);
+            assert_ne!(text, SWEEP, "{from}");
+            // The quick profile's own values only matter to it.
+            let quick = hint.starts_with("quick.");
+            let err = parse("s", &text, quick).unwrap_err();
+            assert!(err.contains(hint), "{to}: {err}");
+        }
+        // One parameter draws charts, not maps.
+        let one = SWEEP
+            .replace(
+                "[[sweep]]\nname = \"spike\"\nvalues = [\"100ms\", \"300ms\"]\n",
+                "",
+            )
+            .replace("\"$spike\"", "\"5ms\"");
+        let e = parse("s", &one, false).unwrap();
+        assert!(e.maps.is_empty() && e.charts.len() == 2);
+        let map = one.replace("[quick]", "[[maps]]\nfigure = \"success_ratio\"\n[quick]");
+        assert!(parse("s", &map, false)
+            .unwrap_err()
+            .contains("two swept parameters"));
+    }
+
+    #[test]
+    fn a_file_may_not_choose_the_database_or_the_address() {
+        for setting in [
+            "DATABASE_URL = \"postgres://x\"",
+            "LISTEN_ADDR = \"0.0.0.0:1\"",
+        ] {
+            let text = GOOD.replace("PAYMENT_FAILURE_RATE = 0.05", setting);
+            let err = parse("x", &text, false).unwrap_err();
+            assert!(
+                err.contains("line 7") && err.contains("cannot be set in an experiment"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_before_it_is_read_whole() {
+        let dir = std::env::temp_dir().join(format!("rl-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.toml");
+        std::fs::write(&path, "#".repeat(MAX_FILE_BYTES as usize + 1)).unwrap();
+        let err = load(&path, false).unwrap_err();
+        assert!(err.contains("at most 1024 KiB"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn errors_name_the_line_and_the_key() {
         for (from, to, hint) in [

@@ -855,13 +855,19 @@ mod tests {
                     .find(v)
                     .unwrap()
             };
-            let (rate, spike) = (index("rate"), index("spike"));
-            let base = match variant {
-                "consecutive" => [0.9, 0.4, 0.02][rate],
-                "rate" => 0.97,
+            let number = |name: &str| {
+                let p = self.0.iter().find(|p| p.name == name).unwrap();
+                p.values[index(name)].number
+            };
+            let (rate, spike) = (number("rate"), number("spike"));
+            let base = match (variant, rate as u32) {
+                ("consecutive", 10) => 0.9,
+                ("consecutive", 100) => 0.4,
+                ("consecutive", _) => 0.02,
+                ("rate", _) => 0.97,
                 _ => return None,
             };
-            Some(base - 0.01 * spike as f64)
+            Some(base - 0.01 * (spike - 1.0))
         }
     }
 
@@ -908,6 +914,18 @@ mod tests {
         assert!(holds_in(
             &s,
             "smallest(spike, success_ratio[consecutive, rate=10] < 0.895) == 2"
+        ));
+        // Whatever order the file lists the values in.
+        let mut shuffled = swept();
+        shuffled.0[0].values.reverse();
+        shuffled.0[1].values.reverse();
+        assert!(holds_in(
+            &shuffled,
+            "smallest(rate, success_ratio[consecutive, spike=1s] < 0.5) == 100"
+        ));
+        assert!(holds_in(
+            &shuffled,
+            "largest(rate, success_ratio[consecutive, spike=1s] > 0.5) == 10"
         ));
         // Nowhere: no value, so no comparison holds.
         let e = parse("smallest(rate, success_ratio[rate, spike=1s] < 0.5) > 0").unwrap();
