@@ -818,6 +818,73 @@ mod tests {
         assert_eq!(sent, [6, 14, 60, 80, 100, 600]);
     }
 
+    /// A client timeout on the paused clock, over in-memory connections: the
+    /// first request hangs, and the retry goes exactly one timeout (plus
+    /// the retry delay) after it was sent, with the same key.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_a_hung_request_goes_one_timeout_after_it() {
+        use hyper::service::service_fn;
+        let (connector, listener) = crate::transport::memory();
+        let seen: Arc<Mutex<Vec<(Instant, Option<String>)>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut listener = crate::transport::Listener::Memory(listener);
+            while let Ok(conn) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(conn),
+                    service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let key = request
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        let first = {
+                            let mut log = log.lock().unwrap();
+                            log.push((Instant::now(), key));
+                            log.len() == 1
+                        };
+                        async move {
+                            if first {
+                                std::future::pending::<()>().await;
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(201)
+                                    .body(http_body_util::Empty::<Bytes>::new())
+                                    .unwrap(),
+                            )
+                        }
+                    }),
+                ));
+            }
+        });
+        let metrics = crate::observability::Metrics::new();
+        let feed = Arc::new(Feed::new(Instant::now()));
+        let behaviour = ClientBehaviour {
+            retry_delay: HumanDuration(Duration::from_millis(300)),
+            ..client(1, true, Duration::from_secs(2))
+        };
+        let traffic = Traffic::new(
+            Target::Memory(connector),
+            metrics.load(),
+            feed,
+            Some(1),
+            behaviour,
+        );
+        traffic
+            .start(LoadPlan::new(1.0, Some(Duration::from_millis(500))).unwrap())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let status = traffic.status();
+        assert_eq!(status.outcomes.accepted, 1, "{status:?}");
+        assert_eq!((status.attempts, status.retries_after_timeout), (2, 1));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].0 - seen[0].0, Duration::from_millis(2300));
+        assert!(seen[0].1.is_some() && seen[0].1 == seen[1].1, "{seen:?}");
+    }
+
     /// A generator whose target refuses every connection at once, without
     /// a socket (a paused clock must not wait on one).
     fn unanswered_in_memory() -> Traffic {

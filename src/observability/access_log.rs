@@ -390,6 +390,25 @@ mod tests {
         assert_eq!(v["latency_ms"], 1234.567);
     }
 
+    /// Each character that needs escaping, alone in an otherwise plain
+    /// string: the quick scan must send every one of them to the escaper.
+    #[test]
+    fn a_lone_character_that_needs_escaping_is_escaped() {
+        for (raw, escaped) in [
+            ("a\\b", r#""a\\b""#),
+            ("a\"b", r#""a\"b""#),
+            ("a\u{7f}b", r#""a\u007fb""#),
+            ("a\u{1}b", r#""a\u0001b""#),
+            ("a\nb", r#""a\nb""#),
+        ] {
+            let mut out = String::new();
+            json_string(&mut out, raw);
+            assert_eq!(out, escaped, "{raw:?}");
+            let back: String = serde_json::from_str(&out).unwrap();
+            assert_eq!(back, raw);
+        }
+    }
+
     #[test]
     fn digits_are_padded_to_their_width_and_never_cut() {
         for (n, width, text) in [

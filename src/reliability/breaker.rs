@@ -1065,6 +1065,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_state_change_empties_the_window_even_while_its_calls_are_young() {
+        let b = Breaker::new(
+            BreakerConfig {
+                policy: BreakerPolicy::FailureRate {
+                    rate: 0.5,
+                    window: Duration::from_secs(10),
+                    min_calls: 4,
+                },
+                open_duration: Duration::from_secs(1),
+                ..BreakerConfig::default()
+            },
+            None,
+        );
+        succeed(&b, 4);
+        fail(&b, 4);
+        assert_eq!(b.state(), BreakerState::Open, "4 of 8 failed");
+        // Well inside the 10 s window, the probe closes it.
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        b.try_acquire().unwrap().success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(
+            b.snapshot().window_calls,
+            Some(0),
+            "a new state, a new count"
+        );
+        // With the old calls still counted, one failure would make 5 of 9.
+        fail(&b, 1);
+        assert_eq!(b.state(), BreakerState::Closed, "one call: under min_calls");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn calls_older_than_the_window_no_longer_count() {
         let b = rate_breaker(0.5, 10, None);
         fail(&b, 9);

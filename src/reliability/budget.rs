@@ -173,6 +173,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn first_attempts_older_than_the_window_count_for_nothing_even_in_an_unused_bucket() {
+        let b = budget(0.5, 0.0, 10);
+        // Second 0, bucket 0.
+        for _ in 0..10 {
+            b.first_attempt();
+        }
+        // Second 15 falls in bucket 5: bucket 0 still holds second 0's counts.
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert!(
+            !b.try_retry(),
+            "second 0's first attempts left the window at second 10"
+        );
+        b.first_attempt();
+        b.first_attempt();
+        assert_eq!((0..10).filter(|_| b.try_retry()).count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_refused_retry_is_not_counted() {
         let b = budget(0.5, 0.0, 10);
         b.first_attempt();

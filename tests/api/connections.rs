@@ -182,3 +182,63 @@ async fn sigterm_with_stalled_connections_exits_without_waiting_for_them() {
     );
     assert!(logs.contains("shutdown complete"), "{logs}");
 }
+
+/// The body timeout bounds the whole body, not each piece of it: a body
+/// dripped slower than the limit allows in total gets 408 once the limit
+/// has passed since the service first waited for it, however often a
+/// byte arrives. On the paused clock, over an in-memory connection to the
+/// server's own accept loop.
+#[tokio::test(start_paused = true)]
+async fn a_body_dripped_slower_than_the_limit_allows_in_total_gets_408_at_the_limit() {
+    use reliability_lab::http::server::{serve, Timeouts};
+    use reliability_lab::transport::{self, Listener, Target};
+    let lab = crate::helpers::Lab::new(crate::helpers::LabOptions::default()).await;
+    let (connector, listener) = transport::memory();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let timeouts = Timeouts {
+        header_read: Duration::from_secs(10),
+        body: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+    tokio::spawn(serve(
+        Listener::Memory(listener),
+        lab.router.clone(),
+        timeouts,
+        stop.clone(),
+    ));
+    let mut conn = Target::Memory(connector).connect().await.unwrap();
+    let started = tokio::time::Instant::now();
+    conn.write_all(PARTIAL_BODY).await.unwrap();
+    // One more byte every 3 s: never 10 s without one, but the whole body
+    // (100 bytes) would take minutes.
+    let dripping = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            tokio::select! {
+                read = conn.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return (got, tokio::time::Instant::now()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(Duration::from_secs(3)) => {
+                    if conn.write_all(b" ").await.is_err() {
+                        return (got, tokio::time::Instant::now());
+                    }
+                }
+            }
+        }
+    });
+    let (answer, closed) = tokio::time::timeout(Duration::from_secs(120), dripping)
+        .await
+        .expect("the body timeout ends it")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    let took = closed - started;
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(13),
+        "closed after {took:?}"
+    );
+    stop.cancel();
+}
