@@ -825,7 +825,8 @@ mod tests {
     async fn a_retry_after_a_hung_request_goes_one_timeout_after_it() {
         use hyper::service::service_fn;
         let (connector, listener) = crate::transport::memory();
-        let seen: Arc<Mutex<Vec<(Instant, Option<String>)>>> = Arc::default();
+        type Arrivals = Arc<Mutex<Vec<(Instant, Option<String>)>>>;
+        let seen: Arrivals = Arc::default();
         let log = seen.clone();
         tokio::spawn(async move {
             let mut listener = crate::transport::Listener::Memory(listener);
