@@ -486,13 +486,18 @@ impl OrderRepository for PostgresStore {
         Ok(counts)
     }
 
-    async fn renew_leases(&self) -> Result<u64, StoreError> {
+    async fn renew_leases(&self, ids: &[OrderId]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
         let result = sqlx::query(
             "UPDATE orders SET lease_expires_at = now() + make_interval(secs => $2)
-              WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+              WHERE id = ANY($3) AND lease_owner = $1 AND status IN ('pending', 'processing')",
         )
         .bind(&self.lease.owner)
         .bind(self.lease_secs())
+        .bind(ids)
         .execute(&self.pool)
         .await
         .map_err(map_err)?;

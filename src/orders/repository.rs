@@ -95,8 +95,10 @@ pub trait OrderRepository: Send + Sync {
 
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError>;
 
-    /// Extends every lease this replica holds. Returns how many.
-    async fn renew_leases(&self) -> Result<u64, StoreError> {
+    /// Extends the leases of `ids` that this replica still holds (an order
+    /// another replica took over, or that finished, is left alone). Returns
+    /// how many.
+    async fn renew_leases(&self, _ids: &[OrderId]) -> Result<u64, StoreError> {
         Ok(0)
     }
 

@@ -1,5 +1,6 @@
 //! The order service: the operations the API and the workers perform.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tracing::{instrument, Instrument};
 
 use sha2::{Digest, Sha256};
 
+use super::Durability;
 use super::{
     Amount, Currency, CustomerId, KeyedInsert, NewOrder, Order, OrderError, OrderId,
     OrderRepository, ProcessingQueue, QueueError, StatusChange, StatusCounts, StoreError,
@@ -90,14 +92,67 @@ pub struct Service {
     queue: Arc<dyn ProcessingQueue>,
     /// Set for reproducible runs: ids come from a seeded generator.
     seeded_ids: Option<Arc<Mutex<StdRng>>>,
+    /// With leases: the orders this replica has queued or in a worker's
+    /// hands, the only ones the heartbeat renews.
+    held: Option<Arc<Held>>,
+}
+
+/// The orders this replica is working on, with how many times each is
+/// queued or in hand (recovery may queue an order a second time while the
+/// first job still holds it, if its lease ran out meanwhile).
+///
+/// An order is held from the moment it is queued until its worker is done
+/// with it, whatever the outcome. An order stored but never queued (its
+/// caller's answer was lost), or whose claim or final write failed and was
+/// let go, is not held: its lease runs out and the recovery loop, here or on
+/// another replica, takes it over. Renewing every lease this replica owns
+/// instead would keep such an order ours, and unfinished, for ever.
+#[derive(Default)]
+struct Held(Mutex<HashMap<OrderId, u32>>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Service {
     pub fn new(repo: Arc<dyn OrderRepository>, queue: Arc<dyn ProcessingQueue>) -> Self {
+        let held = (repo.durability() == Durability::Durable).then(Arc::default);
         Self {
             repo,
             queue,
             seeded_ids: None,
+            held,
+        }
+    }
+
+    /// Marks `id` as this replica's to work on, before it is queued.
+    fn hold(&self, id: OrderId) {
+        if let Some(held) = &self.held {
+            *held.lock().entry(id).or_insert(0) += 1;
+        }
+    }
+
+    /// Says a worker is done with `id` (its job ended, however): one hold
+    /// fewer; with none left its lease is no longer renewed.
+    pub fn let_go(&self, id: OrderId) {
+        if let Some(held) = &self.held {
+            let mut held = held.lock();
+            if let Some(n) = held.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The orders queued or in a worker's hands here (none without leases).
+    pub fn held(&self) -> Vec<OrderId> {
+        match &self.held {
+            Some(held) => held.lock().keys().copied().collect(),
+            None => Vec::new(),
         }
     }
 
@@ -193,6 +248,7 @@ impl Service {
                 }
             }
         }
+        self.hold(order.id);
         slot.submit(order.id);
         tracing::debug!("order accepted and queued");
         Ok(Creation::Created(order))
@@ -242,6 +298,7 @@ impl Service {
         }
         let ids = self.repo.take_over_expired(slots.len()).await?;
         for (slot, id) in slots.into_iter().zip(&ids) {
+            self.hold(*id);
             slot.submit(*id);
         }
         if !ids.is_empty() {
@@ -272,6 +329,7 @@ impl Service {
         }
         let ids = self.repo.take_deferred(slots.len()).await?;
         for (slot, id) in slots.into_iter().zip(&ids) {
+            self.hold(*id);
             slot.resubmit(*id);
         }
         Ok(ids.len())
@@ -294,9 +352,14 @@ impl Service {
         Ok(self.repo.count_deferred().await?)
     }
 
-    /// Extends this replica's leases.
+    /// Extends the leases of the orders this replica holds (queued or in a
+    /// worker's hands), and of no other.
     pub async fn renew_leases(&self) -> Result<u64, StoreError> {
-        self.repo.renew_leases().await
+        let held = self.held();
+        if held.is_empty() {
+            return Ok(0);
+        }
+        self.repo.renew_leases(&held).await
     }
 
     /// Lets go of this replica's leases (clean shutdown).

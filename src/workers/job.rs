@@ -8,6 +8,14 @@
 //! left processing forever. With deferral on (`BREAKER_DEFER`), an order
 //! whose charge the breaker refused is deferred instead of failed, while it
 //! is within its deadline (see `deferred`).
+//!
+//! An outcome the store could not take (Postgres down) is written again,
+//! with backoff, until it lands, is refused (the order was taken over), or
+//! `OUTCOME_PATIENCE` has passed; then the order is let go and, its lease no
+//! longer renewed, the recovery loop takes it over. The write is conditional
+//! on the status and the lease, so writing again is always safe. A claim
+//! whose answer was lost is let go at once the same way: it may have
+//! committed, and only the lease's expiry tells.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -26,6 +34,14 @@ use crate::reliability::{CallError, Classify, Reliability};
 
 use super::deferred::DeferSettings;
 use super::{Job, JobHandler};
+
+/// How long a worker goes on writing an outcome the store could not take
+/// before it lets the order go to the recovery loop.
+pub const OUTCOME_PATIENCE: Duration = Duration::from_secs(60);
+/// The first wait before writing an outcome again; it doubles up to
+/// `OUTCOME_RETRY_MAX`.
+const OUTCOME_RETRY_FIRST: Duration = Duration::from_millis(100);
+const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a job ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,7 +157,9 @@ impl OrderProcessor {
                 return;
             }
             Err(err) => {
-                tracing::error!(error = %err, "could not start processing; order stays pending");
+                // The claim may have committed with its answer lost: the
+                // order is let go, and its lease's expiry hands it over.
+                tracing::error!(error = %err, "could not claim the order; it goes to the recovery loop once its lease runs out");
                 return;
             }
         };
@@ -195,30 +213,74 @@ impl OrderProcessor {
             .with_last_error(reason.clone()),
             Outcome::Interrupted => change.with_last_error("interrupted by shutdown; handed back"),
         };
-        match self.service.update_order(id, change).await {
-            Ok(updated) => match &outcome {
-                Outcome::Completed => {
-                    self.jobs.job_completed();
-                    self.jobs.completed_after(since_created(&updated));
-                    if !access_log::write_order_completed(&id.as_uuid(), attempts) {
-                        tracing::info!(attempts, "order completed");
+        let Some(updated) = self.write_outcome(id, change, &outcome, &cancel).await else {
+            return;
+        };
+        match &outcome {
+            Outcome::Completed => {
+                self.jobs.job_completed();
+                self.jobs.completed_after(since_created(&updated));
+                if !access_log::write_order_completed(&id.as_uuid(), attempts) {
+                    tracing::info!(attempts, "order completed");
+                }
+            }
+            Outcome::Failed(reason) => {
+                self.jobs.job_failed();
+                self.jobs.failed_after(since_created(&updated));
+                tracing::warn!(attempts, reason = %reason, "order failed");
+            }
+            Outcome::Deferred(_) => {
+                self.jobs.job_deferred();
+                tracing::info!(attempts, "order deferred until the breaker closes");
+            }
+            Outcome::Interrupted => {
+                tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
+            }
+        }
+    }
+
+    /// Writes the job's outcome, again with backoff while the store cannot
+    /// be reached (see the module's doc). Returns the order as written, or
+    /// None when it was not (refused, out of patience, or shutting down).
+    async fn write_outcome(
+        &self,
+        id: OrderId,
+        change: StatusChange,
+        outcome: &Outcome,
+        cancel: &CancellationToken,
+    ) -> Option<Order> {
+        let give_up_at = tokio::time::Instant::now() + OUTCOME_PATIENCE;
+        let mut wait = OUTCOME_RETRY_FIRST;
+        let mut failed_before = false;
+        loop {
+            let err = match self.service.update_order(id, change.clone()).await {
+                Ok(updated) => return Some(updated),
+                Err(err) => err,
+            };
+            match err {
+                // An earlier try landed but its answer was lost.
+                OrderError::IllegalTransition { from, .. }
+                    if failed_before && from == change.to =>
+                {
+                    return self.service.get_order(id).await.ok();
+                }
+                OrderError::Storage(_) if tokio::time::Instant::now() + wait < give_up_at => {
+                    tracing::warn!(error = %err, ?outcome, retry_in = ?wait, "could not record the outcome; writing it again");
+                    failed_before = true;
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => {
+                            tracing::error!(?outcome, "could not record the outcome before shutdown; the order is handed back with the lease");
+                            return None;
+                        }
+                        _ = tokio::time::sleep(wait) => {}
                     }
+                    wait = (wait * 2).min(OUTCOME_RETRY_MAX);
                 }
-                Outcome::Failed(reason) => {
-                    self.jobs.job_failed();
-                    self.jobs.failed_after(since_created(&updated));
-                    tracing::warn!(attempts, reason = %reason, "order failed");
+                err => {
+                    tracing::error!(error = %err, ?outcome, "could not record the outcome; the order goes to the recovery loop");
+                    return None;
                 }
-                Outcome::Deferred(_) => {
-                    self.jobs.job_deferred();
-                    tracing::info!(attempts, "order deferred until the breaker closes");
-                }
-                Outcome::Interrupted => {
-                    tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
-                }
-            },
-            Err(err) => {
-                tracing::error!(error = %err, ?outcome, "could not record the outcome");
             }
         }
     }
@@ -232,10 +294,28 @@ pub(super) fn since_created(order: &Order) -> Duration {
         .unwrap_or_default()
 }
 
+/// Lets go of an order when dropped.
+struct Holding<'a> {
+    service: &'a Service,
+    id: OrderId,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.service.let_go(self.id);
+    }
+}
+
 #[async_trait]
 impl JobHandler for OrderProcessor {
     async fn handle(&self, job: Job, cancel: CancellationToken) {
         let span = tracing::info_span!("job", order_id = %job.order_id);
+        // However the job ends (even dropped mid-way), the order is no
+        // longer this worker's: its lease is renewed no more.
+        let _held = Holding {
+            service: &self.service,
+            id: job.order_id,
+        };
         self.process(job.order_id, cancel).instrument(span).await;
     }
 }

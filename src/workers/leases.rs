@@ -75,7 +75,8 @@ pub async fn recovery_loop(
     .await;
 }
 
-/// Renews every lease this replica holds, every `period` (at least 100 ms),
+/// Renews the leases of the orders this replica holds (queued or in a
+/// worker's hands; see `Service::held`), every `period` (at least 100 ms),
 /// until `stop` fires. The first renewal is one period after the start: new
 /// leases are granted for a whole `JOB_LEASE`.
 pub async fn heartbeat_loop(service: Service, period: Duration, stop: CancellationToken) {
@@ -161,7 +162,7 @@ mod tests {
         async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
             self.inner.count_by_status().await
         }
-        async fn renew_leases(&self) -> Result<u64, StoreError> {
+        async fn renew_leases(&self, _ids: &[OrderId]) -> Result<u64, StoreError> {
             Ok(self.renewals.fetch_add(1, Ordering::SeqCst) + 1)
         }
         async fn count_expired(&self) -> Result<u64, StoreError> {

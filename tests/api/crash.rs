@@ -216,3 +216,132 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
     assert!(b.terminate().await.success());
     db.destroy().await;
 }
+
+/// What the clients of the database-crash run saw.
+#[derive(Default)]
+struct Answers {
+    accepted: Vec<String>,
+    unavailable: usize,
+    /// The longest a 503 took while the database was gone.
+    slowest_503: Duration,
+}
+
+/// Posts orders until `stop` fires, accepting only a 201 (kept) or a 503.
+async fn post_until(url: String, stop: tokio_util::sync::CancellationToken) -> Answers {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut answers = Answers::default();
+    while !stop.is_cancelled() {
+        let started = Instant::now();
+        let response = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(ORDER_BODY)
+            .send()
+            .await
+            .expect("an answer, not a dropped connection or a hang");
+        match response.status().as_u16() {
+            201 => {
+                let body: serde_json::Value = response.json().await.unwrap();
+                answers
+                    .accepted
+                    .push(body["id"].as_str().unwrap().to_owned());
+            }
+            503 => {
+                answers.unavailable += 1;
+                answers.slowest_503 = answers.slowest_503.max(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("answered {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    answers
+}
+
+/// Postgres itself crashes (`pg_ctl stop -m immediate`) under traffic and
+/// comes back 5 s later on the same port. Every order answered 201 must
+/// finish, none charged twice, every completed one charged. An outcome
+/// written while the database was gone is written again until it lands; an
+/// order whose claim or outcome was lost is let go, and its lease (no longer
+/// renewed) hands it to the recovery loop. `scripts/crash-runs.sh` repeats
+/// this run.
+#[tokio::test]
+async fn a_database_crash_under_traffic_leaves_no_order_unfinished_and_none_charged_twice() {
+    let Some(cluster) = crate::helpers::PgCluster::start() else {
+        return;
+    };
+    let url = cluster.url();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("PAYMENT_FAILURE_RATE", "0.2"),
+        ("PAYMENT_LATENCY_MIN", "20ms"),
+        ("PAYMENT_LATENCY_MAX", "80ms"),
+        ("JOB_LEASE", "3s"),
+        ("RECOVERY_INTERVAL", "500ms"),
+    ];
+    let service = spawn_binary(&env).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(post_until(service.url("/orders"), stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.crash();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.up();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let mut accepted = Vec::new();
+    let (mut unavailable, mut slowest_503) = (0, Duration::ZERO);
+    for client in clients {
+        let answers = client.await.unwrap();
+        accepted.extend(answers.accepted);
+        unavailable += answers.unavailable;
+        slowest_503 = slowest_503.max(answers.slowest_503);
+    }
+
+    let pool = PgPool::connect(&url).await.unwrap();
+    // Bound: the worst case is an order let go just before the clients
+    // stopped: JOB_LEASE, a recovery pass, and its charge.
+    let took = wait_until_settled(&pool, Duration::from_secs(30)).await;
+    let ids: Vec<uuid::Uuid> = accepted.iter().map(|id| id.parse().unwrap()).collect();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('completed', 'failed')",
+    )
+    .bind(&ids)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored as usize,
+        ids.len(),
+        "every order answered 201 is stored and finished"
+    );
+    assert_no_order_charged_twice(&pool).await;
+    let uncharged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders o WHERE status = 'completed'
+            AND NOT EXISTS (SELECT 1 FROM payment_ledger l WHERE l.order_id = o.id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(uncharged, 0, "completed orders without a charge");
+    let logs = service.logs.lock().unwrap().clone();
+    let count = |needle: &str| logs.iter().filter(|l| l.contains(needle)).count();
+    eprintln!(
+        "database crash: {} orders accepted, {unavailable} answered 503 (slowest {slowest_503:?}), \
+         settled {took:?} after the clients stopped; outcomes written again {}, let go to recovery {}, \
+         claims lost {}",
+        ids.len(),
+        count("writing it again"),
+        count("the order goes to the recovery loop"),
+        count("could not claim the order"),
+    );
+    assert!(unavailable > 0, "the crash was never seen by a client");
+    assert!(
+        slowest_503 < Duration::from_secs(5),
+        "a 503 took {slowest_503:?}"
+    );
+    assert!(service.terminate().await.success());
+}

@@ -104,23 +104,38 @@ async fn renewing_keeps_leases_and_releasing_frees_them_at_once() {
     };
     let a = db.replica(Duration::from_secs(30));
     let b = db.replica(Duration::from_secs(30));
-    let orders: Vec<Order> = (0..3).map(|_| order()).collect();
+    let orders: Vec<Order> = (0..4).map(|_| order()).collect();
     for o in &orders {
         a.insert(o).await.unwrap();
     }
+    let theirs = order();
+    b.insert(&theirs).await.unwrap();
     expire(&db, orders[0].id).await;
+    // The fourth is not named: a's heartbeat holds it no more.
+    expire(&db, orders[3].id).await;
+    let named: Vec<OrderId> = orders[..3]
+        .iter()
+        .map(|o| o.id)
+        .chain([theirs.id])
+        .collect();
     assert_eq!(
-        a.renew_leases().await.unwrap(),
+        a.renew_leases(&named).await.unwrap(),
         3,
-        "renewal covers expired-but-unclaimed too"
+        "renewal covers the named orders a holds, expired-but-unclaimed too, and not b's"
     );
-    assert_eq!(b.count_expired().await.unwrap(), 0);
+    assert_eq!(a.renew_leases(&[]).await.unwrap(), 0);
+    assert_eq!(
+        b.count_expired().await.unwrap(),
+        1,
+        "the order a did not name ran out"
+    );
+    assert_eq!(b.take_over_expired(10).await.unwrap(), vec![orders[3].id]);
     assert_eq!(a.release_leases().await.unwrap(), 3);
     let mut taken = b.take_over_expired(2).await.unwrap();
     assert_eq!(taken.len(), 2, "no more than asked for");
     taken.extend(b.take_over_expired(10).await.unwrap());
     taken.sort();
-    let mut ids: Vec<OrderId> = orders.iter().map(|o| o.id).collect();
+    let mut ids: Vec<OrderId> = orders[..3].iter().map(|o| o.id).collect();
     ids.sort();
     assert_eq!(taken, ids);
     db.destroy().await;

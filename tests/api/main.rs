@@ -18,6 +18,7 @@ mod lab_controls;
 mod metrics;
 mod monitoring;
 mod openapi;
+mod orphans;
 mod pipeline;
 mod pool;
 mod profiling;

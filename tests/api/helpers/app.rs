@@ -33,6 +33,9 @@ pub struct LabOptions {
     pub provider_capacity: Option<Capacity>,
     /// Deferred retry (BREAKER_DEFER with DEFER_MAX and DEFER_RATE); None: off.
     pub defer: Option<reliability_lab::workers::DeferSettings>,
+    /// JOB_LEASE and RECOVERY_INTERVAL (for a durable `repo`).
+    pub job_lease: Duration,
+    pub recovery_interval: Duration,
 }
 
 impl Default for LabOptions {
@@ -62,6 +65,8 @@ impl Default for LabOptions {
             memory_max_orders: 250_000,
             provider_capacity: None,
             defer: None,
+            job_lease: Config::defaults().job_lease,
+            recovery_interval: Config::defaults().recovery_interval,
         }
     }
 }
@@ -117,6 +122,8 @@ impl LabOptions {
         c.admin_token = self.admin_token.map(str::to_owned);
         c.shutdown_timeout = self.shutdown_timeout;
         c.memory_max_orders = self.memory_max_orders;
+        c.job_lease = self.job_lease;
+        c.recovery_interval = self.recovery_interval;
         if let Some(defer) = self.defer {
             c.breaker_defer = true;
             c.defer_max = defer.max;

@@ -353,6 +353,13 @@ impl PgCluster {
             .unwrap();
     }
 
+    /// Stops the server the way a crash does (`-m immediate`: no
+    /// checkpoint, every backend killed; the next start replays the WAL).
+    pub fn crash(&self) {
+        self.pg(&["pg_ctl", "-D", "data", "-m", "immediate", "-w", "stop"])
+            .unwrap();
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
