@@ -88,10 +88,16 @@ pub struct Stores {
 impl Stores {
     /// Both in this process's memory, at most `max_orders` orders (the
     /// oldest finished ones are evicted and counted in `evicted`).
+    /// The ledger forgets an evicted order's charges, so the bound holds
+    /// both.
     pub fn memory(max_orders: usize, evicted: prometheus::IntCounter) -> Self {
+        let ledger = Arc::new(MemoryLedger::default());
+        let forget = ledger.clone();
         Self {
-            orders: Arc::new(MemoryStore::with_limit(max_orders, evicted)),
-            ledger: Arc::new(MemoryLedger::default()),
+            orders: Arc::new(
+                MemoryStore::with_limit(max_orders, evicted).on_evict(move |id| forget.forget(id)),
+            ),
+            ledger,
         }
     }
 

@@ -71,13 +71,6 @@ fn timeline_interval(raw: &str) -> Result<Duration, String> {
     }
 }
 
-fn non_negative(raw: &str) -> Result<f64, String> {
-    match raw.trim().parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err("expected a number of at least 0, such as 1".into()),
-    }
-}
-
 /// Whether `d` is a window of whole seconds from 1 s to 1 h (the retry
 /// budget's and the failure-rate breaker's; the admin API checks the same).
 pub fn is_window(d: Duration) -> bool {
@@ -88,13 +81,6 @@ fn budget_window(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if is_window(d) => Ok(d),
         _ => Err("expected whole seconds from 1s to 1h, such as 10s".into()),
-    }
-}
-
-fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
-    match raw.trim().parse::<T>() {
-        Ok(n) if n >= T::from(1) => Ok(n),
-        _ => Err("expected a whole number of at least 1".into()),
     }
 }
 
@@ -168,6 +154,46 @@ fn half_open_probes(raw: &str) -> Result<u32, String> {
     one_to(raw, HALF_OPEN_PROBES_LIMIT)
 }
 
+/// The upper bounds of the sizes: what one machine can honour. Workers and
+/// queue room are tasks and memory taken at startup or under load (a
+/// hundred million workers took 3.5 GiB in seconds; tokio's semaphore
+/// panics above 2^61 permits); a stored order takes about 600 bytes.
+pub const WORKER_COUNT_LIMIT: usize = 10_000;
+pub const QUEUE_CAPACITY_LIMIT: usize = 1_000_000;
+pub const MEMORY_MAX_ORDERS_LIMIT: usize = 10_000_000;
+pub const DATABASE_MAX_CONNECTIONS_LIMIT: u32 = 1_000;
+/// Charge calls per order: past a hundred, a retry loop is a hang.
+pub const RETRY_MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// The retry budget's floor, in retries per second.
+pub const RETRY_BUDGET_FLOOR_LIMIT: f64 = 1_000_000.0;
+
+fn worker_count(raw: &str) -> Result<usize, String> {
+    one_to(raw, WORKER_COUNT_LIMIT)
+}
+
+fn queue_capacity(raw: &str) -> Result<usize, String> {
+    one_to(raw, QUEUE_CAPACITY_LIMIT)
+}
+
+fn memory_max_orders(raw: &str) -> Result<usize, String> {
+    one_to(raw, MEMORY_MAX_ORDERS_LIMIT)
+}
+
+fn database_max_connections(raw: &str) -> Result<u32, String> {
+    one_to(raw, DATABASE_MAX_CONNECTIONS_LIMIT)
+}
+
+fn retry_max_attempts(raw: &str) -> Result<u32, String> {
+    one_to(raw, RETRY_MAX_ATTEMPTS_LIMIT)
+}
+
+fn budget_floor(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(r) if (0.0..=RETRY_BUDGET_FLOOR_LIMIT).contains(&r) => Ok(r),
+        _ => Err("expected a number from 0 to 1000000, such as 1".into()),
+    }
+}
+
 /// The largest group commit the store accepts.
 pub const DATABASE_BATCH_MAX_LIMIT: usize = 1000;
 
@@ -210,7 +236,7 @@ pub struct Config {
     pub database_url: Option<String>,
 
     /// Most connections in the Postgres pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "10", value_parser = at_least_one::<u32>)]
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "10", value_parser = database_max_connections)]
     pub database_max_connections: u32,
 
     /// With Postgres: most new orders written in one statement (group commit); 1 writes each alone.
@@ -230,7 +256,7 @@ pub struct Config {
     pub recovery_interval: Duration,
 
     /// Without DATABASE_URL: the most orders kept in memory; past it the oldest finished ones are forgotten.
-    #[arg(long, env = "MEMORY_MAX_ORDERS", default_value = "250000", value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "MEMORY_MAX_ORDERS", default_value = "250000", value_parser = memory_max_orders)]
     pub memory_max_orders: usize,
 
     /// Log line format.
@@ -264,11 +290,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// Jobs the processing queue holds; POST /orders answers 503 when it is full.
-    #[arg(long, env = "QUEUE_CAPACITY", default_value = "100", value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "QUEUE_CAPACITY", default_value = "100", value_parser = queue_capacity)]
     pub queue_capacity: usize,
 
     /// Worker tasks draining the queue.
-    #[arg(long, env = "WORKER_COUNT", default_value = "5", value_parser = at_least_one::<usize>)]
+    #[arg(long, env = "WORKER_COUNT", default_value = "5", value_parser = worker_count)]
     pub worker_count: usize,
 
     /// Share of payment charges that fail, from 0 to 1.
@@ -308,7 +334,7 @@ pub struct Config {
     pub payment_seed: Option<u64>,
 
     /// Charge calls per order, the first included (attempts, not retries).
-    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "3", value_parser = at_least_one::<u32>)]
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "3", value_parser = retry_max_attempts)]
     pub retry_max_attempts: u32,
 
     /// First wait between attempts (before jitter).
@@ -344,7 +370,7 @@ pub struct Config {
     pub retry_budget_ratio: f64,
 
     /// The retry budget's floor: retries allowed per second whatever the traffic.
-    #[arg(long, env = "RETRY_BUDGET_MIN_PER_SECOND", default_value = "1", value_parser = non_negative)]
+    #[arg(long, env = "RETRY_BUDGET_MIN_PER_SECOND", default_value = "1", value_parser = budget_floor)]
     pub retry_budget_min_per_second: f64,
 
     /// How far back the retry budget counts first attempts and retries (whole seconds, 1s to 1h).
@@ -780,11 +806,45 @@ mod tests {
                 "PAYMENT_FAILURE_RATE",
                 "0 to 1",
             ),
-            (&["--worker-count", "0"][..], "WORKER_COUNT", "at least 1"),
+            (
+                &["--worker-count", "0"][..],
+                "WORKER_COUNT",
+                "from 1 to 10000",
+            ),
+            (
+                &["--worker-count", "100000000"][..],
+                "WORKER_COUNT",
+                "from 1 to 10000",
+            ),
+            (
+                &["--queue-capacity", "2305843009213693952"][..],
+                "QUEUE_CAPACITY",
+                "from 1 to 1000000",
+            ),
+            (
+                &["--memory-max-orders", "10000001"][..],
+                "MEMORY_MAX_ORDERS",
+                "from 1 to 10000000",
+            ),
+            (
+                &["--database-max-connections", "1001"][..],
+                "DATABASE_MAX_CONNECTIONS",
+                "from 1 to 1000",
+            ),
             (
                 &["--retry-max-attempts", "0"][..],
                 "RETRY_MAX_ATTEMPTS",
-                "at least 1",
+                "from 1 to 100",
+            ),
+            (
+                &["--retry-max-attempts", "101"][..],
+                "RETRY_MAX_ATTEMPTS",
+                "from 1 to 100",
+            ),
+            (
+                &["--retry-budget-min-per-second", "1e300"][..],
+                "RETRY_BUDGET_MIN_PER_SECOND",
+                "from 0 to 1000000",
             ),
             (&["--log-format", "xml"][..], "LOG_FORMAT", "json"),
             (&["--load-rate", "0"][..], "LOAD_RATE", "0.1 to 5000"),
@@ -796,7 +856,7 @@ mod tests {
             (
                 &["--retry-budget-min-per-second=-1"][..],
                 "RETRY_BUDGET_MIN_PER_SECOND",
-                "at least 0",
+                "from 0 to 1000000",
             ),
             (&["--load-rate", "5001"][..], "LOAD_RATE", "0.1 to 5000"),
             (&["--defer-rate", "0"][..], "DEFER_RATE", "from 1 to 100000"),

@@ -218,6 +218,8 @@ pub struct Step {
     pub kill: Option<usize>,
     /// The step as written, for the report.
     pub text: String,
+    /// Its `at` as written, to name its line in an error.
+    at_text: String,
 }
 
 #[derive(Debug, Clone)]
@@ -618,6 +620,7 @@ fn schedule_in_cell(
             reset_breaker: step.reset_breaker,
             kill,
             text: text.join(", "),
+            at_text: step.at.clone(),
         });
     }
     schedule.sort_by_key(|s| s.at);
@@ -650,6 +653,36 @@ fn schedule_in_cell(
         }
     }
     Ok(schedule)
+}
+
+/// Applies the schedule's payment changes, in order, to the variant's
+/// settings, as the run will: a value out of range, or a change that does
+/// not fit the settings before it (a minimum latency above the maximum),
+/// is refused now, with its step's line, not when its step fires.
+fn check_payment_steps(
+    source: &str,
+    schedule: &[Step],
+    variant: &Variant,
+    cell: &str,
+) -> Result<(), String> {
+    let now = tokio::time::Instant::now();
+    let mut settings = variant.config.payment_settings();
+    for step in schedule {
+        let Some(update) = &step.payment else {
+            continue;
+        };
+        settings = settings.apply(update.clone(), now).map_err(|e| {
+            let mut message = format!(
+                "schedule.payment {}: {}, for variant {}",
+                e.field, e.reason, variant.name
+            );
+            if !cell.is_empty() {
+                message = format!("in cell {cell}: {message}");
+            }
+            at_line(source, &format!("at = \"{}\"", step.at_text), message)
+        })?;
+    }
+    Ok(())
 }
 
 /// Every string in a step that the sweep fills in.
@@ -872,6 +905,9 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             replicas,
             &label,
         )?;
+        for variant in &variants {
+            check_payment_steps(source, &schedule, variant, &label)?;
+        }
         cells.push(Cell {
             at,
             variants,
@@ -1407,6 +1443,36 @@ sweep = { rate = [10] }
                 "payment = { mode = \"outage\" }",
                 "payment = { mode = \"sideways\" }",
                 "schedule.payment",
+            ),
+            (
+                "PAYMENT_FAILURE_RATE = 0.05",
+                "QUEUE_CAPACITY = 2305843009213693952",
+                "from 1 to 1000000",
+            ),
+            (
+                "PAYMENT_FAILURE_RATE = 0.05",
+                "WORKER_COUNT = 100000000",
+                "from 1 to 10000",
+            ),
+            (
+                "settings = { BREAKER_ENABLED = false }",
+                "settings = { MEMORY_MAX_ORDERS = 18446744073709551615 }",
+                "MEMORY_MAX_ORDERS",
+            ),
+            (
+                "payment = { mode = \"outage\" }",
+                "payment = { mode = \"outage\", failure_rate = 5 }",
+                "failure_rate",
+            ),
+            (
+                "payment = { mode = \"outage\" }",
+                "payment = { mode = \"brownout\", brownout = { failure_rate = 0.5, latency_min = \"1ms\", latency_max = \"2ms\", duration = \"25h\" } }",
+                "at most 24h",
+            ),
+            (
+                "payment = { mode = \"outage\" }",
+                "payment = { latency_min = \"2s\", latency_max = \"1s\" }",
+                "latency",
             ),
         ] {
             let text = GOOD.replace(from, to);

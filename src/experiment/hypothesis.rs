@@ -573,7 +573,9 @@ impl Expr {
     }
 
     /// The value: a number, or 1/0 for a comparison or a combination; NaN
-    /// when a figure has no value (and comparisons with NaN are false).
+    /// when a figure has no value, or arithmetic has none (a division by
+    /// zero, an overflow): comparisons with NaN are false, so a claim that
+    /// reads one fails rather than passing on an infinity.
     pub fn eval(&self, scope: &dyn Scope) -> f64 {
         self.eval_in(scope, &Vec::new())
     }
@@ -590,11 +592,12 @@ impl Expr {
             Expr::Binary(l, op, r) => {
                 let (a, b) = (l.eval_in(scope, binding), r.eval_in(scope, binding));
                 let truth = |t: bool| if t { 1.0 } else { 0.0 };
+                let number = |x: f64| if x.is_finite() { x } else { f64::NAN };
                 match op {
-                    Op::Add => a + b,
-                    Op::Sub => a - b,
-                    Op::Mul => a * b,
-                    Op::Div => a / b,
+                    Op::Add => number(a + b),
+                    Op::Sub => number(a - b),
+                    Op::Mul => number(a * b),
+                    Op::Div => number(a / b),
                     Op::Lt => truth(a < b),
                     Op::Le => truth(a <= b),
                     Op::Gt => truth(a > b),
@@ -716,6 +719,21 @@ mod tests {
 
     fn holds(text: &str) -> bool {
         parse(text).unwrap().eval(&Plain) == 1.0
+    }
+
+    #[test]
+    fn a_division_by_zero_or_an_overflow_has_no_value_and_fails_every_comparison() {
+        for text in [
+            "amplification[both] / 0 > 1",
+            "amplification[both] / 0 < 1",
+            "-amplification[both] / 0 < 1",
+            "0 / 0 == 0 / 0",
+            "amplification[both] / 0 != 5",
+            "99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 * 99999999999999999999 > 1",
+        ] {
+            assert!(!holds(text), "{text}");
+        }
+        assert!(holds("amplification[both] / 2 < 1"));
     }
 
     #[test]

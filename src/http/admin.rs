@@ -90,8 +90,9 @@ pub async fn put_payment(
     ))]
 pub async fn get_ledger(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::bad_path(&e, "invalid_order_id", "order_id"))?;
     let order_id: OrderId = id
         .parse()
         .map_err(|_| ApiError::invalid_order_id(&id, "order_id"))?;

@@ -72,10 +72,17 @@ pub async fn index_bare() -> Json<ProfileList> {
 #[utoipa::path(get, path = "/debug/pprof/{name}", tag = "debug", security(("admin_token" = [])),
     params(("name" = String, Path, description = "Any name that is not a profile")),
     responses(
+        (status = 400, description = "The name is not UTF-8 once percent-decoded", body = ErrorBody),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
         (status = 404, description = "No such profile; the answer lists them under `profiles`", body = ErrorBody),
     ))]
-pub async fn unknown(Path(name): Path<String>) -> ApiError {
+pub async fn unknown(
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiError {
+    let name = match path {
+        Ok(Path(name)) => name,
+        Err(rejection) => return ApiError::bad_path(&rejection, "invalid_path", "name"),
+    };
     ApiError::new(
         StatusCode::NOT_FOUND,
         "unknown_profile",

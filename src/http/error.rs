@@ -83,6 +83,25 @@ impl ApiError {
     }
 
     /// A path segment that should have been an order id (400, naming `field`).
+    /// A path segment that axum could not take (not UTF-8 once
+    /// percent-decoded): this JSON error under `code`, not axum's plain
+    /// text.
+    pub fn bad_path(
+        rejection: &axum::extract::rejection::PathRejection,
+        code: &'static str,
+        field: &'static str,
+    ) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!(
+                "the path's {field} cannot be read: {}",
+                rejection.body_text()
+            ),
+        )
+        .with_field(field)
+    }
+
     pub fn invalid_order_id(raw: &str, field: &'static str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -204,8 +205,9 @@ pub async fn create_order(
     ))]
 pub async fn get_order(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::bad_path(&e, "invalid_order_id", "id"))?;
     let id: OrderId = id
         .parse()
         .map_err(|_| ApiError::invalid_order_id(&id, "id"))?;

@@ -178,7 +178,11 @@ pub async fn get_timeline(
     Ok(Json(TimelineView {
         interval: timeline.interval().as_secs_f64(),
         capacity: timeline.capacity(),
-        last_seq: samples.last().map_or(since, |s| s.seq),
+        // Nothing newer: the newest there is, never a `since` from the
+        // future (a client that passes it back would wait for ever).
+        last_seq: samples
+            .last()
+            .map_or_else(|| since.min(timeline.last_seq()), |s| s.seq),
         samples,
     })
     .into_response())

@@ -5,9 +5,12 @@
 //! body that stopped, or nothing at all kept its connection until it hung up,
 //! and enough of them exhausted the process's file descriptors. Here:
 //!
-//! - **header read timeout** (`HTTP_HEADER_READ_TIMEOUT`): hyper's own; it
-//!   bounds the wait for a request's headers, from the moment the connection
-//!   is accepted;
+//! - **header read timeout** (`HTTP_HEADER_READ_TIMEOUT`): a request's
+//!   headers must arrive whole within it, counted from the moment the
+//!   connection is accepted for the first request and from the first byte
+//!   of each later one (give or take a quarter). Ours, not hyper's: hyper's
+//!   also runs while a keep-alive connection waits for its next request, so
+//!   an idle connection was closed at this timeout instead of the idle one;
 //! - **body timeout** (`HTTP_BODY_TIMEOUT`): the rest of the body must arrive
 //!   within it, counted from the first time the service waits for it; a
 //!   handler reading a late body gets `BodyTimedOut`, which the JSON
@@ -119,6 +122,12 @@ struct ConnState {
     body_pending: AtomicBool,
     /// Bumped whenever bytes move either way or a response completes.
     activity: AtomicU64,
+    /// A request's head is arriving (or, on a new connection, awaited):
+    /// set by the first byte read with no request in hand, cleared when
+    /// hyper hands over the request.
+    awaiting_head: AtomicBool,
+    /// Requests handed over so far: tells one head's wait from the next.
+    heads: AtomicU64,
 }
 
 /// How many looks an idle period is split into: a connection is closed
@@ -126,7 +135,21 @@ struct ConnState {
 /// `idle` after the idle timeout.
 const IDLE_LOOKS: u32 = 4;
 
+/// How many looks at most `every` apart cover `timeout` (at least
+/// `IDLE_LOOKS`).
+fn looks_for(timeout: Duration, every: Duration) -> u32 {
+    let n = timeout.as_nanos().div_ceil(every.as_nanos().max(1));
+    u32::try_from(n).unwrap_or(u32::MAX).max(IDLE_LOOKS)
+}
+
 impl ConnState {
+    fn new() -> Self {
+        Self {
+            awaiting_head: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
     fn touch(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
     }
@@ -141,7 +164,7 @@ async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: C
     // A token of its own: every connection waiting on the shared one would
     // take the shared token's lock each time its connection woke.
     let stop = stop.child_token();
-    let state = Arc::new(ConnState::default());
+    let state = Arc::new(ConnState::new());
     let io = TokioIo::new(Tracked {
         inner: stream,
         state: state.clone(),
@@ -170,14 +193,22 @@ async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: C
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read)
+        .header_read_timeout(None)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut stopping = false;
-    let look_every = (timeouts.idle / IDLE_LOOKS).max(Duration::from_millis(1));
+    let look_every =
+        (timeouts.idle.min(timeouts.header_read) / IDLE_LOOKS).max(Duration::from_millis(1));
+    let idle_looks = looks_for(timeouts.idle, look_every);
+    let head_looks = looks_for(timeouts.header_read, look_every);
     let mut looks = tokio::time::interval_at(Instant::now() + look_every, look_every);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut seen, mut quiet_looks) = (state.activity.load(Ordering::Relaxed), 0u32);
+    // The head being waited for (by the requests handed over before it)
+    // and how many looks have seen it still awaited. The wait began before
+    // the first of them, so more than `head_looks` looks mean at least
+    // the whole timeout.
+    let (mut head_of, mut head_seen) = (u64::MAX, 0u32);
     loop {
         tokio::select! {
             // The connection first: it is what wakes on every request.
@@ -196,6 +227,18 @@ async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: C
                 }
             }
             _ = looks.tick() => {
+                let heads = state.heads.load(Ordering::SeqCst);
+                if !state.awaiting_head.load(Ordering::SeqCst) {
+                    head_seen = 0;
+                } else if heads != head_of {
+                    (head_of, head_seen) = (heads, 1);
+                } else {
+                    head_seen += 1;
+                    if head_seen > head_looks {
+                        tracing::debug!("closing a connection whose request headers did not arrive in time");
+                        return;
+                    }
+                }
                 let now = state.activity.load(Ordering::Relaxed);
                 if now != seen || state.in_flight.load(Ordering::SeqCst) > 0 {
                     // Bytes moved, or a request is in hand (a long answer is
@@ -203,7 +246,7 @@ async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: C
                     (seen, quiet_looks) = (now, 0);
                 } else {
                     quiet_looks += 1;
-                    if quiet_looks >= IDLE_LOOKS {
+                    if quiet_looks >= idle_looks {
                         tracing::debug!("closing an idle connection");
                         return;
                     }
@@ -219,6 +262,8 @@ struct InFlight(Arc<ConnState>);
 impl InFlight {
     fn new(state: Arc<ConnState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::SeqCst);
+        state.heads.fetch_add(1, Ordering::SeqCst);
+        state.awaiting_head.store(false, Ordering::SeqCst);
         Self(state)
     }
 }
@@ -365,6 +410,14 @@ impl AsyncRead for Tracked {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.state.touch();
+            // The first bytes of a request, with none in hand: its head's
+            // wait begins (bytes pipelined behind a request do not start it).
+            let state = &self.state;
+            if state.in_flight.load(Ordering::Relaxed) == 0
+                && !state.awaiting_head.load(Ordering::Relaxed)
+            {
+                state.awaiting_head.store(true, Ordering::SeqCst);
+            }
         }
         result
     }

@@ -282,6 +282,11 @@ impl Timeline {
         ring.push_back(sample);
     }
 
+    /// The newest sample's `seq`, 0 before the first.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().back().map_or(0, |s| s.seq)
+    }
+
     /// The samples after `seq` that the ring still holds, oldest first.
     pub fn since(&self, seq: u64) -> Vec<Arc<Sample>> {
         let ring = self.lock();

@@ -7,7 +7,8 @@
 //! new order evicts the order that finished longest ago, with its
 //! Idempotency-Key. A pending or processing order is never evicted; when
 //! every stored order is unfinished, a new one is refused with
-//! `StoreError::Full` (503, like a full queue) and nothing is stored.
+//! `StoreError::Full` (503, like a full queue) and nothing is stored. An
+//! evicted order's charges leave the in-memory ledger with it (`on_evict`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +62,8 @@ pub struct MemoryStore {
     /// checked again when taken), never the other way round.
     deferred: Mutex<BTreeSet<(DateTime<Utc>, OrderId)>>,
     evicted: IntCounter,
+    /// Told of each evicted order, to forget what else is kept for it.
+    on_evict: Option<Box<dyn Fn(OrderId) + Send + Sync>>,
 }
 
 impl Default for MemoryStore {
@@ -87,7 +90,16 @@ impl MemoryStore {
             finished: Mutex::default(),
             deferred: Mutex::default(),
             evicted,
+            on_evict: None,
         }
+    }
+
+    /// Calls `forget` with each evicted order's id (after the store let go
+    /// of it), so that what is kept elsewhere per order (the in-memory
+    /// ledger's charges) stays within the same bound.
+    pub fn on_evict(mut self, forget: impl Fn(OrderId) + Send + Sync + 'static) -> Self {
+        self.on_evict = Some(Box::new(forget));
+        self
     }
 
     /// Takes room for one more order, evicting finished orders as needed.
@@ -131,6 +143,9 @@ impl MemoryStore {
         if removed {
             self.count.fetch_sub(1, Ordering::SeqCst);
             self.evicted.inc();
+            if let Some(forget) = &self.on_evict {
+                forget(id);
+            }
         }
         Ok(true)
     }

@@ -118,6 +118,33 @@ impl MemoryLedger {
     fn lock(&self, i: usize) -> Result<std::sync::MutexGuard<'_, LedgerShard>, LedgerError> {
         self.shards[i].lock().map_err(|_| LedgerError::Poisoned)
     }
+
+    /// Forgets an order's charges and their keys: the memory store calls it
+    /// when it evicts the (finished) order, so the ledger holds no more
+    /// orders than the store's bound. One lock at a time, so it can never
+    /// deadlock with `record`.
+    pub fn forget(&self, order_id: OrderId) {
+        let Ok(mut shard) = self.lock(Self::order_shard(&order_id)) else {
+            return;
+        };
+        let Some(charges) = shard.by_order.remove(&order_id) else {
+            return;
+        };
+        drop(shard);
+        for key in charges.iter().filter_map(|c| c.idempotency_key.as_deref()) {
+            if let Ok(mut shard) = self.lock(Self::key_shard(key)) {
+                shard.keys.remove(key);
+            }
+        }
+    }
+
+    /// How many orders have charges here, and how many keys are taken.
+    pub fn size(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(orders, keys), shard| {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            (orders + shard.by_order.len(), keys + shard.keys.len())
+        })
+    }
 }
 
 fn add_charge(shard: &mut LedgerShard, request: &ChargeRequest, key: Option<&str>) -> usize {

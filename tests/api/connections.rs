@@ -242,3 +242,125 @@ async fn a_body_dripped_slower_than_the_limit_allows_in_total_gets_408_at_the_li
     );
     stop.cancel();
 }
+
+/// The server's own accept loop over the in-memory transport, on the paused
+/// clock, with a 10 s header timeout and a 60 s idle timeout; a connection
+/// to it.
+async fn memory_server() -> (
+    reliability_lab::transport::Connection,
+    tokio_util::sync::CancellationToken,
+    crate::helpers::Lab,
+) {
+    use reliability_lab::http::server::{serve, Timeouts};
+    use reliability_lab::transport::{self, Listener, Target};
+    let lab = crate::helpers::Lab::new(crate::helpers::LabOptions::default()).await;
+    let (connector, listener) = transport::memory();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let timeouts = Timeouts {
+        header_read: Duration::from_secs(10),
+        body: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+    tokio::spawn(serve(
+        Listener::Memory(listener),
+        lab.router.clone(),
+        timeouts,
+        stop.clone(),
+    ));
+    let conn = Target::Memory(connector).connect().await.unwrap();
+    (conn, stop, lab)
+}
+
+/// Reads until the server closes the connection (or `limit` passes):
+/// what it sent, and how long after `since` it closed.
+async fn read_until_closed(
+    conn: &mut reliability_lab::transport::Connection,
+    since: tokio::time::Instant,
+    limit: Duration,
+) -> Option<(Vec<u8>, Duration)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| (got, since.elapsed()))
+}
+
+/// A keep-alive connection waiting for its next request is idle, not slow:
+/// it stays open past the header timeout and closes at the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_connection_lasts_the_idle_timeout_not_the_header_timeout() {
+    let (mut conn, stop, _lab) = memory_server().await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let answered = tokio::time::Instant::now();
+    let (rest, took) = read_until_closed(&mut conn, answered, Duration::from_secs(120))
+        .await
+        .expect("closed once idle");
+    assert!(rest.is_empty());
+    assert!(
+        took >= Duration::from_secs(60) && took <= Duration::from_secs(76),
+        "closed {took:?} after the answer"
+    );
+    stop.cancel();
+}
+
+/// A connection that sends nothing is closed at the header timeout (from
+/// its start), and so is one whose headers drip in a byte every 3 s (never
+/// idle, never whole).
+#[tokio::test(start_paused = true)]
+async fn headers_that_do_not_arrive_in_time_close_the_connection_at_the_header_timeout() {
+    let (mut silent, stop, _lab) = memory_server().await;
+    let started = tokio::time::Instant::now();
+    let (_, took) = read_until_closed(&mut silent, started, Duration::from_secs(60))
+        .await
+        .expect("a silent connection is closed");
+    assert!(
+        took >= Duration::from_secs(10) && took <= Duration::from_secs(13),
+        "silent: closed after {took:?}"
+    );
+    stop.cancel();
+
+    // After one answered request, the next one's headers drip.
+    let (mut conn, stop, _lab) = memory_server().await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Off the server's 2.5 s looks, so a timer that closed early shows.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let first_byte = tokio::time::Instant::now();
+    let (mut reader, mut writer) = tokio::io::split(conn);
+    let drip = tokio::spawn(async move {
+        for byte in PARTIAL_HEADERS.iter().cycle() {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    });
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut sink))
+        .await
+        .expect("the dripping connection is closed")
+        .ok();
+    let took = first_byte.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took <= Duration::from_secs(13),
+        "dripped: closed {took:?} after the first byte"
+    );
+    drip.abort();
+    stop.cancel();
+}

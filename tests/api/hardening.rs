@@ -264,6 +264,12 @@ async fn a_huge_duration_is_422_naming_the_field_and_changes_nothing() {
             "brownout.duration",
         ),
         (json!({"latency_max": "25h"}), "latency_max"),
+        // A nested object given as an array is not filled by position.
+        (
+            json!({"mode": "brownout", "brownout": [0.5, "1ms", "2ms", "1m"]}),
+            "brownout",
+        ),
+        (json!({"failure_rate": [0.5]}), "failure_rate"),
         (json!({"latency_min": "5s5s"}), "latency_min"),
         (json!({"latency_min": "1ms 2ms"}), "latency_min"),
     ] {
@@ -276,6 +282,24 @@ async fn a_huge_duration_is_422_naming_the_field_and_changes_nothing() {
         lab.payment.view().mode,
         reliability_lab::payment::Mode::Normal
     );
+    let (status, _, reply) = send(
+        &lab.router,
+        put_json("/admin/load", r#"{"rate": 5, "client": [3, "on"]}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "client", "{reply}");
+    // An array inside a string is only text.
+    let (status, _, reply) = send(
+        &lab.router,
+        post_json(
+            "/orders",
+            r#"{"customer_id":"[x]","amount":1,"currency":"USD"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "customer_id", "{reply}");
     // The longest accepted brownout runs and ends.
     let day = json!({"mode": "brownout", "brownout": {"failure_rate": 0.5, "latency_min": "1ms", "latency_max": "2ms", "duration": "24h"}});
     let (status, _, reply) = send(&lab.router, put_json("/admin/payment", &day.to_string())).await;
@@ -456,4 +480,34 @@ async fn an_evicted_orders_idempotency_key_goes_with_it() {
     // (or the store is full of the unfinished second order).
     assert_ne!(status, StatusCode::OK, "{again}");
     assert_ne!(again["id"], first["id"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_orders_charges_leave_the_ledger_with_it() {
+    let lab = Lab::new(LabOptions {
+        memory_max_orders: 10,
+        ..LabOptions::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        let id = lab.post_order().await.id;
+        lab.settle(id).await;
+        ids.push(id);
+    }
+    let charges = |id: OrderId| {
+        let router = lab.router.clone();
+        async move {
+            let uri = format!("/admin/payment/ledger/{id}");
+            let request = Request::get(uri).body(Body::empty()).unwrap();
+            let (status, _, body) = send(&router, request).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["charges"].as_array().unwrap().len()
+        }
+    };
+    for (i, id) in ids.iter().enumerate() {
+        let expected = usize::from(i >= 40);
+        assert_eq!(charges(*id).await, expected, "order {i} of 50");
+    }
+    assert_eq!(lab.metrics.totals().charges, 50, "each was charged once");
 }

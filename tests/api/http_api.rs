@@ -216,6 +216,16 @@ async fn an_id_that_is_not_a_uuid_is_400_and_an_unknown_one_404() {
     let (status, _, body) = send(&lab.router, get("/orders/not-a-uuid")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_code(&body), "invalid_order_id");
+    // Not UTF-8 once percent-decoded: the same JSON error, not axum's text.
+    for (path, code) in [
+        ("/orders/%ff%fe", "invalid_order_id"),
+        ("/admin/payment/ledger/%ff%fe", "invalid_order_id"),
+        ("/debug/pprof/%ff", "invalid_path"),
+    ] {
+        let (status, _, body) = send(&lab.router, get(path)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(error_code(&body), code, "{path}: {body}");
+    }
 
     let (status, _, body) = send(
         &lab.router,

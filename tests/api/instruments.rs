@@ -292,6 +292,13 @@ async fn the_timeline_samples_rates_from_the_services_own_counters() {
     // Quiet intervals: rates back to zero, no latency.
     assert_eq!(later["samples"][0]["accepted_per_s"], 0.0);
     assert_eq!(later["samples"][0]["latency_p50_ms"], Value::Null);
+    // Caught up: the same seq back. Ahead of the newest: the newest, not
+    // the future value (passed back, it would hide every sample to come).
+    for (since, last) in [("3", 3), ("1000000", 3)] {
+        let (_, _, none) = send(&lab.router, get(&format!("/admin/timeline?since={since}"))).await;
+        assert_eq!(none["samples"].as_array().unwrap().len(), 0, "{none}");
+        assert_eq!(none["last_seq"], last, "since={since}: {none}");
+    }
 
     for bad in ["-1", "x", "9223372036854775808"] {
         let (status, _, error) =
