@@ -1,25 +1,33 @@
 //! `DATABASE_URL` to connect options, with TLS as libpq does it.
 //!
-//! sqlx (rustls, with Mozilla's root certificates bundled) reads `sslmode`,
-//! `sslrootcert`, `sslcert` and `sslkey` from the URL. Where its behaviour
-//! differs from libpq's, libpq's wins, and this module closes the gap:
+//! sqlx reads `sslmode`, `sslrootcert`, `sslcert` and `sslkey` from the
+//! URL, and its TLS is native-tls: OpenSSL here, the library libpq uses, so
+//! a certificate verifies as `psql` verifies it. (With rustls, sqlx refused
+//! the commonest setup, a self-signed server certificate given as its own
+//! root, as the PostgreSQL manual makes one: webpki rejects a CA
+//! certificate used as the server's, `CaUsedAsEndEntity`.) Where sqlx's
+//! behaviour differs from libpq's, libpq's wins, and this module closes the
+//! gap:
 //!
 //! - `sslmode=require` with a `sslrootcert` verifies the server's chain,
 //!   as `verify-ca` does (libpq: "if a root CA file exists, require behaves
 //!   like verify-ca"). sqlx alone would take any certificate.
 //! - `verify-ca` and `verify-full` need a root: a CA file, or
 //!   `sslrootcert=system` for the public roots. sqlx alone would quietly
-//!   trust Mozilla's roots; libpq refuses without a root file.
-//! - `sslrootcert=system` (libpq 16) means the public roots (here the
-//!   bundled Mozilla list) and makes `verify-full` the mode; a weaker mode
-//!   with it is refused, as libpq refuses it. sqlx alone would look for a
-//!   file named `system`.
+//!   trust the system's roots; libpq refuses without a root file.
+//! - `sslrootcert=system` (libpq 16) means the system's roots (OpenSSL's
+//!   default store) and makes `verify-full` the mode; a weaker mode with it
+//!   is refused, as libpq refuses it. sqlx alone would look for a file named
+//!   `system`.
 //! - The CA file is read once, here, so a missing or empty file is an error
 //!   that names it, at startup, instead of a failure on every connection.
+//!   native-tls takes one certificate from it, so a file of several (a
+//!   bundle) is refused, naming the count, rather than trusting only its
+//!   first.
 //!
-//! One difference remains: with a CA file, sqlx trusts Mozilla's roots as
-//! well as the file (libpq trusts the file alone), so a server certificate
-//! from a public CA verifies whatever file is named.
+//! One difference remains: with a CA file, native-tls trusts the system's
+//! roots as well as the file (libpq trusts the file alone), so a server
+//! certificate from a public CA verifies whatever file is named.
 //!
 //! A TLS failure while connecting is not worth retrying: [`tls_failure`]
 //! tells the startup loop, and words the cause for the operator.
@@ -78,49 +86,43 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
 /// The operator's words for a failed connection when TLS is what failed,
 /// None when the failure was something else (worth retrying at startup).
 ///
-/// sqlx reports a certificate that did not verify as an I/O error
-/// ("error communicating with database") whose source is rustls's error,
-/// and a server without TLS as its own `Error::Tls`: both are read here.
+/// sqlx reports a failed handshake, and a server without TLS, as its
+/// `Error::Tls`; OpenSSL says why a certificate did not verify in its
+/// message (its verify result's text), which is read here.
 pub fn tls_failure(err: &sqlx::Error, options: &PgConnectOptions) -> Option<String> {
-    use rustls::CertificateError as C;
+    let sqlx::Error::Tls(cause) = err else {
+        return None;
+    };
     let mode = mode_name(options.get_ssl_mode());
     let host = options.get_host();
-    let (why, cause) = match err {
-        sqlx::Error::Tls(cause) => {
-            let cause = cause.to_string();
-            let why = if cause.contains("does not support TLS") {
-                "the server does not offer TLS (is ssl=on in its postgresql.conf?)"
-            } else {
-                "the TLS settings were refused"
-            };
-            (why.to_owned(), cause)
-        }
-        sqlx::Error::Io(io) => {
-            let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
-            let why = match tls {
-                rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
-                    "the server's certificate was not issued by a CA in sslrootcert".to_owned()
-                }
-                rustls::Error::InvalidCertificate(
-                    C::NotValidForName | C::NotValidForNameContext { .. },
-                ) => format!(
-                    "the server's certificate does not name the host {host:?} \
-                     (sslmode=verify-full checks the name; verify-ca does not)"
-                ),
-                rustls::Error::InvalidCertificate(
-                    C::Expired
-                    | C::ExpiredContext { .. }
-                    | C::NotValidYet
-                    | C::NotValidYetContext { .. },
-                ) => "the server's certificate is outside its validity period".to_owned(),
-                rustls::Error::InvalidCertificate(_) => {
-                    "the server's certificate did not verify".to_owned()
-                }
-                _ => "the TLS handshake failed".to_owned(),
-            };
-            (why, tls.to_string())
-        }
-        _ => return None,
+    let cause = cause.to_string();
+    let said = |words: &[&str]| {
+        let lower = cause.to_ascii_lowercase();
+        words.iter().any(|w| lower.contains(w))
+    };
+    let why = if said(&["does not support tls"]) {
+        "the server does not offer TLS (is ssl=on in its postgresql.conf?)".to_owned()
+    } else if said(&["hostname mismatch", "ip address mismatch"]) {
+        format!(
+            "the server's certificate does not name the host {host:?} \
+             (sslmode=verify-full checks the name; verify-ca does not)"
+        )
+    } else if said(&[
+        "unable to get local issuer certificate",
+        "unable to get issuer certificate",
+        "self-signed certificate",
+        "self signed certificate",
+        "unable to verify the first certificate",
+    ]) {
+        "the server's certificate was not issued by a CA in sslrootcert (nor is it the \
+         certificate in sslrootcert)"
+            .to_owned()
+    } else if said(&["certificate has expired", "certificate is not yet valid"]) {
+        "the server's certificate is outside its validity period".to_owned()
+    } else if said(&["certificate verify failed"]) {
+        "the server's certificate did not verify".to_owned()
+    } else {
+        "the TLS handshake failed".to_owned()
     };
     Some(format!(
         "TLS to the database at {host} failed (sslmode={mode}): {why}: {cause}"
@@ -149,10 +151,16 @@ fn root_cert_setting(url: &str) -> anyhow::Result<Option<RootSetting>> {
 fn read_root_file(path: &str) -> anyhow::Result<Vec<u8>> {
     let pem = std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("DATABASE_URL: sslrootcert {path}: {e}"))?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        anyhow::bail!("DATABASE_URL: sslrootcert {path}: no PEM certificate in the file");
+    let text = String::from_utf8_lossy(&pem);
+    match text.matches("-----BEGIN CERTIFICATE-----").count() {
+        0 => anyhow::bail!("DATABASE_URL: sslrootcert {path}: no PEM certificate in the file"),
+        1 => Ok(pem),
+        n => anyhow::bail!(
+            "DATABASE_URL: sslrootcert {path}: {n} certificates in the file; this build trusts \
+             one: put the CA that signed the server's certificate (or the self-signed server \
+             certificate itself) alone in the file"
+        ),
     }
-    Ok(pem)
 }
 
 /// The last value of one query parameter (the URL parser sqlx uses).
@@ -249,6 +257,10 @@ mod tests {
         std::fs::write(&ca, "not a certificate").unwrap();
         let e = err(&url);
         assert!(e.contains("no PEM certificate"), "{e}");
+        let one = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(&ca, one.repeat(2)).unwrap();
+        let e = err(&url);
+        assert!(e.contains("2 certificates in the file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -106,3 +106,37 @@ impl Drop for TestCerts {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A self-signed server certificate made as the PostgreSQL manual makes one
+/// ("Creating Certificates": `openssl req -new -x509 -days 365 -nodes -text
+/// -out server.crt -keyout server.key -subj "/CN=dbhost"`), for the host
+/// `cn`. Its file is also what the client is given as its root.
+pub struct SelfSigned {
+    dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl SelfSigned {
+    pub fn make(cn: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rlab-self-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("openssl")
+            .args(["req", "-new", "-x509", "-days", "365", "-nodes", "-text"])
+            .args(["-out", "server.crt", "-keyout", "server.key"])
+            .args(["-subj", &format!("/CN={cn}")])
+            .current_dir(&dir))
+        .unwrap_or_else(|e| panic!("openssl req (Debian: apt-get install openssl): {e}"));
+        Self {
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            dir,
+        }
+    }
+}
+
+impl Drop for SelfSigned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
