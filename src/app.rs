@@ -117,10 +117,24 @@ impl Stores {
         )
         .await?
         .with_group_commit(config.database_batch_max, metrics);
-        // The simulated provider keeps its ledger in the same database, so
-        // every replica sees one provider, as with a real payment API.
-        let ledger =
-            PostgresLedger::new(store.pool().clone()).with_group_commit(config.database_batch_max);
+        // The simulated provider keeps its ledger in a database every
+        // replica shares, so they see one provider, as with a real payment
+        // API: the orders' own, or PAYMENT_LEDGER_URL's (the provider on
+        // its own network path, reachable when the orders' database is not).
+        let ledger_pool = match &config.payment_ledger_url {
+            None => store.pool().clone(),
+            Some(url) => PostgresStore::connect(
+                url,
+                config.database_max_connections,
+                config.database_startup_timeout,
+                Lease::for_new_replica(config.job_lease),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("PAYMENT_LEDGER_URL: {e:#}"))?
+            .pool()
+            .clone(),
+        };
+        let ledger = PostgresLedger::new(ledger_pool).with_group_commit(config.database_batch_max);
         Ok(Self {
             orders: Arc::new(store),
             ledger: Arc::new(ledger),
@@ -181,7 +195,8 @@ impl AppBuilder {
 
         let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.workers()));
         let mut service =
-            Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())));
+            Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())))
+                .with_lease(config.job_lease);
         // Ids follow the seed only in memory: a database outlives the
         // process, and a second run with the same seed would draw the ids it
         // already holds (every POST refused as a conflict).

@@ -235,6 +235,10 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// With DATABASE_URL: where the simulated provider keeps its ledger, when not in the orders' database (a provider on its own network path).
+    #[arg(long, env = "PAYMENT_LEDGER_URL", hide_env_values = true)]
+    pub payment_ledger_url: Option<String>,
+
     /// Most connections in the Postgres pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "10", value_parser = database_max_connections)]
     pub database_max_connections: u32,
@@ -544,6 +548,20 @@ impl Config {
                 humantime::format_duration(self.retry_max_interval)
             ));
         }
+        if self.database_url.is_some() && self.payment_timeout * 2 > self.job_lease {
+            return Err(format!(
+                "invalid JOB_LEASE: {} is less than twice PAYMENT_TIMEOUT {}; a worker starts a \
+                 charge only if it can end well within the lease, so no charge would ever start",
+                humantime::format_duration(self.job_lease),
+                humantime::format_duration(self.payment_timeout)
+            ));
+        }
+        if self.payment_ledger_url.is_some() && self.database_url.is_none() {
+            return Err(
+                "invalid PAYMENT_LEDGER_URL: the ledger leaves memory only with the orders; set DATABASE_URL too, or unset PAYMENT_LEDGER_URL"
+                    .into(),
+            );
+        }
         if self.load_duration.is_some() && self.load_rate.is_none() {
             return Err("invalid LOAD_DURATION: set LOAD_RATE too, or unset LOAD_DURATION".into());
         }
@@ -675,7 +693,10 @@ fn one_line(err: &clap::Error) -> String {
                 Some((flag, rest)) => (flag.to_owned(), rest.trim_end_matches('>').to_owned()),
                 None => (arg.clone(), arg.clone()),
             };
-            if matches!(var.as_str(), "ADMIN_TOKEN" | "DATABASE_URL") {
+            if matches!(
+                var.as_str(),
+                "ADMIN_TOKEN" | "DATABASE_URL" | "PAYMENT_LEDGER_URL"
+            ) {
                 // Secrets stay out of the terminal and the logs.
                 format!("invalid {var} (or {flag}): {reason}")
             } else {
@@ -922,6 +943,34 @@ mod tests {
     }
 
     #[test]
+    fn with_a_database_the_lease_must_hold_two_charge_timeouts() {
+        let err = parse(&[
+            "--database-url",
+            "postgres://x@localhost/db",
+            "--job-lease",
+            "1s",
+            "--payment-timeout",
+            "600ms",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("JOB_LEASE") && err.contains("PAYMENT_TIMEOUT"),
+            "{err}"
+        );
+        parse(&[
+            "--database-url",
+            "postgres://x@localhost/db",
+            "--job-lease",
+            "1s",
+            "--payment-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        // In memory there are no leases.
+        parse(&["--job-lease", "1s", "--payment-timeout", "900ms"]).unwrap();
+    }
+
+    #[test]
     fn a_load_duration_without_a_rate_is_refused() {
         let err = parse(&["--load-duration", "5m"]).unwrap_err();
         assert!(err.contains("LOAD_DURATION"), "{err}");
@@ -945,6 +994,7 @@ mod tests {
         for var in [
             "LISTEN_ADDR",
             "DATABASE_URL",
+            "PAYMENT_LEDGER_URL",
             "DATABASE_MAX_CONNECTIONS",
             "DATABASE_BATCH_MAX",
             "LOG_FORMAT",

@@ -131,6 +131,10 @@ struct RawStep {
     reset_breaker: bool,
     #[serde(default)]
     kill: Option<String>,
+    #[serde(default)]
+    cut: Option<String>,
+    #[serde(default)]
+    heal: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +220,11 @@ pub struct Step {
     pub reset_breaker: bool,
     /// The replica (by index) to kill with SIGKILL.
     pub kill: Option<usize>,
+    /// The replica (by index) whose connections to Postgres are cut (a
+    /// partition: it runs on, and still reaches the provider's ledger).
+    pub cut: Option<usize>,
+    /// The replica (by index) whose connections are restored.
+    pub heal: Option<usize>,
     /// The step as written, for the report.
     pub text: String,
     /// Its `at` as written, to name its line in an error.
@@ -581,9 +590,35 @@ fn schedule_in_cell(
                 Some(index)
             }
         };
+        let replica_named = |key: &str, name: &String| {
+            let here = |message: String| at_line(source, &format!("{key} = \"{name}\""), message);
+            if replicas < 2 {
+                return Err(here(format!(
+                    "schedule.{key} needs replicas = 2 or more (one must take the orders over)"
+                )));
+            }
+            (0..replicas)
+                .find(|&i| replica_name(i) == *name)
+                .ok_or_else(|| {
+                    here(format!(
+                        "schedule.{key}: no replica named {name:?}; with {replicas} replicas they are {}",
+                        (0..replicas).map(replica_name).collect::<Vec<_>>().join(", ")
+                    ))
+                })
+        };
+        let cut = step
+            .cut
+            .as_ref()
+            .map(|n| replica_named("cut", n))
+            .transpose()?;
+        let heal = step
+            .heal
+            .as_ref()
+            .map(|n| replica_named("heal", n))
+            .transpose()?;
         if replicas > 1 && (payment.is_some() || reliability.is_some() || step.reset_breaker) {
             return Err(here(
-                "with replicas, the schedule can only kill them (and mark the fault): set payment and reliability in [base] or the variants".into(),
+                "with replicas, the schedule can only kill them, cut them off and heal them (and mark the fault): set payment and reliability in [base] or the variants".into(),
             ));
         }
         let mut text = vec![];
@@ -612,6 +647,12 @@ fn schedule_in_cell(
         if let Some(i) = kill {
             text.push(format!("replica {} killed (SIGKILL)", replica_name(i)));
         }
+        if let Some(i) = cut {
+            text.push(format!("replica {} cut off from Postgres", replica_name(i)));
+        }
+        if let Some(i) = heal {
+            text.push(format!("replica {} reconnected", replica_name(i)));
+        }
         schedule.push(Step {
             at,
             fault: step.fault,
@@ -619,11 +660,45 @@ fn schedule_in_cell(
             reliability,
             reset_breaker: step.reset_breaker,
             kill,
+            cut,
+            heal,
             text: text.join(", "),
             at_text: step.at.clone(),
         });
     }
     schedule.sort_by_key(|s| s.at);
+    // Cuts and heals, in time order: a replica is cut at most once, healed
+    // only once cut, and one replica is never cut, to take the orders over.
+    let mut cut_now: Vec<usize> = Vec::new();
+    let mut ever_cut: Vec<usize> = Vec::new();
+    for step in &schedule {
+        let here =
+            |message: String| at_line(source, &format!("at = \"{}\"", step.at_text), message);
+        if let Some(i) = step.heal {
+            if !cut_now.contains(&i) {
+                return Err(here(format!(
+                    "schedule.heal: replica {} is not cut off then",
+                    replica_name(i)
+                )));
+            }
+            cut_now.retain(|&c| c != i);
+        }
+        if let Some(i) = step.cut {
+            if ever_cut.contains(&i) {
+                return Err(here(format!(
+                    "schedule.cut: replica {} is cut off twice",
+                    replica_name(i)
+                )));
+            }
+            cut_now.push(i);
+            ever_cut.push(i);
+            if ever_cut.len() == replicas {
+                return Err(here(
+                    "schedule.cut: every replica would be cut off; one must keep its database to take the orders over".into(),
+                ));
+            }
+        }
+    }
     let starts = schedule
         .iter()
         .filter(|s| s.fault == Some(FaultMark::Start))
@@ -731,7 +806,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         Vec::new()
     };
     for (key, _) in base.iter().chain(&quick_settings) {
-        if ["DATABASE_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+        if ["DATABASE_URL", "PAYMENT_LEDGER_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
             return Err(at_line(
                 source,
                 key,
@@ -762,7 +837,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             ));
         }
         for key in v.settings.keys() {
-            if ["DATABASE_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+            if ["DATABASE_URL", "PAYMENT_LEDGER_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
                 return Err(at_line(
                     source,
                     key,

@@ -38,6 +38,7 @@ use uuid::Uuid;
 
 use super::figures::{self, FaultWindow, RunRecord, Takeover};
 use super::file::{replica_name, Experiment, FaultMark, Variant};
+use super::relay::{upstream_of, Relay};
 use super::run::{check_traffic, VariantResult, DRAIN_LIMIT};
 use crate::lab::{LoadOutcomes, Sample};
 use crate::observability::latency::{LatencyHistogram, Snapshot};
@@ -320,6 +321,20 @@ pub async fn run_variant(
     let interval = variant.config.timeline_interval;
     let retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
 
+    // With a cut in the schedule, each replica reaches Postgres through a
+    // relay of its own (the partition), and the provider's ledger directly
+    // (PAYMENT_LEDGER_URL): cut off, a replica still reaches the provider.
+    let partitioned = experiment.schedule.iter().any(|s| s.cut.is_some());
+    let mut relays: Vec<Relay> = Vec::new();
+    if partitioned {
+        let upstream = upstream_of(database_url)
+            .await
+            .context("the database's address, for the replicas' relays")?;
+        for _ in 0..experiment.replicas {
+            relays.push(Relay::start(upstream).await.context("starting a relay")?);
+        }
+    }
+
     // One after another: the first creates the tables.
     let mut replicas: Vec<Replica> = Vec::new();
     for i in 0..experiment.replicas {
@@ -329,7 +344,13 @@ pub async fn run_variant(
             .filter(|(k, _)| !matches!(k.as_str(), "LOAD_RATE" | "LOAD_DURATION"))
             .cloned()
             .collect();
-        env.push(("DATABASE_URL".into(), database_url.into()));
+        match relays.get(i) {
+            Some(relay) => {
+                env.push(("DATABASE_URL".into(), relay.url_for(database_url)?));
+                env.push(("PAYMENT_LEDGER_URL".into(), database_url.into()));
+            }
+            None => env.push(("DATABASE_URL".into(), database_url.into())),
+        }
         env.push((
             "PAYMENT_SEED".into(),
             (experiment.seed + i as u64).to_string(),
@@ -418,6 +439,36 @@ pub async fn run_variant(
                     in_hand.len()
                 );
                 kill = Some((r.owner.clone(), killed_at));
+            }
+            if let Some(index) = step.cut {
+                let r = &replicas[index];
+                relays[index].cut();
+                let cut_at = Instant::now();
+                in_hand = sqlx::query_scalar(
+                    "SELECT id FROM orders
+                      WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+                )
+                .bind(&r.owner)
+                .fetch_all(&pool)
+                .await?;
+                watched = in_hand.clone();
+                let _ = writeln!(
+                    progress,
+                    "  {:<24} {t:>5.1}s  replica {} cut off from Postgres holding {} orders",
+                    variant.name,
+                    r.name,
+                    in_hand.len()
+                );
+                // Its orders are taken over as a killed replica's are.
+                kill = Some((r.owner.clone(), cut_at));
+            }
+            if let Some(index) = step.heal {
+                relays[index].heal();
+                let _ = writeln!(
+                    progress,
+                    "  {:<24} {t:>5.1}s  replica {} reconnected",
+                    variant.name, replicas[index].name
+                );
             }
             match step.fault {
                 Some(FaultMark::Start) => fault_start = Some(t),

@@ -486,22 +486,23 @@ impl OrderRepository for PostgresStore {
         Ok(counts)
     }
 
-    async fn renew_leases(&self, ids: &[OrderId]) -> Result<u64, StoreError> {
+    async fn renew_leases(&self, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
-        let result = sqlx::query(
+        let rows: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE orders SET lease_expires_at = now() + make_interval(secs => $2)
-              WHERE id = ANY($3) AND lease_owner = $1 AND status IN ('pending', 'processing')",
+              WHERE id = ANY($3) AND lease_owner = $1 AND status IN ('pending', 'processing')
+          RETURNING id",
         )
         .bind(&self.lease.owner)
         .bind(self.lease_secs())
         .bind(ids)
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(result.rows_affected())
+        Ok(rows.into_iter().map(OrderId::from_uuid).collect())
     }
 
     async fn count_expired(&self) -> Result<u64, StoreError> {

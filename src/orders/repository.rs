@@ -97,9 +97,9 @@ pub trait OrderRepository: Send + Sync {
 
     /// Extends the leases of `ids` that this replica still holds (an order
     /// another replica took over, or that finished, is left alone). Returns
-    /// how many.
-    async fn renew_leases(&self, _ids: &[OrderId]) -> Result<u64, StoreError> {
-        Ok(0)
+    /// the ones it extended.
+    async fn renew_leases(&self, _ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        Ok(Vec::new())
     }
 
     /// How many open orders have an expired lease, waiting to be taken over.

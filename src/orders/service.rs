@@ -99,7 +99,8 @@ pub struct Service {
 
 /// The orders this replica is working on, with how many times each is
 /// queued or in hand (recovery may queue an order a second time while the
-/// first job still holds it, if its lease ran out meanwhile).
+/// first job still holds it, if its lease ran out meanwhile), and since when
+/// its lease surely runs.
 ///
 /// An order is held from the moment it is queued until its worker is done
 /// with it, whatever the outcome. An order stored but never queued (its
@@ -108,13 +109,29 @@ pub struct Service {
 /// another replica, takes it over. Renewing every lease this replica owns
 /// instead would keep such an order ours, and unfinished, for ever.
 #[derive(Default)]
-struct Held(Mutex<HashMap<OrderId, u32>>);
+struct Held {
+    orders: Mutex<HashMap<OrderId, Hold>>,
+    /// `JOB_LEASE`: how long a lease runs from its grant or renewal.
+    lease: Duration,
+}
+
+struct Hold {
+    count: u32,
+    /// When the statement that last granted or renewed the lease was sent:
+    /// the database set its expiry at least `lease` after this.
+    since: tokio::time::Instant,
+}
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, u32>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, Hold>> {
+        self.orders.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// The part of a lease kept back when judging whether a charge can finish
+/// within it: covers the time between a statement being sent and the
+/// database reading its clock.
+const LEASE_MARGIN_DIVISOR: u32 = 10;
 
 impl Service {
     pub fn new(repo: Arc<dyn OrderRepository>, queue: Arc<dyn ProcessingQueue>) -> Self {
@@ -127,10 +144,30 @@ impl Service {
         }
     }
 
-    /// Marks `id` as this replica's to work on, before it is queued.
+    /// The length of this replica's leases (`JOB_LEASE`), so that a worker
+    /// can tell when an order it holds might no longer be its own.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        if self.held.is_some() {
+            self.held = Some(Arc::new(Held {
+                orders: Mutex::default(),
+                lease,
+            }));
+        }
+        self
+    }
+
+    /// Marks `id` as this replica's to work on, before it is queued (its
+    /// lease was granted by the statement that just returned).
     fn hold(&self, id: OrderId) {
         if let Some(held) = &self.held {
-            *held.lock().entry(id).or_insert(0) += 1;
+            let now = tokio::time::Instant::now();
+            let mut orders = held.lock();
+            let hold = orders.entry(id).or_insert(Hold {
+                count: 0,
+                since: now,
+            });
+            hold.count += 1;
+            hold.since = hold.since.max(now);
         }
     }
 
@@ -139,13 +176,56 @@ impl Service {
     pub fn let_go(&self, id: OrderId) {
         if let Some(held) = &self.held {
             let mut held = held.lock();
-            if let Some(n) = held.get_mut(&id) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(hold) = held.get_mut(&id) {
+                hold.count -= 1;
+                if hold.count == 0 {
                     held.remove(&id);
                 }
             }
         }
+    }
+
+    /// Notes that the leases of `ids` were renewed by a statement sent at
+    /// `sent`.
+    fn renewed(&self, ids: &[OrderId], sent: tokio::time::Instant) {
+        if let Some(held) = &self.held {
+            let mut orders = held.lock();
+            for id in ids {
+                if let Some(hold) = orders.get_mut(id) {
+                    hold.since = hold.since.max(sent);
+                }
+            }
+        }
+    }
+
+    /// Claims an order for a worker: pending -> processing, renewing its
+    /// lease, noted as renewed from the moment the claim was sent.
+    pub async fn claim(&self, id: OrderId) -> Result<Order, OrderError> {
+        let sent = tokio::time::Instant::now();
+        let order = self
+            .update_order(
+                id,
+                StatusChange::new(super::Status::Pending, super::Status::Processing),
+            )
+            .await?;
+        self.renewed(&[id], sent);
+        Ok(order)
+    }
+
+    /// Whether a charge call of at most `call` started now would end while
+    /// the order's lease is surely still this replica's (always, without
+    /// leases). Past that, another replica may take the order over once the
+    /// lease runs out, and a charge landing after its own would race it.
+    pub fn may_charge(&self, id: OrderId, call: Duration) -> bool {
+        let Some(held) = &self.held else {
+            return true;
+        };
+        let orders = held.lock();
+        let Some(hold) = orders.get(&id) else {
+            return false;
+        };
+        let margin = held.lease / LEASE_MARGIN_DIVISOR;
+        tokio::time::Instant::now() + call + margin < hold.since + held.lease
     }
 
     /// The orders queued or in a worker's hands here (none without leases).
@@ -359,7 +439,10 @@ impl Service {
         if held.is_empty() {
             return Ok(0);
         }
-        self.repo.renew_leases(&held).await
+        let sent = tokio::time::Instant::now();
+        let renewed = self.repo.renew_leases(&held).await?;
+        self.renewed(&renewed, sent);
+        Ok(renewed.len() as u64)
     }
 
     /// Lets go of this replica's leases (clean shutdown).

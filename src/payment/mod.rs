@@ -386,12 +386,29 @@ async fn serve(
     if effective.mode == Mode::Outage {
         return Err(PaymentError::Outage);
     }
-    if draw.declined {
-        return Err(PaymentError::Declined);
-    }
     let key = effective
         .idempotency
         .then_some(request.idempotency_key.as_str());
+    if draw.declined {
+        // A key that already has a charge gets that charge's answer, as a
+        // real provider replays a key's first response: a replica that took
+        // an order over (its first charge made, its outcome never written)
+        // must not be told "declined" and fail a charged order. Read only
+        // on a decline, so the usual call costs no extra round trip.
+        if let Some(key) = key {
+            let charges = ledger
+                .charges(request.order_id)
+                .await
+                .map_err(PaymentError::Ledger)?;
+            if charges
+                .iter()
+                .any(|c| c.idempotency_key.as_deref() == Some(key))
+            {
+                return Ok(());
+            }
+        }
+        return Err(PaymentError::Declined);
+    }
     let recorded = ledger
         .record(request, key)
         .await
@@ -592,6 +609,42 @@ mod tests {
             } else {
                 assert_eq!(s.metrics.duplicate_charges.get(), 1);
             }
+        }
+    }
+
+    /// A key that has a charge gets its answer back even when the call's
+    /// draw is a decline: an order taken over after its first charge must
+    /// not end failed with money taken. Without keys, a decline is a decline.
+    #[tokio::test(start_paused = true)]
+    async fn a_charged_key_is_answered_with_its_charge_even_when_the_draw_declines() {
+        let mut next_id = ids();
+        for idempotency in [true, false] {
+            let s = sim(
+                PaymentUpdate {
+                    failure_rate: Some(0.0),
+                    idempotency: Some(idempotency),
+                    ..Default::default()
+                },
+                Some(3),
+            );
+            let token = CancellationToken::new();
+            let order = next_id();
+            assert_eq!(s.charge(&request(order, 1), &token).await, Ok(()));
+            s.update(PaymentUpdate {
+                failure_rate: Some(1.0),
+                ..Default::default()
+            })
+            .unwrap();
+            let again = s.charge(&request(order, 1), &token).await;
+            let fresh = next_id();
+            let other = s.charge(&request(fresh, 1), &token).await;
+            assert_eq!(other, Err(PaymentError::Declined), "an uncharged key");
+            if idempotency {
+                assert_eq!(again, Ok(()), "the first answer comes back");
+            } else {
+                assert_eq!(again, Err(PaymentError::Declined));
+            }
+            assert_eq!(s.ledger.charges(order).await.unwrap().len(), 1);
         }
     }
 

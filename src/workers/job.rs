@@ -16,6 +16,14 @@
 //! on the status and the lease, so writing again is always safe. A claim
 //! whose answer was lost is let go at once the same way: it may have
 //! committed, and only the lease's expiry tells.
+//!
+//! With leases, no charge attempt starts unless it would end (within
+//! `PAYMENT_TIMEOUT`) before the order's lease could run out, judged from
+//! when the statement that last granted or renewed it was sent, less a
+//! tenth of the lease. A replica cut off from its database stops charging
+//! the orders it holds that way, before another replica can take them over;
+//! the order is handed back (or, if even that cannot be written, left to the
+//! lease's expiry).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -51,6 +59,9 @@ enum Outcome {
     /// The breaker refused the charge and the order waits for it to close.
     Deferred(String),
     Interrupted,
+    /// The lease could not be renewed for long enough that a charge started
+    /// now might end after another replica could take the order over.
+    LeaseRunningOut,
 }
 
 /// How the retry loop treats the provider's errors. It lives here, with the
@@ -145,11 +156,7 @@ impl OrderProcessor {
     }
 
     async fn process(&self, id: OrderId, cancel: CancellationToken) {
-        let order = match self
-            .service
-            .update_order(id, StatusChange::new(Status::Pending, Status::Processing))
-            .await
-        {
+        let order = match self.service.claim(id).await {
             Ok(order) => order,
             Err(err @ (OrderError::NotFound(_) | OrderError::IllegalTransition { .. })) => {
                 // Someone else moved it first; it is not ours to process.
@@ -169,12 +176,22 @@ impl OrderProcessor {
             let (hi, lo) = id.as_uuid().as_u64_pair();
             seed ^ hi.rotate_left(17) ^ lo
         });
+        let lease_running_out = std::sync::atomic::AtomicBool::new(false);
         let charge = self.reliability.call_seeded(jitter_seed, || {
             let attempts = &attempts;
             let cancel = &cancel;
             let order = &order;
+            let lease_running_out = &lease_running_out;
             async move {
-                // Runs only when the breaker admitted the call.
+                // Runs only when the breaker admitted the call. No attempt
+                // starts that could end after the lease may have run out
+                // (the heartbeat could not renew it): another replica may
+                // have the order by then. Said as a cancellation, which the
+                // breaker does not count and the retry does not repeat.
+                if !self.service.may_charge(order.id, self.timeout) {
+                    lease_running_out.store(true, Ordering::SeqCst);
+                    return Err(PaymentError::Cancelled);
+                }
                 let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
                 self.charge_once(order, attempt, cancel).await
             }
@@ -184,6 +201,11 @@ impl OrderProcessor {
             _ = cancel.cancelled() => Outcome::Interrupted,
             result = charge => match result {
                 Ok(()) => Outcome::Completed,
+                Err(CallError::Failed(PaymentError::Cancelled))
+                    if lease_running_out.load(Ordering::SeqCst) =>
+                {
+                    Outcome::LeaseRunningOut
+                }
                 Err(CallError::Failed(PaymentError::Cancelled)) => Outcome::Interrupted,
                 Err(CallError::Rejected(rejection))
                     if self.defer.is_some_and(|d| d.within_deadline(&order)) =>
@@ -212,6 +234,9 @@ impl OrderProcessor {
             }
             .with_last_error(reason.clone()),
             Outcome::Interrupted => change.with_last_error("interrupted by shutdown; handed back"),
+            Outcome::LeaseRunningOut => {
+                change.with_last_error("its lease could not be renewed in time; handed back")
+            }
         };
         let Some(updated) = self.write_outcome(id, change, &outcome, &cancel).await else {
             return;
@@ -235,6 +260,9 @@ impl OrderProcessor {
             }
             Outcome::Interrupted => {
                 tracing::warn!(attempts, "order interrupted by shutdown; back to pending");
+            }
+            Outcome::LeaseRunningOut => {
+                tracing::warn!(attempts, "lease not renewed in time: order handed back");
             }
         }
     }
@@ -264,7 +292,12 @@ impl OrderProcessor {
                 {
                     return self.service.get_order(id).await.ok();
                 }
-                OrderError::Storage(_) if tokio::time::Instant::now() + wait < give_up_at => {
+                // A hand-back for a lease running out is tried once: the
+                // lease's expiry hands the order over anyway.
+                OrderError::Storage(_)
+                    if *outcome != Outcome::LeaseRunningOut
+                        && tokio::time::Instant::now() + wait < give_up_at =>
+                {
                     tracing::warn!(error = %err, ?outcome, retry_in = ?wait, "could not record the outcome; writing it again");
                     failed_before = true;
                     tokio::select! {

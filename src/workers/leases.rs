@@ -162,8 +162,9 @@ mod tests {
         async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
             self.inner.count_by_status().await
         }
-        async fn renew_leases(&self, _ids: &[OrderId]) -> Result<u64, StoreError> {
-            Ok(self.renewals.fetch_add(1, Ordering::SeqCst) + 1)
+        async fn renew_leases(&self, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+            Ok(ids.to_vec())
         }
         async fn count_expired(&self) -> Result<u64, StoreError> {
             if self.fail_recovery.load(Ordering::SeqCst) {
@@ -248,9 +249,61 @@ mod tests {
         assert_eq!(queued.lock().unwrap().len(), 5, "nothing after the stop");
     }
 
+    /// Creates an order, so the service holds one (queued).
+    async fn hold_one(service: &Service) -> OrderId {
+        let request = crate::orders::CreateOrderRequest {
+            customer_id: "c".into(),
+            amount: 1,
+            currency: "USD".into(),
+        };
+        service
+            .create_order(&request, None)
+            .await
+            .unwrap()
+            .order()
+            .id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_held_the_heartbeat_sends_nothing() {
+        let (store, service, _) = setup(0, 0);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(heartbeat_loop(
+            service,
+            Duration::from_secs(1),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(store.renewals.load(Ordering::SeqCst), 0);
+    }
+
+    /// A charge may start only if it ends before the lease could run out
+    /// (less a tenth of it), counted from the last grant or renewal.
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_may_start_only_while_it_would_end_within_the_lease() {
+        let (_store, service, _) = setup(0, 1);
+        let service = service.with_lease(Duration::from_secs(3));
+        let id = hold_one(&service).await;
+        let call = Duration::from_secs(1);
+        assert!(service.may_charge(id, call));
+        tokio::time::sleep(Duration::from_millis(1_650)).await;
+        assert!(service.may_charge(id, call), "1.65 + 1 + 0.3 < 3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!service.may_charge(id, call), "1.75 + 1 + 0.3 > 3");
+        // Renewed: a whole lease again from the renewal's sending.
+        assert_eq!(service.renew_leases().await.unwrap(), 1);
+        assert!(service.may_charge(id, call));
+        assert!(!service.may_charge(OrderId::new_random(), call), "not held");
+        service.let_go(id);
+        assert!(!service.may_charge(id, call), "let go");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_heartbeat_renews_every_period_and_stops_when_told() {
-        let (store, service, _) = setup(0, 0);
+        let (store, service, _) = setup(0, 1);
+        hold_one(&service).await;
         let stop = CancellationToken::new();
         let task = tokio::spawn(heartbeat_loop(
             service,
@@ -267,7 +320,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_very_short_lease_still_renews_no_faster_than_every_100_ms() {
-        let (store, service, _) = setup(0, 0);
+        let (store, service, _) = setup(0, 1);
+        hold_one(&service).await;
         let stop = CancellationToken::new();
         let task = tokio::spawn(heartbeat_loop(
             service,

@@ -79,6 +79,19 @@ async fn assert_no_order_charged_twice(pool: &PgPool) {
     assert_eq!(twice, 0, "orders charged more than once");
 }
 
+/// A failed order took no money: a replica that took an order over after its
+/// first charge gets that charge's answer back, not a decline.
+async fn assert_no_failed_order_charged(pool: &PgPool) {
+    let charged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders o WHERE status = 'failed'
+            AND EXISTS (SELECT 1 FROM payment_ledger l WHERE l.order_id = o.id)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(charged, 0, "failed orders with a charge");
+}
+
 async fn assert_terminal(pool: &PgPool, expected: usize) {
     let terminal: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orders WHERE status IN ('completed', 'failed')")
@@ -108,6 +121,7 @@ async fn after_a_sigkill_a_restart_finishes_every_accepted_order_charging_each_a
     let took = wait_until_settled(&db.pool, Duration::from_secs(30)).await;
     assert_terminal(&db.pool, ids.len()).await;
     assert_no_order_charged_twice(&db.pool).await;
+    assert_no_failed_order_charged(&db.pool).await;
     let recovered: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT order_id) FROM order_lease_history WHERE outcome = 'lease expired'",
     )
@@ -168,6 +182,7 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
     wait_until_settled(&db.pool, Duration::from_secs(30)).await;
     assert_terminal(&db.pool, 500).await;
     assert_no_order_charged_twice(&db.pool).await;
+    assert_no_failed_order_charged(&db.pool).await;
 
     // No order was processing in two replicas at once: per order, each lease
     // ends before the next begins.
@@ -319,6 +334,7 @@ async fn a_database_crash_under_traffic_leaves_no_order_unfinished_and_none_char
         "every order answered 201 is stored and finished"
     );
     assert_no_order_charged_twice(&pool).await;
+    assert_no_failed_order_charged(&pool).await;
     let uncharged: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM orders o WHERE status = 'completed'
             AND NOT EXISTS (SELECT 1 FROM payment_ledger l WHERE l.order_id = o.id)",

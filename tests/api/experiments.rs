@@ -633,6 +633,48 @@ async fn with_a_database_url_the_variants_run_on_postgres_and_the_claims_still_h
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_experiments_claims_hold_with_a_replica_cut_off_by_its_relay() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(db) = crate::helpers::TestDb::create().await else {
+        return;
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/partition.toml");
+    let e = experiment::load(&path, true).unwrap();
+    let mut progress = Vec::new();
+    let outcome = experiment::run::run_using(
+        &e,
+        Some(&db.url),
+        Path::new(env!("CARGO_BIN_EXE_reliability-lab")),
+        1,
+        &mut progress,
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err:#}\n{}", String::from_utf8_lossy(&progress)));
+    let report = experiment::report::markdown(&outcome);
+    let progress = String::from_utf8_lossy(&progress);
+    assert!(outcome.passed(), "a claim failed\n{report}\n{progress}");
+    assert!(
+        progress.contains("replica a cut off from Postgres holding")
+            && progress.contains("replica a reconnected"),
+        "{progress}"
+    );
+    // The cut-off replica ran on: its timeline goes past the cut.
+    let v = &outcome.variants[0];
+    let fault = v.record.fault.expect("the cut marks the fault");
+    let timelines = v.record.timelines(&v.name);
+    let a_end = timelines[0].1.last().unwrap().t;
+    assert!(a_end > fault.end.unwrap(), "a until {a_end}: {fault:?}");
+    let (open,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM orders WHERE status IN ('pending', 'processing')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(open, 0);
+    eprintln!("{report}");
+    db.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgres() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let Some(db) = crate::helpers::TestDb::create().await else {

@@ -19,6 +19,7 @@ mod metrics;
 mod monitoring;
 mod openapi;
 mod orphans;
+mod partition;
 mod pipeline;
 mod pool;
 mod profiling;

@@ -30,6 +30,8 @@ struct Flaky<S> {
     outcomes_to_lose: AtomicU32,
     /// Outcome writes that failed, of either kind.
     failed_outcomes: AtomicU32,
+    /// Lease renewals fail (the heartbeat cannot reach the store).
+    renewals_down: AtomicBool,
 }
 
 impl<S: OrderRepository> Flaky<S> {
@@ -40,6 +42,7 @@ impl<S: OrderRepository> Flaky<S> {
             claims_to_lose: AtomicU32::new(0),
             outcomes_to_lose: AtomicU32::new(0),
             failed_outcomes: AtomicU32::new(0),
+            renewals_down: AtomicBool::new(false),
         })
     }
 }
@@ -104,7 +107,14 @@ impl<S: OrderRepository> OrderRepository for Flaky<S> {
     async fn count_by_status(&self) -> Result<StatusCounts, StoreError> {
         self.inner.count_by_status().await
     }
-    async fn renew_leases(&self, ids: &[OrderId]) -> Result<u64, StoreError> {
+    async fn renew_leases(&self, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        if self.renewals_down.load(Ordering::SeqCst) {
+            return Err(lost());
+        }
+        if self.inner.durability() == Durability::None {
+            // The memory store keeps no leases: every held one is renewed.
+            return Ok(ids.to_vec());
+        }
         self.inner.renew_leases(ids).await
     }
     async fn count_expired(&self) -> Result<u64, StoreError> {
@@ -127,6 +137,7 @@ async fn lab(store: Arc<Flaky<PostgresStore>>) -> Lab {
     Lab::new(LabOptions {
         repo: Some(store),
         job_lease: LEASE,
+        payment_timeout: LEASE / 2,
         recovery_interval: Duration::from_millis(200),
         ..LabOptions::default()
     })
@@ -253,6 +264,7 @@ async fn the_heartbeat_renews_the_orders_in_hand_and_no_other() {
     let lab = Lab::new(LabOptions {
         repo: Some(store.clone()),
         job_lease: LEASE,
+        payment_timeout: LEASE / 2,
         recovery_interval: Duration::from_secs(3600),
         start_workers: false,
         ..LabOptions::default()
@@ -299,4 +311,60 @@ async fn an_outcome_that_never_lands_is_let_go_after_a_minute() {
     store.outcomes_down.store(false, Ordering::SeqCst);
     let next = lab.post_order().await;
     assert_eq!(lab.settle(next.id).await.status, Status::Completed);
+}
+
+/// A worker whose lease the heartbeat cannot renew starts no charge that
+/// could end after the lease may have run out (less a tenth): it hands the
+/// order back instead. With renewals working, the same retries go on.
+#[tokio::test(start_paused = true)]
+async fn no_charge_starts_that_could_end_after_an_unrenewed_lease() {
+    for renewals_down in [true, false] {
+        let store = Flaky::new(reliability_lab::orders::memory::MemoryStore::new());
+        store.renewals_down.store(renewals_down, Ordering::SeqCst);
+        let lab = Lab::new(LabOptions {
+            repo: Some(store.clone()),
+            job_lease: Duration::from_secs(3),
+            payment_timeout: Duration::from_secs(1),
+            retry: reliability_lab::reliability::RetryPolicy {
+                max_attempts: 10,
+                initial_interval: Duration::from_millis(500),
+                max_interval: Duration::from_secs(5),
+                randomization_factor: 0.0,
+                ..Default::default()
+            },
+            breaker: reliability_lab::reliability::BreakerConfig {
+                failure_threshold: 100,
+                ..Default::default()
+            },
+            start_workers: false,
+            ..LabOptions::default()
+        })
+        .await;
+        let update: reliability_lab::payment::PaymentUpdate =
+            serde_json::from_value(serde_json::json!({"mode": "outage"})).unwrap();
+        lab.payment.update(update).unwrap();
+        let order = lab.post_order().await;
+        // Queued 2 s before a worker claims it: the claim grants a whole
+        // lease again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lab.start_workers();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let now = lab.service.get_order(order.id).await.unwrap();
+        if renewals_down {
+            // Attempts at 0, 0.5 and 1.5 s after the claim; the next, at
+            // 3.5 s, could end past 3 s - 0.3 s: not started.
+            assert_eq!(lab.payment.calls(), 3);
+            assert_eq!(now.status, Status::Pending, "{now:?}");
+            assert!(
+                now.last_error
+                    .as_deref()
+                    .unwrap()
+                    .contains("lease could not be renewed"),
+                "{now:?}"
+            );
+        } else {
+            assert_eq!(lab.payment.calls(), 10, "renewed: every attempt");
+            assert_eq!(now.status, Status::Failed);
+        }
+    }
 }
