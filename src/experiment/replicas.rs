@@ -412,6 +412,8 @@ pub async fn run_variant(
         let now = Instant::now();
         let t = now.duration_since(start).as_secs_f64();
         while let Some(step) = steps.next_if(|s| start + s.at <= now) {
+            // The replica whose orders are lost to the others, and how.
+            let mut lost: Option<(usize, &str)> = None;
             if let Some(index) = step.kill {
                 let r = &mut replicas[index];
                 // Its samples and its traffic up to the moment it dies.
@@ -422,28 +424,16 @@ pub async fn run_variant(
                 r.child.start_kill().context("SIGKILL")?;
                 let _ = r.child.wait().await;
                 r.alive = false;
-                let killed_at = Instant::now();
-                in_hand = sqlx::query_scalar(
-                    "SELECT id FROM orders
-                      WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
-                )
-                .bind(&r.owner)
-                .fetch_all(&pool)
-                .await?;
-                watched = in_hand.clone();
-                let _ = writeln!(
-                    progress,
-                    "  {:<24} {t:>5.1}s  replica {} killed (SIGKILL) holding {} orders",
-                    variant.name,
-                    r.name,
-                    in_hand.len()
-                );
-                kill = Some((r.owner.clone(), killed_at));
+                lost = Some((index, "killed (SIGKILL)"));
             }
             if let Some(index) = step.cut {
-                let r = &replicas[index];
                 relays[index].cut();
-                let cut_at = Instant::now();
+                // Its orders are taken over as a killed replica's are.
+                lost = Some((index, "cut off from Postgres"));
+            }
+            if let Some((index, how)) = lost {
+                let r = &replicas[index];
+                let at = Instant::now();
                 in_hand = sqlx::query_scalar(
                     "SELECT id FROM orders
                       WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
@@ -454,13 +444,12 @@ pub async fn run_variant(
                 watched = in_hand.clone();
                 let _ = writeln!(
                     progress,
-                    "  {:<24} {t:>5.1}s  replica {} cut off from Postgres holding {} orders",
+                    "  {:<24} {t:>5.1}s  replica {} {how} holding {} orders",
                     variant.name,
                     r.name,
                     in_hand.len()
                 );
-                // Its orders are taken over as a killed replica's are.
-                kill = Some((r.owner.clone(), cut_at));
+                kill = Some((r.owner.clone(), at));
             }
             if let Some(index) = step.heal {
                 relays[index].heal();

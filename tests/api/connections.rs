@@ -190,23 +190,7 @@ async fn sigterm_with_stalled_connections_exits_without_waiting_for_them() {
 /// server's own accept loop.
 #[tokio::test(start_paused = true)]
 async fn a_body_dripped_slower_than_the_limit_allows_in_total_gets_408_at_the_limit() {
-    use reliability_lab::http::server::{serve, Timeouts};
-    use reliability_lab::transport::{self, Listener, Target};
-    let lab = crate::helpers::Lab::new(crate::helpers::LabOptions::default()).await;
-    let (connector, listener) = transport::memory();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let timeouts = Timeouts {
-        header_read: Duration::from_secs(10),
-        body: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
-    };
-    tokio::spawn(serve(
-        Listener::Memory(listener),
-        lab.router.clone(),
-        timeouts,
-        stop.clone(),
-    ));
-    let mut conn = Target::Memory(connector).connect().await.unwrap();
+    let (mut conn, stop, _lab) = memory_server().await;
     let started = tokio::time::Instant::now();
     conn.write_all(PARTIAL_BODY).await.unwrap();
     // One more byte every 3 s: never 10 s without one, but the whole body

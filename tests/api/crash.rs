@@ -334,7 +334,18 @@ async fn a_database_crash_under_traffic_leaves_no_order_unfinished_and_none_char
         "every order answered 201 is stored and finished"
     );
     assert_no_order_charged_twice(&pool).await;
-    assert_no_failed_order_charged(&pool).await;
+    // Not asserted here: no failed order charged. The ledger lives in the
+    // same database, and a charge that committed as it crashed (its answer
+    // lost), then retries that met the database gone, end the order failed
+    // with that charge: an ambiguous answer on the last attempt, the
+    // double-charge lesson's other half (ARCHITECTURE.md, "Partitions").
+    let failed_charged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders o WHERE status = 'failed'
+            AND EXISTS (SELECT 1 FROM payment_ledger l WHERE l.order_id = o.id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let uncharged: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM orders o WHERE status = 'completed'
             AND NOT EXISTS (SELECT 1 FROM payment_ledger l WHERE l.order_id = o.id)",
@@ -348,7 +359,7 @@ async fn a_database_crash_under_traffic_leaves_no_order_unfinished_and_none_char
     eprintln!(
         "database crash: {} orders accepted, {unavailable} answered 503 (slowest {slowest_503:?}), \
          settled {took:?} after the clients stopped; outcomes written again {}, let go to recovery {}, \
-         claims lost {}",
+         claims lost {}; failed with a charge (last answer lost) {failed_charged}",
         ids.len(),
         count("writing it again"),
         count("the order goes to the recovery loop"),

@@ -632,13 +632,13 @@ async fn with_a_database_url_the_variants_run_on_postgres_and_the_claims_still_h
     db.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_partition_experiments_claims_hold_with_a_replica_cut_off_by_its_relay() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let Some(db) = crate::helpers::TestDb::create().await else {
-        return;
-    };
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/partition.toml");
+/// Runs a shipped experiment with replicas, quick, on `db` with the debug
+/// binary: its outcome, its report and its progress lines.
+async fn replicas_quick(
+    name: &str,
+    db: &crate::helpers::TestDb,
+) -> (experiment::run::Outcome, String, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/{name}.toml"));
     let e = experiment::load(&path, true).unwrap();
     let mut progress = Vec::new();
     let outcome = experiment::run::run_using(
@@ -651,7 +651,20 @@ async fn the_partition_experiments_claims_hold_with_a_replica_cut_off_by_its_rel
     .await
     .unwrap_or_else(|err| panic!("{err:#}\n{}", String::from_utf8_lossy(&progress)));
     let report = experiment::report::markdown(&outcome);
-    let progress = String::from_utf8_lossy(&progress);
+    (
+        outcome,
+        report,
+        String::from_utf8_lossy(&progress).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_experiments_claims_hold_with_a_replica_cut_off_by_its_relay() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(db) = crate::helpers::TestDb::create().await else {
+        return;
+    };
+    let (outcome, report, progress) = replicas_quick("partition", &db).await;
     assert!(outcome.passed(), "a claim failed\n{report}\n{progress}");
     assert!(
         progress.contains("replica a cut off from Postgres holding")
@@ -680,19 +693,7 @@ async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgre
     let Some(db) = crate::helpers::TestDb::create().await else {
         return;
     };
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/crash.toml");
-    let e = experiment::load(&path, true).unwrap();
-    let mut progress = Vec::new();
-    let outcome = experiment::run::run_using(
-        &e,
-        Some(&db.url),
-        Path::new(env!("CARGO_BIN_EXE_reliability-lab")),
-        1,
-        &mut progress,
-    )
-    .await
-    .unwrap_or_else(|err| panic!("{err:#}\n{}", String::from_utf8_lossy(&progress)));
-    let report = experiment::report::markdown(&outcome);
+    let (outcome, report, progress) = replicas_quick("crash", &db).await;
     assert!(outcome.passed(), "a claim failed\n{report}");
     let v = &outcome.variants[0];
     // What the figures say is what the database holds.
@@ -716,7 +717,6 @@ async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgre
         "a until {a_end}, b until {b_end}, kill at {}",
         fault.start
     );
-    let progress = String::from_utf8_lossy(&progress);
     assert!(
         progress.contains("replica a killed (SIGKILL)"),
         "{progress}"
