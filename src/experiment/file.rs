@@ -386,6 +386,16 @@ fn line_of(source: &str, needle: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// A hypothesis's text for an error: quoted, and cut to its first 60
+/// characters when longer than 80 (a hostile one can be megabytes).
+fn shown(text: &str) -> String {
+    if text.chars().count() <= 80 {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(60).collect();
+    format!("{head:?}… ({} characters)", text.chars().count())
+}
+
 fn at_line(source: &str, needle: &str, message: String) -> String {
     match line_of(source, needle) {
         Some(line) => format!("line {line}: {message}"),
@@ -1004,10 +1014,10 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
     for h in &raw.hypotheses {
         let here = |message: String| at_line(source, &format!("expr = \"{}\"", h.expr), message);
         let expr = hypothesis::parse(&h.expr)
-            .map_err(|e| here(format!("hypothesis {:?}: {e}", h.expr)))?;
+            .map_err(|e| here(format!("hypothesis {}: {e}", shown(&h.expr))))?;
         for r in expr.references() {
             check_figure(&r.figure, &|m| {
-                here(format!("hypothesis {:?}: {m}", h.expr))
+                here(format!("hypothesis {}: {m}", shown(&h.expr)))
             })?;
             if !raw.variants.iter().any(|v| v.name == r.variant) {
                 return Err(here(format!(
@@ -1017,7 +1027,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             }
         }
         expr.check_cells(&params)
-            .map_err(|e| here(format!("hypothesis {:?}: {e}", h.expr)))?;
+            .map_err(|e| here(format!("hypothesis {}: {e}", shown(&h.expr))))?;
         hypotheses.push(Hypothesis {
             claim: h.claim.clone(),
             text: h.expr.clone(),
@@ -1474,6 +1484,23 @@ sweep = { rate = [10] }
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_hostile_hypothesis_is_refused_with_its_line_and_a_short_quote() {
+        let long = vec!["1"; 5000].join(" + ");
+        let text = GOOD.replace(
+            "amplification[retry_only] > 2 * amplification[both]",
+            &format!("{long} > 0"),
+        );
+        let err = parse("x", &text, false).unwrap_err();
+        assert!(
+            err.starts_with("line 31: hypothesis \"1 + 1"),
+            "{}",
+            &err[..200]
+        );
+        assert!(err.contains("… (19997 characters)"), "{}", &err[..200]);
+        assert!(err.len() < 300, "{} bytes", err.len());
     }
 
     #[test]
