@@ -255,6 +255,16 @@ async fn memory_server() -> (
     (conn, stop, lab)
 }
 
+/// One `GET /healthz` on the connection, answered 200; it stays open.
+async fn healthz(conn: &mut reliability_lab::transport::Connection) {
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
 /// Reads until the server closes the connection (or `limit` passes):
 /// what it sent, and how long after `since` it closed.
 async fn read_until_closed(
@@ -281,12 +291,7 @@ async fn read_until_closed(
 #[tokio::test(start_paused = true)]
 async fn a_keep_alive_connection_lasts_the_idle_timeout_not_the_header_timeout() {
     let (mut conn, stop, _lab) = memory_server().await;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    healthz(&mut conn).await;
     let answered = tokio::time::Instant::now();
     let (rest, took) = read_until_closed(&mut conn, answered, Duration::from_secs(120))
         .await
@@ -317,12 +322,7 @@ async fn headers_that_do_not_arrive_in_time_close_the_connection_at_the_header_t
 
     // After one answered request, the next one's headers drip.
     let (mut conn, stop, _lab) = memory_server().await;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lab\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    healthz(&mut conn).await;
     // Off the server's 2.5 s looks, so a timer that closed early shows.
     tokio::time::sleep(Duration::from_secs(21)).await;
     let first_byte = tokio::time::Instant::now();
