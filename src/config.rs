@@ -12,7 +12,9 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, ValueEnum};
 
 use crate::payment::{Capacity, PaymentSettings};
-use crate::reliability::{BreakerConfig, BreakerPolicy, RateFigures, RetryPolicy, Switches};
+use crate::reliability::{
+    BreakerConfig, BreakerPolicy, JitterKind, RateFigures, RetryPolicy, Switches,
+};
 use crate::units::{parse_duration, parse_switch};
 
 /// How log lines look.
@@ -29,6 +31,10 @@ fn positive_duration(raw: &str) -> Result<Duration, String> {
         d if d.is_zero() => Err("expected a duration above zero, such as 200ms, 2s or 1m".into()),
         d => Ok(d),
     }
+}
+
+fn jitter_kind(raw: &str) -> Result<JitterKind, String> {
+    raw.parse()
 }
 
 fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
@@ -349,6 +355,10 @@ pub struct Config {
     #[arg(long, env = "RETRY_JITTER", default_value = "0.5", value_parser = rate)]
     pub retry_jitter: f64,
 
+    /// How each wait is jittered: proportional (by RETRY_JITTER), none, full, equal or decorrelated (AWS's backoff-and-jitter study).
+    #[arg(long, env = "RETRY_JITTER_KIND", default_value = "proportional", value_parser = jitter_kind)]
+    pub retry_jitter_kind: JitterKind,
+
     /// Longest wait between attempts (jitter included).
     #[arg(long, env = "RETRY_MAX_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub retry_max_interval: Duration,
@@ -591,6 +601,7 @@ impl Config {
             initial_interval: self.retry_initial_interval,
             max_interval: self.retry_max_interval,
             randomization_factor: self.retry_jitter,
+            jitter: self.retry_jitter_kind,
             ..RetryPolicy::default()
         }
     }
@@ -868,6 +879,11 @@ mod tests {
                 "from 0 to 1000000",
             ),
             (&["--log-format", "xml"][..], "LOG_FORMAT", "json"),
+            (
+                &["--retry-jitter-kind", "sideways"][..],
+                "RETRY_JITTER_KIND",
+                "decorrelated",
+            ),
             (&["--load-rate", "0"][..], "LOAD_RATE", "0.1 to 5000"),
             (
                 &["--retry-budget-window", "1500ms"][..],
@@ -1007,6 +1023,7 @@ mod tests {
             "PAYMENT_LATENCY_MAX",
             "PAYMENT_SEED",
             "RETRY_MAX_ATTEMPTS",
+            "RETRY_JITTER_KIND",
             "RETRY_INITIAL_INTERVAL",
             "RETRY_MAX_INTERVAL",
             "RETRY_JITTER",

@@ -10,7 +10,7 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 40] = [
+pub const FIGURES: [&str; 41] = [
     "accepted",
     "completed",
     "failed",
@@ -21,6 +21,7 @@ pub const FIGURES: [&str; 40] = [
     "amplification",
     "calls_per_completed",
     "retries",
+    "peak_retry_calls_per_s",
     "rejections_open",
     "rejections_half_open",
     "time_to_fail_p50_ms",
@@ -205,6 +206,17 @@ pub fn compute(run: &RunRecord) -> Figures {
         ratio(run.payment_calls as f64, t.completed as f64),
     );
     put("retries", Some(t.retries as f64));
+    // The busiest sample's calls that were not first attempts (calls less
+    // the orders accepted then, whose first attempt goes out at once while
+    // workers are free): the herd jitter is meant to spread. With
+    // TIMELINE_INTERVAL=100ms, ten times the most in any 100 ms.
+    put(
+        "peak_retry_calls_per_s",
+        run.samples
+            .iter()
+            .map(|s| (s.payment_calls_per_s - s.accepted_per_s).max(0.0))
+            .reduce(f64::max),
+    );
     put("rejections_open", Some(t.rejected_open as f64));
     put("rejections_half_open", Some(t.rejected_half_open as f64));
     let fail = run.failed_in_fault.as_ref();

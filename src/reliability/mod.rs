@@ -24,7 +24,7 @@ pub use breaker::{
     BreakerState, Observers, Permit, RateFigures, Rejection,
 };
 pub use budget::{BudgetConfig, RetryBudget};
-pub use retry::RetryPolicy;
+pub use retry::{JitterKind, RetryPolicy};
 pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
 
 /// How an error of the wrapped call is treated.

@@ -150,6 +150,11 @@ async fn the_metastable_map_experiments_claims_hold() {
 }
 
 #[tokio::test]
+async fn the_jitter_experiments_claims_hold() {
+    claims_hold("jitter").await;
+}
+
+#[tokio::test]
 async fn the_slow_calls_experiments_claims_hold() {
     claims_hold("slow-calls").await;
 }
