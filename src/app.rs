@@ -232,6 +232,7 @@ impl AppBuilder {
         )
         .with_budget(config.budget_config());
         reliability.set_switches(config.switches());
+        metrics.watch_jitter(&reliability);
         let mut payment = Simulator::new(
             config.payment_settings(),
             config.payment_seed,

@@ -631,6 +631,7 @@ impl Config {
             breaker_enabled: self.breaker_enabled,
             rejection_permanent: self.breaker_rejection_permanent,
             retry_budget_enabled: self.retry_budget,
+            retry_jitter: self.retry_jitter_kind,
         }
     }
 

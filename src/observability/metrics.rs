@@ -338,6 +338,15 @@ impl Metrics {
             .expect("the breaker's figures are registered once");
     }
 
+    /// Reads the retry's jitter kind at each scrape.
+    pub fn watch_jitter(&self, reliability: &crate::reliability::Reliability) {
+        self.registry
+            .register(Box::new(super::retry_metrics::JitterCollector::new(
+                reliability.clone(),
+            )))
+            .expect("the jitter kind is registered once");
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

@@ -7,5 +7,6 @@ pub mod latency;
 pub mod logging;
 pub mod metrics;
 pub mod profiling;
+mod retry_metrics;
 
 pub use metrics::Metrics;

@@ -15,7 +15,7 @@ mod settings;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,8 @@ pub struct Switches {
     pub rejection_permanent: bool,
     /// Retries only within the retry budget.
     pub retry_budget_enabled: bool,
+    /// How the retry's waits are jittered (`RETRY_JITTER_KIND`).
+    pub retry_jitter: JitterKind,
 }
 
 impl Default for Switches {
@@ -82,6 +84,7 @@ impl Default for Switches {
             breaker_enabled: true,
             rejection_permanent: true,
             retry_budget_enabled: false,
+            retry_jitter: JitterKind::Proportional,
         }
     }
 }
@@ -104,6 +107,10 @@ pub struct SwitchesUpdate {
     #[serde(default, deserialize_with = "crate::units::de_switch")]
     #[schema(schema_with = crate::units::switch_schema)]
     pub retry_budget_enabled: Option<bool>,
+    /// How the retry's waits are jittered: proportional (by RETRY_JITTER),
+    /// none, full, equal or decorrelated.
+    #[serde(default)]
+    pub retry_jitter: Option<JitterKind>,
 }
 
 impl SwitchesUpdate {
@@ -118,6 +125,7 @@ impl SwitchesUpdate {
             retry_budget_enabled: self
                 .retry_budget_enabled
                 .unwrap_or(current.retry_budget_enabled),
+            retry_jitter: self.retry_jitter.unwrap_or(current.retry_jitter),
         }
     }
 }
@@ -134,6 +142,8 @@ pub struct Reliability {
     breaker_enabled: Arc<AtomicBool>,
     rejection_permanent: Arc<AtomicBool>,
     retry_budget_enabled: Arc<AtomicBool>,
+    /// The jitter kind, as its index in `JitterKind::ALL`.
+    retry_jitter: Arc<AtomicU8>,
 }
 
 impl Reliability {
@@ -142,7 +152,6 @@ impl Reliability {
     pub fn new(retry: RetryPolicy, breaker: Breaker, observer: Arc<dyn RetryObserver>) -> Self {
         let defaults = Switches::default();
         Self {
-            retry,
             breaker,
             observer,
             budget: Arc::new(RetryBudget::new(BudgetConfig::default())),
@@ -150,6 +159,8 @@ impl Reliability {
             breaker_enabled: Arc::new(AtomicBool::new(defaults.breaker_enabled)),
             rejection_permanent: Arc::new(AtomicBool::new(defaults.rejection_permanent)),
             retry_budget_enabled: Arc::new(AtomicBool::new(defaults.retry_budget_enabled)),
+            retry_jitter: Arc::new(AtomicU8::new(retry.jitter.index())),
+            retry,
         }
     }
 
@@ -169,6 +180,7 @@ impl Reliability {
             breaker_enabled: self.breaker_enabled.load(Ordering::SeqCst),
             rejection_permanent: self.rejection_permanent.load(Ordering::SeqCst),
             retry_budget_enabled: self.retry_budget_enabled.load(Ordering::SeqCst),
+            retry_jitter: JitterKind::ALL[usize::from(self.retry_jitter.load(Ordering::SeqCst))],
         }
     }
 
@@ -182,6 +194,8 @@ impl Reliability {
             .store(switches.rejection_permanent, Ordering::SeqCst);
         self.retry_budget_enabled
             .store(switches.retry_budget_enabled, Ordering::SeqCst);
+        self.retry_jitter
+            .store(switches.retry_jitter.index(), Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -221,6 +235,7 @@ impl Reliability {
             } else {
                 1
             },
+            jitter: switches.retry_jitter,
             ..self.retry
         };
         let breaker = switches.breaker_enabled.then_some(&self.breaker);

@@ -36,8 +36,20 @@ use backoff::ExponentialBackoff;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-/// How a wait is drawn around the schedule's (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+/// How a retry's wait is jittered around its schedule's wait `w`:
+/// proportional (`w` × (1 ± RETRY_JITTER)), none, full (0 to `w`), equal
+/// (`w`/2 to `w`) or decorrelated (the first wait to 3 × the previous).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JitterKind {
     #[default]
@@ -56,6 +68,11 @@ impl JitterKind {
         Self::Equal,
         Self::Decorrelated,
     ];
+
+    /// Its place in `ALL`.
+    pub fn index(self) -> u8 {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -122,6 +122,40 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
         )
         .await;
 
+    // The jitter kind, from its select: the API has it, and the change is
+    // listed; a change made elsewhere shows in the select.
+    assert_eq!(
+        browser
+            .eval("document.getElementById('retry-jitter').value")
+            .await,
+        "proportional"
+    );
+    browser
+        .eval("(() => { const e = document.getElementById('retry-jitter'); e.value = 'full'; e.dispatchEvent(new Event('change')); })()")
+        .await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('full jitter'))",
+            "the jitter change listed",
+        )
+        .await;
+    let switches = lab
+        .get_json(&reqwest::Client::new(), "/admin/reliability")
+        .await;
+    assert_eq!(switches["retry_jitter"], "full", "{switches}");
+    reqwest::Client::new()
+        .put(lab.url("/admin/reliability"))
+        .json(&serde_json::json!({"retry_jitter": "decorrelated"}))
+        .send()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "document.getElementById('retry-jitter').value === 'decorrelated'",
+            "the select following a change made elsewhere",
+        )
+        .await;
+
     // Chromium logs each refused request; nothing else may appear.
     let errors = browser.errors();
     assert_eq!(errors.len(), 2, "{errors:#?}");

@@ -457,7 +457,8 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
             "retry_enabled": true,
             "breaker_enabled": false,
             "rejection_permanent": true,
-            "retry_budget_enabled": false
+            "retry_budget_enabled": false,
+            "retry_jitter": "proportional"
         })
     );
     let orders = run_orders(&lab, 6).await;
@@ -799,5 +800,98 @@ async fn the_retry_budget_switched_on_at_run_time_refuses_retries_and_counts_the
     assert!(
         retries <= 14,
         "at most 0.2 x 20 orders + 1/s x 10 s retries; without the budget 40: {retries}"
+    );
+}
+
+/// The jitter kind is switched at run time: with `none` an order's waits
+/// are the schedule's exactly (100 + 150 ms between three declined
+/// attempts, 10 ms each); the feed says so; an unknown kind is a 422.
+#[tokio::test(start_paused = true)]
+async fn the_jitter_kind_switches_at_run_time() {
+    let lab = Lab::new(LabOptions {
+        payment: PaymentSettings {
+            failure_rate: 1.0,
+            ..quick_payments()
+        },
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_interval: Duration::from_millis(100),
+            max_interval: Duration::from_secs(1),
+            randomization_factor: 0.5,
+            ..RetryPolicy::default()
+        },
+        breaker: BreakerConfig {
+            failure_threshold: 1000,
+            ..BreakerConfig::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    let took = |lab: &Lab| {
+        let router = lab.router.clone();
+        let lab_service = lab.service.clone();
+        async move {
+            let (_, _, body) = send(
+                &router,
+                crate::helpers::post_json("/orders", crate::helpers::ORDER_BODY),
+            )
+            .await;
+            let id = body["id"].as_str().unwrap().parse().unwrap();
+            let started = tokio::time::Instant::now();
+            loop {
+                let order = lab_service.get_order(id).await.unwrap();
+                if order.status.is_terminal() {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    let mut proportional = Vec::new();
+    for _ in 0..5 {
+        proportional.push(took(&lab).await);
+    }
+    assert!(
+        proportional.iter().any(|t| *t != proportional[0]),
+        "proportional jitter varies: {proportional:?}"
+    );
+    let reply = admin(
+        &lab,
+        put("/admin/reliability", json!({"retry_jitter": "none"})),
+    )
+    .await;
+    assert_eq!(reply["retry_jitter"], "none");
+    for _ in 0..3 {
+        let t = took(&lab).await;
+        assert!(
+            t >= Duration::from_millis(280) && t <= Duration::from_millis(283),
+            "3 × 10 ms + 100 + 150 ms exactly: {t:?}"
+        );
+    }
+    let changes: Vec<String> = lab
+        .app
+        .handles()
+        .instruments
+        .feed
+        .recent_changes()
+        .iter()
+        .map(|c| c.summary.clone())
+        .collect();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c == "retry on, breaker on, none jitter"),
+        "{changes:?}"
+    );
+    let (status, _, reply) = send(
+        &lab.router,
+        put("/admin/reliability", json!({"retry_jitter": "sideways"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "retry_jitter", "{reply}");
+    assert_eq!(
+        lab.reliability.switches().retry_jitter,
+        reliability_lab::reliability::JitterKind::None
     );
 }

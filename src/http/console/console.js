@@ -369,6 +369,7 @@ function showSwitches(s) {
   $('breaker-enabled').checked = s.breaker_enabled;
   $('rejection-permanent').checked = s.rejection_permanent;
   $('retry-budget-enabled').checked = s.retry_budget_enabled;
+  if (document.activeElement !== $('retry-jitter')) $('retry-jitter').value = s.retry_jitter;
 }
 
 function showLoad(load) {
@@ -608,6 +609,11 @@ for (const [id, field] of [
     else event.target.checked = !event.target.checked;
   });
 }
+
+$('retry-jitter').addEventListener('change', async (event) => {
+  const switches = await api('PUT', '/admin/reliability', { retry_jitter: event.target.value });
+  if (switches) showSwitches(switches);
+});
 
 $('breaker-policy').addEventListener('change', async (event) => {
   const view = await api('PUT', '/admin/breaker', { policy: event.target.value });

@@ -1,0 +1,48 @@
+//! The retry's jitter kind, read when Prometheus scrapes (it is a run-time
+//! switch): `retry_jitter_kind{kind}`, 1 for the kind in force, 0 for the
+//! others.
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntGaugeVec, Opts};
+
+use crate::reliability::{JitterKind, Reliability};
+
+pub struct JitterCollector {
+    reliability: Reliability,
+    desc: Vec<Desc>,
+}
+
+fn gauge() -> IntGaugeVec {
+    IntGaugeVec::new(
+        Opts::new(
+            "retry_jitter_kind",
+            "1 for the retry's jitter kind now (RETRY_JITTER_KIND, or as switched at /admin/reliability), 0 for the others.",
+        ),
+        &["kind"],
+    )
+    .expect("valid metric")
+}
+
+impl JitterCollector {
+    pub fn new(reliability: Reliability) -> Self {
+        let desc = gauge().desc().into_iter().cloned().collect();
+        Self { reliability, desc }
+    }
+}
+
+impl Collector for JitterCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = self.reliability.switches().retry_jitter;
+        let g = gauge();
+        for kind in JitterKind::ALL {
+            g.with_label_values(&[kind.as_str()])
+                .set(i64::from(kind == now));
+        }
+        g.collect()
+    }
+}
