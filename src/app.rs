@@ -195,8 +195,7 @@ impl AppBuilder {
 
         let dispatcher = Arc::new(Dispatcher::new(config.queue_capacity, metrics.workers()));
         let mut service =
-            Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())))
-                .with_lease(config.job_lease);
+            Service::new(stores.orders, Arc::new(DispatcherQueue(dispatcher.clone())));
         // Ids follow the seed only in memory: a database outlives the
         // process, and a second run with the same seed would draw the ids it
         // already holds (every POST refused as a conflict).

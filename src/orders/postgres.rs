@@ -331,6 +331,10 @@ impl OrderRepository for PostgresStore {
         Durability::Durable
     }
 
+    fn lease_duration(&self) -> Option<Duration> {
+        Some(self.lease.duration)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -66,6 +66,12 @@ pub trait OrderRepository: Send + Sync {
     /// Whether orders survive a restart (and leases need keeping).
     fn durability(&self) -> Durability;
 
+    /// How long this store's leases last from a grant or a renewal
+    /// (`JOB_LEASE`), when it keeps leases and knows it.
+    fn lease_duration(&self) -> Option<Duration> {
+        None
+    }
+
     /// Answers when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
 

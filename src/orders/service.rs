@@ -108,11 +108,11 @@ pub struct Service {
 /// let go, is not held: its lease runs out and the recovery loop, here or on
 /// another replica, takes it over. Renewing every lease this replica owns
 /// instead would keep such an order ours, and unfinished, for ever.
-#[derive(Default)]
 struct Held {
     orders: Mutex<HashMap<OrderId, Hold>>,
-    /// `JOB_LEASE`: how long a lease runs from its grant or renewal.
-    lease: Duration,
+    /// `JOB_LEASE`: how long a lease runs from its grant or renewal, as the
+    /// store says (unknown: no charge is held back).
+    lease: Option<Duration>,
 }
 
 struct Hold {
@@ -135,25 +135,18 @@ const LEASE_MARGIN_DIVISOR: u32 = 10;
 
 impl Service {
     pub fn new(repo: Arc<dyn OrderRepository>, queue: Arc<dyn ProcessingQueue>) -> Self {
-        let held = (repo.durability() == Durability::Durable).then(Arc::default);
+        let held = (repo.durability() == Durability::Durable).then(|| {
+            Arc::new(Held {
+                orders: Mutex::default(),
+                lease: repo.lease_duration(),
+            })
+        });
         Self {
             repo,
             queue,
             seeded_ids: None,
             held,
         }
-    }
-
-    /// The length of this replica's leases (`JOB_LEASE`), so that a worker
-    /// can tell when an order it holds might no longer be its own.
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        if self.held.is_some() {
-            self.held = Some(Arc::new(Held {
-                orders: Mutex::default(),
-                lease,
-            }));
-        }
-        self
     }
 
     /// Marks `id` as this replica's to work on, before it is queued (its
@@ -224,8 +217,11 @@ impl Service {
         let Some(hold) = orders.get(&id) else {
             return false;
         };
-        let margin = held.lease / LEASE_MARGIN_DIVISOR;
-        tokio::time::Instant::now() + call + margin < hold.since + held.lease
+        let Some(lease) = held.lease else {
+            return true;
+        };
+        let margin = lease / LEASE_MARGIN_DIVISOR;
+        tokio::time::Instant::now() + call + margin < hold.since + lease
     }
 
     /// The orders queued or in a worker's hands here (none without leases).

@@ -135,6 +135,9 @@ mod tests {
         fn durability(&self) -> Durability {
             Durability::Durable
         }
+        fn lease_duration(&self) -> Option<Duration> {
+            Some(Duration::from_secs(3))
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
@@ -283,8 +286,8 @@ mod tests {
     /// (less a tenth of it), counted from the last grant or renewal.
     #[tokio::test(start_paused = true)]
     async fn a_charge_may_start_only_while_it_would_end_within_the_lease() {
+        // The store's leases last 3 s.
         let (_store, service, _) = setup(0, 1);
-        let service = service.with_lease(Duration::from_secs(3));
         let id = hold_one(&service).await;
         let call = Duration::from_secs(1);
         assert!(service.may_charge(id, call));

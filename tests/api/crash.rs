@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
-use crate::helpers::{spawn_binary, Running, TestDb, ORDER_BODY};
+use crate::helpers::{post_from_clients, spawn_binary, Running, TestDb, ORDER_BODY};
 
 /// One lease from the history: owner, start, end.
 type LeaseSpan = (String, DateTime<Utc>, Option<DateTime<Utc>>);
@@ -149,30 +149,8 @@ async fn two_replicas_one_killed_every_order_finishes_once_and_never_in_both_at_
     let b = spawn_binary(&env).await;
 
     // 500 orders spread across both, four clients at a time.
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        let target = if i % 2 == 0 {
-            a.url("/orders")
-        } else {
-            b.url("/orders")
-        };
-        clients.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for _ in 0..125 {
-                let r = client
-                    .post(&target)
-                    .header("content-type", "application/json")
-                    .body(ORDER_BODY)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 201);
-            }
-        }));
-    }
-    for c in clients {
-        c.await.unwrap();
-    }
+    let (to_a, to_b) = (a.url("/orders"), b.url("/orders"));
+    post_from_clients(&[to_a.clone(), to_b.clone(), to_a, to_b], 125).await;
     a.kill_hard().await;
     let killed_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&db.pool)

@@ -38,6 +38,19 @@ async fn run_orders(lab: &Lab, n: usize) -> Vec<Order> {
     done
 }
 
+/// The change feed's summaries, newest first, of one kind or of all.
+fn change_summaries(lab: &Lab, kind: Option<&str>) -> Vec<String> {
+    lab.app
+        .handles()
+        .instruments
+        .feed
+        .recent_changes()
+        .iter()
+        .filter(|c| kind.is_none_or(|k| serde_json::to_value(c.kind).unwrap() == k))
+        .map(|c| c.summary.clone())
+        .collect()
+}
+
 fn quick_payments() -> PaymentSettings {
     PaymentSettings {
         failure_rate: 0.0,
@@ -272,16 +285,7 @@ async fn the_policy_switches_at_run_time_and_the_metrics_and_feed_follow() {
     assert_eq!(back["window_calls"], Value::Null);
     assert_eq!(back["settings"]["min_calls"], 4, "kept for next time");
 
-    let changes: Vec<String> = lab
-        .app
-        .handles()
-        .instruments
-        .feed
-        .recent_changes()
-        .iter()
-        .filter(|c| serde_json::to_value(c.kind).unwrap() == "breaker_settings")
-        .map(|c| c.summary.clone())
-        .collect();
+    let changes = change_summaries(&lab, Some("breaker_settings"));
     assert_eq!(
         changes,
         [
@@ -868,15 +872,7 @@ async fn the_jitter_kind_switches_at_run_time() {
             "3 × 10 ms + 100 + 150 ms exactly: {t:?}"
         );
     }
-    let changes: Vec<String> = lab
-        .app
-        .handles()
-        .instruments
-        .feed
-        .recent_changes()
-        .iter()
-        .map(|c| c.summary.clone())
-        .collect();
+    let changes = change_summaries(&lab, None);
     assert!(
         changes
             .iter()

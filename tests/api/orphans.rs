@@ -32,11 +32,20 @@ struct Flaky<S> {
     failed_outcomes: AtomicU32,
     /// Lease renewals fail (the heartbeat cannot reach the store).
     renewals_down: AtomicBool,
+    /// How long its leases last: the inner store's, or as told.
+    lease: Option<Duration>,
 }
 
 impl<S: OrderRepository> Flaky<S> {
     fn new(inner: S) -> Arc<Self> {
+        let lease = inner.lease_duration();
+        Self::with_lease(inner, lease)
+    }
+
+    /// With leases of `lease` (for a memory store, which has none).
+    fn with_lease(inner: S, lease: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
+            lease,
             inner,
             outcomes_down: AtomicBool::new(false),
             claims_to_lose: AtomicU32::new(0),
@@ -64,6 +73,9 @@ impl<S: OrderRepository> OrderRepository for Flaky<S> {
     }
     fn durability(&self) -> Durability {
         Durability::Durable
+    }
+    fn lease_duration(&self) -> Option<Duration> {
+        self.lease
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
@@ -319,7 +331,10 @@ async fn an_outcome_that_never_lands_is_let_go_after_a_minute() {
 #[tokio::test(start_paused = true)]
 async fn no_charge_starts_that_could_end_after_an_unrenewed_lease() {
     for renewals_down in [true, false] {
-        let store = Flaky::new(reliability_lab::orders::memory::MemoryStore::new());
+        let store = Flaky::with_lease(
+            reliability_lab::orders::memory::MemoryStore::new(),
+            Some(Duration::from_secs(3)),
+        );
         store.renewals_down.store(renewals_down, Ordering::SeqCst);
         let lab = Lab::new(LabOptions {
             repo: Some(store.clone()),

@@ -19,7 +19,7 @@ use sqlx::{PgPool, Row};
 
 use reliability_lab::experiment::relay::{upstream_of, Relay};
 
-use crate::helpers::{spawn_binary, TestDb, ORDER_BODY};
+use crate::helpers::{post_from_clients, spawn_binary, TestDb};
 
 const LEASE: Duration = Duration::from_secs(2);
 
@@ -89,26 +89,8 @@ async fn a_replica_cut_off_from_postgres_loses_its_orders_to_another_and_none_is
 
     // 200 orders to A, four clients at a time, then the cut at once: most
     // are still queued or in hand.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let target = a.url("/orders");
-        clients.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for _ in 0..50 {
-                let r = client
-                    .post(&target)
-                    .header("content-type", "application/json")
-                    .body(ORDER_BODY)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 201);
-            }
-        }));
-    }
-    for c in clients {
-        c.await.unwrap();
-    }
+    let to_a = a.url("/orders");
+    post_from_clients(&[to_a.clone(), to_a.clone(), to_a.clone(), to_a], 50).await;
     let cut_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&db.pool)
         .await

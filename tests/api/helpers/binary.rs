@@ -134,3 +134,30 @@ impl Running {
             .unwrap()
     }
 }
+
+/// One client per URL of `targets`, each posting `per_client` orders one
+/// after another, every one answered 201; returns when all have.
+pub async fn post_from_clients(targets: &[String], per_client: usize) {
+    let clients: Vec<_> = targets
+        .iter()
+        .cloned()
+        .map(|target| {
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                for _ in 0..per_client {
+                    let r = client
+                        .post(&target)
+                        .header("content-type", "application/json")
+                        .body(ORDER_BODY)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 201);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+}
