@@ -3,9 +3,17 @@
 # service's own OpenAPI document (GET /openapi.json), with all its checks,
 # negative data included, and the admin token. Bounded in examples and time.
 #
+# Then the same against `reliability-lab provider` and its own document, in
+# two passes: every operation but the two admin changes, then only the
+# admin operations. A schema-valid PUT /admin/faults may stage `refuse` for
+# an hour or `stall` every charge, and PUT /admin/payment may blackhole
+# them, which would starve the rest of one pass; faults are drawn only by
+# POST /charges, which the second pass leaves out.
+#
 # Knobs: FUZZ_EXAMPLES (per operation, 40), FUZZ_SECONDS (time budget, 120),
-# FUZZ_SEED (1). Schemathesis is installed into target/fuzz-venv (under
-# CARGO_TARGET_DIR when set) from PyPI.
+# FUZZ_SEED (1), FUZZ_PROVIDER_SECONDS (each provider pass, 60).
+# Schemathesis is installed into target/fuzz-venv (under CARGO_TARGET_DIR
+# when set) from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +59,42 @@ fi
 if grep -q '"panic"' "$log"; then
     echo "fuzz.sh: a handler panicked; its log: $log" >&2
     grep '"panic"' "$log" | head -5 >&2
+    status=1
+fi
+kill "$pid" 2>/dev/null || true
+wait "$pid" 2>/dev/null || true
+
+pport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+plog=$(mktemp /tmp/reliability-lab-fuzz-provider.XXXXXX.log)
+LISTEN_ADDR=127.0.0.1:$pport ADMIN_TOKEN=$token RUST_LOG=warn \
+    PAYMENT_LATENCY_MIN=0ms PAYMENT_LATENCY_MAX=0ms \
+    "$TARGET_DIR/release/reliability-lab" provider >"$plog" 2>&1 &
+ppid_=$!
+trap 'kill "$pid" "$ppid_" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$pport/healthz" >/dev/null && break
+    sleep 0.1
+done
+provider_pass() {
+    "$VENV/bin/st" --config-file tests/contract/provider.toml run \
+        "http://127.0.0.1:$pport/openapi.json" \
+        -H "Authorization: Bearer $token" \
+        --checks all \
+        --max-examples "${FUZZ_EXAMPLES:-40}" \
+        --max-time "${FUZZ_PROVIDER_SECONDS:-60}" \
+        --seed "${FUZZ_SEED:-1}" \
+        --workers 2 \
+        --no-color "$@" || status=$?
+}
+provider_pass --exclude-name "PUT /admin/faults" --exclude-name "PUT /admin/payment"
+provider_pass --include-path-regex '^/admin/'
+if ! curl -sf "http://127.0.0.1:$pport/healthz" >/dev/null; then
+    echo "fuzz.sh: the provider stopped answering; its log: $plog" >&2
+    status=1
+fi
+if grep -q '"panic"' "$plog"; then
+    echo "fuzz.sh: a provider handler panicked; its log: $plog" >&2
+    grep '"panic"' "$plog" | head -5 >&2
     status=1
 fi
 exit "$status"

@@ -13,6 +13,7 @@
 //! serve over in-memory connections instead of a socket (`in_memory`, for
 //! simulated runs on a paused clock).
 
+use crate::payment::client::HttpPayments;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -199,7 +200,7 @@ impl AppBuilder {
         // Ids follow the seed only in memory: a database outlives the
         // process, and a second run with the same seed would draw the ids it
         // already holds (every POST refused as a conflict).
-        match config.payment_seed {
+        match config.simulator.payment_seed {
             Some(seed) if durability == Durability::None => {
                 tracing::warn!(
                     seed,
@@ -234,7 +235,7 @@ impl AppBuilder {
         metrics.watch_jitter(&reliability);
         let mut payment = Simulator::new(
             config.payment_settings(),
-            config.payment_seed,
+            config.simulator.payment_seed,
             stores.ledger,
             metrics.provider(),
         );
@@ -242,6 +243,19 @@ impl AppBuilder {
             payment = payment.with_capacity(capacity);
         }
         let payment = Arc::new(payment);
+        let remote = match config.payment_client() {
+            Some(settings) => {
+                let client = HttpPayments::new(&settings, metrics.payment_client())
+                    .map_err(anyhow::Error::msg)?;
+                tracing::info!(
+                    url = client.url(),
+                    max_connections = settings.max_connections,
+                    "charging through the payment provider at PAYMENT_URL"
+                );
+                Some(Arc::new(client))
+            }
+            None => None,
+        };
         let processor = Arc::new(
             OrderProcessor::new(
                 service.clone(),
@@ -250,8 +264,9 @@ impl AppBuilder {
                 &metrics,
                 config.payment_timeout,
             )
-            .with_jitter_seed(config.payment_seed)
-            .with_deferral(config.defer_settings()),
+            .with_jitter_seed(config.simulator.payment_seed)
+            .with_deferral(config.defer_settings())
+            .with_remote(remote.clone()),
         );
         if self.start_workers {
             dispatcher.start(config.worker_count, processor.clone());
@@ -348,7 +363,7 @@ impl AppBuilder {
                 target,
                 metrics.load(),
                 feed.clone(),
-                config.payment_seed,
+                config.simulator.payment_seed,
                 config.load_client(),
             )),
             feed,
@@ -576,4 +591,29 @@ impl App {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Resolves on SIGINT or SIGTERM, logging which.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    let signal = tokio::select! {
+        _ = interrupt => "SIGINT",
+        _ = terminate => "SIGTERM",
+    };
+    tracing::info!(signal, "stop requested");
 }

@@ -26,7 +26,7 @@ pub enum LogFormat {
     Pretty,
 }
 
-fn positive_duration(raw: &str) -> Result<Duration, String> {
+pub(crate) fn positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if d.is_zero() => Err("expected a duration above zero, such as 200ms, 2s or 1m".into()),
         d => Ok(d),
@@ -37,7 +37,7 @@ fn jitter_kind(raw: &str) -> Result<JitterKind, String> {
     raw.parse()
 }
 
-fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
+pub(crate) fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.trim().parse().map_err(|_| {
         "expected host:port with an IP address, such as 0.0.0.0:8080 or 127.0.0.1:0".into()
     })
@@ -50,7 +50,7 @@ fn positive_rate(raw: &str) -> Result<f64, String> {
     }
 }
 
-fn rate(raw: &str) -> Result<f64, String> {
+pub(crate) fn rate(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err("expected a number from 0 to 1, such as 0.3".into()),
@@ -113,6 +113,10 @@ fn defer_max(raw: &str) -> Result<Duration, String> {
         d if d >= Duration::from_secs(1) && d <= crate::workers::deferred::DEFER_MAX_LIMIT => Ok(d),
         _ => Err("expected a duration from 1s to 24h, such as 5m".into()),
     }
+}
+
+fn payment_max_connections(raw: &str) -> Result<u32, String> {
+    one_to(raw, 10_000)
 }
 
 fn payment_capacity(raw: &str) -> Result<u32, String> {
@@ -207,7 +211,7 @@ fn batch_max(raw: &str) -> Result<usize, String> {
     one_to(raw, DATABASE_BATCH_MAX_LIMIT)
 }
 
-fn env_filter(raw: &str) -> Result<String, String> {
+pub(crate) fn env_filter(raw: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(raw)
         .map(|_| raw.to_owned())
         .map_err(|_| {
@@ -215,7 +219,7 @@ fn env_filter(raw: &str) -> Result<String, String> {
         })
 }
 
-fn token(raw: &str) -> Result<String, String> {
+pub(crate) fn token(raw: &str) -> Result<String, String> {
     if raw.len() >= 8 && raw.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(raw.to_owned())
     } else {
@@ -223,10 +227,79 @@ fn token(raw: &str) -> Result<String, String> {
     }
 }
 
-fn seed(raw: &str) -> Result<u64, String> {
+pub(crate) fn seed(raw: &str) -> Result<u64, String> {
     raw.trim()
         .parse()
         .map_err(|_| "expected a whole number from 0 to 18446744073709551615".into())
+}
+
+/// The simulated provider's settings: the service's in-process simulator
+/// and `reliability-lab provider` read the same variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulatorArgs {
+    /// Share of payment charges that fail, from 0 to 1.
+    #[arg(long, env = "PAYMENT_FAILURE_RATE", default_value = "0.3", value_parser = rate)]
+    pub payment_failure_rate: f64,
+
+    /// Shortest simulated payment latency.
+    #[arg(long, env = "PAYMENT_LATENCY_MIN", default_value = "100ms", value_parser = parse_duration)]
+    pub payment_latency_min: Duration,
+
+    /// Longest simulated payment latency.
+    #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = parse_duration)]
+    pub payment_latency_max: Duration,
+
+    /// Share of charges that succeed at the provider but answer with an error (the answer is lost).
+    #[arg(long, env = "PAYMENT_AMBIGUOUS_RATE", default_value = "0", value_parser = rate)]
+    pub payment_ambiguous_rate: f64,
+
+    /// Whether the provider honours idempotency keys (on: a retried charge is never charged twice).
+    #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub payment_idempotency: bool,
+
+    /// Charges the provider serves at once (1 to 100000); more wait for a slot. Unset: unlimited.
+    #[arg(long, env = "PAYMENT_CAPACITY", value_parser = payment_capacity)]
+    pub payment_capacity: Option<u32>,
+
+    /// How long a charge waits for a free slot at the provider before it fails as overloaded (with PAYMENT_CAPACITY).
+    #[arg(long, env = "PAYMENT_QUEUE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub payment_queue_timeout: Duration,
+
+    /// Seed for reproducible runs: payment draws, retry jitter and, in memory, order ids follow from it.
+    #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
+    pub payment_seed: Option<u64>,
+}
+
+impl SimulatorArgs {
+    /// Checks that hold between these knobs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.payment_latency_min > self.payment_latency_max {
+            return Err(format!(
+                "invalid PAYMENT_LATENCY_MIN: {} is above PAYMENT_LATENCY_MAX {}; expected min <= max",
+                humantime::format_duration(self.payment_latency_min),
+                humantime::format_duration(self.payment_latency_max)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn payment_settings(&self) -> PaymentSettings {
+        PaymentSettings {
+            failure_rate: self.payment_failure_rate,
+            latency_min: self.payment_latency_min,
+            latency_max: self.payment_latency_max,
+            ambiguous_rate: self.payment_ambiguous_rate,
+            idempotency: self.payment_idempotency,
+            ..PaymentSettings::default()
+        }
+    }
+
+    pub fn payment_capacity(&self) -> Option<Capacity> {
+        self.payment_capacity.map(|slots| Capacity {
+            slots,
+            queue_timeout: self.payment_queue_timeout,
+        })
+    }
 }
 
 /// reliability-lab: an order-processing backend that fails on purpose.
@@ -307,41 +380,28 @@ pub struct Config {
     #[arg(long, env = "WORKER_COUNT", default_value = "5", value_parser = worker_count)]
     pub worker_count: usize,
 
-    /// Share of payment charges that fail, from 0 to 1.
-    #[arg(long, env = "PAYMENT_FAILURE_RATE", default_value = "0.3", value_parser = rate)]
-    pub payment_failure_rate: f64,
-
-    /// Shortest simulated payment latency.
-    #[arg(long, env = "PAYMENT_LATENCY_MIN", default_value = "100ms", value_parser = parse_duration)]
-    pub payment_latency_min: Duration,
-
-    /// Longest simulated payment latency.
-    #[arg(long, env = "PAYMENT_LATENCY_MAX", default_value = "500ms", value_parser = parse_duration)]
-    pub payment_latency_max: Duration,
-
-    /// Share of charges that succeed at the provider but answer with an error (the answer is lost).
-    #[arg(long, env = "PAYMENT_AMBIGUOUS_RATE", default_value = "0", value_parser = rate)]
-    pub payment_ambiguous_rate: f64,
-
-    /// Whether the provider honours idempotency keys (on: a retried charge is never charged twice).
-    #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
-    pub payment_idempotency: bool,
+    #[command(flatten)]
+    pub simulator: SimulatorArgs,
 
     /// Bound on each charge call; a timeout counts as a failure and is retried.
     #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
     pub payment_timeout: Duration,
 
-    /// Charges the provider serves at once (1 to 100000); more wait for a slot. Unset: unlimited.
-    #[arg(long, env = "PAYMENT_CAPACITY", value_parser = payment_capacity)]
-    pub payment_capacity: Option<u32>,
+    /// A payment provider across the network (http://host:port, such as `reliability-lab provider`); unset, charges go to the in-process simulator.
+    #[arg(long, env = "PAYMENT_URL")]
+    pub payment_url: Option<String>,
 
-    /// How long a charge waits for a free slot at the provider before it fails as overloaded (with PAYMENT_CAPACITY).
-    #[arg(long, env = "PAYMENT_QUEUE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
-    pub payment_queue_timeout: Duration,
+    /// With PAYMENT_URL: connections to the provider open at once, at most (1 to 10000); more attempts wait for one, within PAYMENT_TIMEOUT.
+    #[arg(long, env = "PAYMENT_MAX_CONNECTIONS", default_value = "32", value_parser = payment_max_connections)]
+    pub payment_max_connections: u32,
 
-    /// Seed for reproducible runs: payment draws, retry jitter and, in memory, order ids follow from it.
-    #[arg(long, env = "PAYMENT_SEED", value_parser = seed)]
-    pub payment_seed: Option<u64>,
+    /// With PAYMENT_URL: longest wait for a TCP connection to the provider.
+    #[arg(long, env = "PAYMENT_CONNECT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
+    pub payment_connect_timeout: Duration,
+
+    /// With PAYMENT_URL: a pooled connection unused this long is closed.
+    #[arg(long, env = "PAYMENT_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub payment_idle_timeout: Duration,
 
     /// Charge calls per order, the first included (attempts, not retries).
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "3", value_parser = retry_max_attempts)]
@@ -544,12 +604,9 @@ impl Config {
 
     /// Checks that hold between knobs.
     pub fn validate(&self) -> Result<(), String> {
-        if self.payment_latency_min > self.payment_latency_max {
-            return Err(format!(
-                "invalid PAYMENT_LATENCY_MIN: {} is above PAYMENT_LATENCY_MAX {}; expected min <= max",
-                humantime::format_duration(self.payment_latency_min),
-                humantime::format_duration(self.payment_latency_max)
-            ));
+        self.simulator.validate()?;
+        if let Some(url) = &self.payment_url {
+            crate::payment::client::charges_uri(url)?;
         }
         if self.retry_initial_interval > self.retry_max_interval {
             return Err(format!(
@@ -585,14 +642,7 @@ impl Config {
     }
 
     pub fn payment_settings(&self) -> PaymentSettings {
-        PaymentSettings {
-            failure_rate: self.payment_failure_rate,
-            latency_min: self.payment_latency_min,
-            latency_max: self.payment_latency_max,
-            ambiguous_rate: self.payment_ambiguous_rate,
-            idempotency: self.payment_idempotency,
-            ..PaymentSettings::default()
-        }
+        self.simulator.payment_settings()
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -653,10 +703,19 @@ impl Config {
 
     /// The provider's capacity, when PAYMENT_CAPACITY is set.
     pub fn payment_capacity(&self) -> Option<Capacity> {
-        self.payment_capacity.map(|slots| Capacity {
-            slots,
-            queue_timeout: self.payment_queue_timeout,
-        })
+        self.simulator.payment_capacity()
+    }
+
+    /// With `PAYMENT_URL`: how the payment client reaches the provider.
+    pub fn payment_client(&self) -> Option<crate::payment::client::ClientSettings> {
+        self.payment_url
+            .as_ref()
+            .map(|url| crate::payment::client::ClientSettings {
+                url: url.clone(),
+                max_connections: self.payment_max_connections,
+                connect_timeout: self.payment_connect_timeout,
+                idle_timeout: self.payment_idle_timeout,
+            })
     }
 
     pub fn breaker_config(&self) -> BreakerConfig {
@@ -683,7 +742,7 @@ impl Config {
 }
 
 /// Turns clap's multi-line error into one line naming the variable.
-fn one_line(err: &clap::Error) -> String {
+pub(crate) fn one_line(err: &clap::Error) -> String {
     let arg = match err.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => Some(s.clone()),
         _ => None,
@@ -744,17 +803,17 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.queue_capacity, 100);
         assert_eq!(c.worker_count, 5);
-        assert_eq!(c.payment_failure_rate, 0.3);
-        assert_eq!(c.payment_latency_min, Duration::from_millis(100));
-        assert_eq!(c.payment_latency_max, Duration::from_millis(500));
+        assert_eq!(c.simulator.payment_failure_rate, 0.3);
+        assert_eq!(c.simulator.payment_latency_min, Duration::from_millis(100));
+        assert_eq!(c.simulator.payment_latency_max, Duration::from_millis(500));
         assert_eq!(c.retry_max_attempts, 3);
         assert_eq!(c.retry_initial_interval, Duration::from_millis(200));
         assert_eq!(c.retry_max_interval, Duration::from_secs(2));
         assert_eq!(c.breaker_failure_threshold, 5);
         assert_eq!(c.breaker_open_duration, Duration::from_secs(30));
         assert_eq!(c.payment_timeout, Duration::from_secs(1));
-        assert_eq!(c.payment_ambiguous_rate, 0.0);
-        assert!(c.payment_idempotency);
+        assert_eq!(c.simulator.payment_ambiguous_rate, 0.0);
+        assert!(c.simulator.payment_idempotency);
         assert!(c.retry_enabled && c.breaker_enabled);
         assert_eq!(c.retry_jitter, 0.5);
         assert!(!c.breaker_defer, "deferral is off unless asked for");
@@ -782,7 +841,7 @@ mod tests {
     #[test]
     fn switches_take_on_off_and_booleans() {
         let c = parse(&["--payment-idempotency", "off", "--breaker-enabled", "false"]).unwrap();
-        assert!(!c.payment_idempotency);
+        assert!(!c.simulator.payment_idempotency);
         assert!(!c.breaker_enabled);
         let err = parse(&["--retry-enabled", "maybe"]).unwrap_err();
         assert!(err.contains("RETRY_ENABLED"), "{err}");
@@ -950,7 +1009,7 @@ mod tests {
     fn settings_by_environment_name_apply_over_the_defaults() {
         let c = Config::from_settings([("PAYMENT_FAILURE_RATE", "0.5"), ("RETRY_BUDGET", "on")])
             .unwrap();
-        assert_eq!(c.payment_failure_rate, 0.5);
+        assert_eq!(c.simulator.payment_failure_rate, 0.5);
         assert!(c.retry_budget);
         assert_eq!(c.worker_count, 5);
         let err = Config::from_settings([("NO_SUCH_KNOB", "1")]).unwrap_err();

@@ -13,6 +13,7 @@ pub mod lab;
 pub mod observability;
 pub mod orders;
 pub mod payment;
+pub mod provider;
 pub mod reliability;
 pub mod transport;
 pub mod units;

@@ -10,10 +10,14 @@ use reliability_lab::observability::logging;
 #[tokio::main]
 async fn main() -> ExitCode {
     // `reliability-lab experiment …` runs experiments, `healthcheck` asks a
-    // running service whether it is ready; anything else runs the service.
+    // running service whether it is ready, `provider` runs the simulated
+    // payment provider as its own service; anything else runs the service.
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|a| a == "healthcheck") {
         return reliability_lab::healthcheck::main(args[2..].to_vec()).await;
+    }
+    if args.get(1).is_some_and(|a| a == "provider") {
+        return reliability_lab::provider::main(args[1..].to_vec()).await;
     }
     if args.get(1).is_some_and(|a| a == "experiment") {
         let _log_guard = logging::init(logging_format_for_experiments(), "error").ok();
@@ -35,7 +39,10 @@ async fn main() -> ExitCode {
         }
     };
     let result = match App::build(config).await {
-        Ok(app) => app.run_until_stopped(shutdown_signal()).await,
+        Ok(app) => {
+            app.run_until_stopped(reliability_lab::app::shutdown_signal())
+                .await
+        }
         Err(err) => Err(err),
     };
     match result {
@@ -55,31 +62,6 @@ async fn main() -> ExitCode {
 /// the experiment's subject, and its report counts them).
 fn logging_format_for_experiments() -> reliability_lab::config::LogFormat {
     reliability_lab::config::LogFormat::Pretty
-}
-
-/// Resolves on SIGINT or SIGTERM, logging which.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    let signal = tokio::select! {
-        _ = interrupt => "SIGINT",
-        _ = terminate => "SIGTERM",
-    };
-    tracing::info!(signal, "stop requested");
 }
 
 // jemalloc is the allocator so that `/debug/pprof/heap` has something to read:

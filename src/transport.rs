@@ -38,6 +38,15 @@ pub enum Connection {
 }
 
 impl Connection {
+    /// The socket's descriptor, for `reset_now` (a pipe has none).
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Connection::Tcp(stream) => Some(stream.as_raw_fd()),
+            Connection::Memory(_) => None,
+        }
+    }
+
     /// Sends small writes at once over TCP (no Nagle delay); nothing to do
     /// in memory.
     fn no_delay(self) -> Self {
@@ -192,6 +201,32 @@ impl MemoryConnector {
 pub fn memory() -> (MemoryConnector, MemoryListener) {
     let (listener, incoming) = mpsc::channel(BACKLOG);
     (MemoryConnector { listener }, MemoryListener { incoming })
+}
+
+/// Makes the socket behind `fd` end with a reset (RST) when it is closed,
+/// instead of an orderly close: SO_LINGER on with a zero timeout. Set at
+/// the moment a fault resets a connection, never before: with it set, an
+/// ordinary close would throw away an answer still in the send buffer.
+/// The caller owns `fd` and closes it right after.
+pub fn reset_on_close(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid pointer to a linger of the right size; a bad fd
+    // is an error return, not undefined behaviour.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not set SO_LINGER for a reset");
+    }
 }
 
 #[cfg(test)]

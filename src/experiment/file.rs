@@ -84,6 +84,15 @@ struct RawFile {
     maps: Vec<RawMap>,
 }
 
+/// Settings the runner chooses for each service it starts; an experiment
+/// file cannot set them.
+const RUNNER_CHOSEN: [&str; 4] = [
+    "DATABASE_URL",
+    "PAYMENT_LEDGER_URL",
+    "PAYMENT_URL",
+    "LISTEN_ADDR",
+];
+
 fn default_seed() -> u64 {
     1
 }
@@ -816,7 +825,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         Vec::new()
     };
     for (key, _) in base.iter().chain(&quick_settings) {
-        if ["DATABASE_URL", "PAYMENT_LEDGER_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+        if RUNNER_CHOSEN.contains(&key.as_str()) {
             return Err(at_line(
                 source,
                 key,
@@ -847,7 +856,7 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             ));
         }
         for key in v.settings.keys() {
-            if ["DATABASE_URL", "PAYMENT_LEDGER_URL", "LISTEN_ADDR"].contains(&key.as_str()) {
+            if RUNNER_CHOSEN.contains(&key.as_str()) {
                 return Err(at_line(
                     source,
                     key,
@@ -1190,7 +1199,7 @@ settings = { BREAKER_OPEN_DURATION = "2s" }
         assert_eq!(e.variants.len(), 2);
         assert!(!e.variants[0].config.breaker_enabled);
         assert!(e.variants[1].config.breaker_enabled);
-        assert_eq!(e.variants[1].config.payment_failure_rate, 0.05);
+        assert_eq!(e.variants[1].config.simulator.payment_failure_rate, 0.05);
         assert_eq!(
             e.variants[1].config.breaker_open_duration,
             Duration::from_secs(10)

@@ -105,7 +105,7 @@ pub async fn run_variant(
     let schedule = &experiment.cells[cell].schedule;
     let mut config = variant.config.clone();
     config.listen_addr = "127.0.0.1:0".parse().expect("an address");
-    config.payment_seed = Some(experiment.seed);
+    config.simulator.payment_seed = Some(experiment.seed);
     config.database_url = database_url.map(str::to_owned);
     config.load_rate = None;
     config.load_duration = None;

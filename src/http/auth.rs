@@ -50,7 +50,12 @@ pub fn is_operator_path(path: &str) -> bool {
 /// admin token (when one is set), or None when it may pass: 400 for two
 /// `Authorization` headers, 401 otherwise, marked `Refused`.
 pub fn refusal(state: &AppState, request: &Request) -> Option<Response> {
-    let expected = state.admin_token.as_ref()?;
+    refusal_for(state.admin_token.as_ref(), request)
+}
+
+/// `refusal`, against a token given directly (the provider's).
+pub fn refusal_for(expected: Option<&AdminToken>, request: &Request) -> Option<Response> {
+    let expected = expected?;
     if !is_operator_path(request.uri().path()) {
         return None;
     }

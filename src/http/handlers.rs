@@ -132,7 +132,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 const MAX_KEY_LEN: usize = 255;
 
 /// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let mut values = headers.get_all("idempotency-key").iter();
     let Some(raw) = values.next() else {
         return Ok(None);

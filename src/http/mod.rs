@@ -4,12 +4,12 @@
 //! business rules. Every answer that is not a success is an `ApiError`.
 
 mod admin;
-mod auth;
+pub(crate) mod auth;
 mod console;
 mod debug;
-mod error;
-mod extract;
-mod handlers;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod handlers;
 mod lab;
 mod middleware;
 pub mod openapi;

@@ -63,6 +63,19 @@ impl Default for Timeouts {
     }
 }
 
+/// In a request's extensions when the server was started with
+/// `serve_resettable`: ends the request's connection with a reset (RST),
+/// dropping whatever the handler was doing. The provider's network faults
+/// use it; the service never does.
+#[derive(Clone)]
+pub struct ResetConnection(Arc<tokio::sync::Notify>);
+
+impl ResetConnection {
+    pub fn reset(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// A request body that did not arrive within the body timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body did not arrive within {0:?}")]
@@ -71,11 +84,26 @@ pub struct BodyTimedOut(pub Duration);
 /// Serves `router` on `listener` until `stop` fires, then lets the
 /// connections finish as described in the module doc and returns once they
 /// have. Dropping the future closes every connection at once.
-pub async fn serve(
+pub async fn serve(listener: Listener, router: Api, timeouts: Timeouts, stop: CancellationToken) {
+    serve_with(listener, router, timeouts, stop, false).await
+}
+
+/// `serve`, with a `ResetConnection` in every request's extensions.
+pub async fn serve_resettable(
+    listener: Listener,
+    router: Api,
+    timeouts: Timeouts,
+    stop: CancellationToken,
+) {
+    serve_with(listener, router, timeouts, stop, true).await
+}
+
+async fn serve_with(
     mut listener: Listener,
     router: Api,
     timeouts: Timeouts,
     stop: CancellationToken,
+    resettable: bool,
 ) {
     let mut connections = JoinSet::new();
     let mut last_accept_error: Option<Instant> = None;
@@ -91,7 +119,13 @@ pub async fn serve(
         };
         match accepted {
             Ok(stream) => {
-                connections.spawn(connection(stream, router.clone(), timeouts, stop.clone()));
+                connections.spawn(connection(
+                    stream,
+                    router.clone(),
+                    timeouts,
+                    stop.clone(),
+                    resettable,
+                ));
             }
             Err(err) => {
                 // Out of file descriptors, most likely: connections time out
@@ -160,21 +194,33 @@ impl ConnState {
     }
 }
 
-async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: CancellationToken) {
+async fn connection(
+    stream: Connection,
+    router: Api,
+    timeouts: Timeouts,
+    stop: CancellationToken,
+    resettable: bool,
+) {
     // A token of its own: every connection waiting on the shared one would
     // take the shared token's lock each time its connection woke.
     let stop = stop.child_token();
     let state = Arc::new(ConnState::new());
+    let reset = resettable.then(|| Arc::new(tokio::sync::Notify::new()));
+    let fd = stream.raw_fd();
     let io = TokioIo::new(Tracked {
         inner: stream,
         state: state.clone(),
     });
     let service = hyper::service::service_fn({
         let state = state.clone();
+        let reset = reset.clone();
         move |request: hyper::Request<Incoming>| {
             let router = router.clone();
             let guard = InFlight::new(state.clone());
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
+            if let Some(reset) = &reset {
+                parts.extensions.insert(ResetConnection(reset.clone()));
+            }
             let body = TimedBody::new(body, timeouts.body, state.clone());
             let request = hyper::Request::from_parts(parts, Body::new(body));
             async move {
@@ -216,6 +262,15 @@ async fn connection(stream: Connection, router: Api, timeouts: Timeouts, stop: C
             result = conn.as_mut() => {
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = async { reset.as_ref().expect("guarded").notified().await }, if reset.is_some() => {
+                tracing::debug!("resetting a connection, as a fault asked");
+                // The stream is still open (hyper holds it): set the linger,
+                // then return, which drops and closes it.
+                if let Some(fd) = fd {
+                    crate::transport::reset_on_close(fd);
                 }
                 return;
             }

@@ -21,6 +21,7 @@ use prometheus::{
 };
 
 use super::latency::LatencyHistogram;
+use crate::payment::client::ClientMetrics;
 use crate::payment::ProviderMetrics;
 use crate::reliability::{BreakerObserver, BreakerState, Rejection, RetryObserver};
 
@@ -44,6 +45,7 @@ pub struct Metrics {
     workers: WorkerMetrics,
     payment_calls: PaymentCallMetrics,
     provider: ProviderMetrics,
+    payment_client: ClientMetrics,
     reliability: ReliabilityMetrics,
     leases: LeaseMetrics,
     defer: DeferMetrics,
@@ -83,6 +85,130 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     register(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
+/// The simulated provider's counters: in the service's registry for the
+/// in-process simulator, in its own for `reliability-lab provider`, under
+/// the same names.
+pub fn provider_metrics(registry: &Registry) -> ProviderMetrics {
+    ProviderMetrics {
+        calls: counter(
+            registry,
+            "payment_calls_total",
+            "Charge calls the payment provider received (every attempt that reached it; calls per finished order is the retries' amplification).",
+        ),
+        charges: counter(
+            registry,
+            "payment_charges_total",
+            "Charges the simulated provider made (money moved).",
+        ),
+        duplicate_charges: counter(
+            registry,
+            "payment_duplicate_charges_total",
+            "Charges made for an order that was already charged.",
+        ),
+        in_flight: gauge(
+            registry,
+            "payment_provider_in_flight",
+            "Charge calls the provider is serving now (at most PAYMENT_CAPACITY).",
+        ),
+        queued: gauge(
+            registry,
+            "payment_provider_queued",
+            "Charge calls waiting for a free slot at the provider (PAYMENT_CAPACITY set).",
+        ),
+        overloaded: counter(
+            registry,
+            "payment_provider_overloaded_total",
+            "Charge calls the provider refused after they waited PAYMENT_QUEUE_TIMEOUT for a slot.",
+        ),
+        wasted: counter(
+            registry,
+            "payment_provider_wasted_total",
+            "Charge calls the provider finished after their caller had given up (wasted work).",
+        ),
+    }
+}
+
+/// The remote payment client's figures (`PAYMENT_URL`): registered whether
+/// or not the client is in use, so every series exists at 0 from startup.
+fn client_metrics(registry: &Registry) -> ClientMetrics {
+    let connect_errors = counter_vec(
+        registry,
+        "payment_client_connect_errors_total",
+        "Connections to the remote payment provider that could not be made, by kind (refused, timeout, other).",
+        &["kind"],
+    );
+    for kind in ClientMetrics::CONNECT_ERROR_KINDS {
+        connect_errors.with_label_values(&[kind]);
+    }
+    let ambiguous = counter_vec(
+        registry,
+        "payment_client_ambiguous_total",
+        "Attempts whose charge may or may not have been made: the connection failed, or the attempt timed out, after the request went out.",
+        &["cause"],
+    );
+    for cause in ClientMetrics::AMBIGUOUS_CAUSES {
+        ambiguous.with_label_values(&[cause]);
+    }
+    let abandoned = counter_vec(
+        registry,
+        "payment_client_abandoned_total",
+        "Attempts that PAYMENT_TIMEOUT ended, by phase (waiting_for_connection, exchange).",
+        &["phase"],
+    );
+    for phase in ClientMetrics::PHASES {
+        abandoned.with_label_values(&[phase]);
+    }
+    let attempt_seconds = register(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(
+                "payment_client_attempt_duration_seconds",
+                "Charge attempts through the remote payment client, by outcome.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["outcome"],
+        )
+        .expect("valid histogram"),
+    );
+    for outcome in ClientMetrics::OUTCOMES {
+        attempt_seconds.with_label_values(&[outcome]);
+    }
+    ClientMetrics {
+        open: gauge(
+            registry,
+            "payment_client_connections_open",
+            "Connections to the remote payment provider open now (busy or idle).",
+        ),
+        busy: gauge(
+            registry,
+            "payment_client_connections_busy",
+            "Connections to the remote payment provider carrying a charge now (at most PAYMENT_MAX_CONNECTIONS).",
+        ),
+        waits: counter(
+            registry,
+            "payment_client_connection_waits_total",
+            "Attempts that found every connection busy and waited for one.",
+        ),
+        wait_seconds: register(
+            registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "payment_client_connection_wait_seconds",
+                    "How long attempts waited for a free connection.",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )
+            .expect("valid histogram"),
+        ),
+        connect_errors,
+        ambiguous,
+        abandoned,
+        attempt_seconds,
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -106,43 +232,8 @@ impl Metrics {
                 "Charge calls that did not answer within PAYMENT_TIMEOUT.",
             ),
         };
-        let provider = ProviderMetrics {
-            calls: counter(
-                &registry,
-                "payment_calls_total",
-                "Charge calls the payment provider received (every attempt that reached it; calls per finished order is the retries' amplification).",
-            ),
-            charges: counter(
-                &registry,
-                "payment_charges_total",
-                "Charges the simulated provider made (money moved).",
-            ),
-            duplicate_charges: counter(
-                &registry,
-                "payment_duplicate_charges_total",
-                "Charges made for an order that was already charged.",
-            ),
-            in_flight: gauge(
-                &registry,
-                "payment_provider_in_flight",
-                "Charge calls the provider is serving now (at most PAYMENT_CAPACITY).",
-            ),
-            queued: gauge(
-                &registry,
-                "payment_provider_queued",
-                "Charge calls waiting for a free slot at the provider (PAYMENT_CAPACITY set).",
-            ),
-            overloaded: counter(
-                &registry,
-                "payment_provider_overloaded_total",
-                "Charge calls the provider refused after they waited PAYMENT_QUEUE_TIMEOUT for a slot.",
-            ),
-            wasted: counter(
-                &registry,
-                "payment_provider_wasted_total",
-                "Charge calls the provider finished after their caller had given up (wasted work).",
-            ),
-        };
+        let provider = provider_metrics(&registry);
+        let payment_client = client_metrics(&registry);
         let reliability = ReliabilityMetrics::register(&registry);
         let leases = LeaseMetrics {
             recovered: counter(
@@ -221,6 +312,7 @@ impl Metrics {
             workers,
             payment_calls,
             provider,
+            payment_client,
             reliability,
             leases,
             defer,
@@ -251,6 +343,11 @@ impl Metrics {
     /// The provider's own counters: charges made, duplicates among them.
     pub fn provider(&self) -> ProviderMetrics {
         self.provider.clone()
+    }
+
+    /// The remote payment client's pool and failures.
+    pub fn payment_client(&self) -> ClientMetrics {
+        self.payment_client.clone()
     }
 
     /// Retry decisions and the breaker's states and rejections.

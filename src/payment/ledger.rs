@@ -62,6 +62,9 @@ pub trait Ledger: Send + Sync {
 
     /// An order's charges, oldest first.
     async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError>;
+
+    /// The charge made under an idempotency key, if one was.
+    async fn by_key(&self, key: &str) -> Result<Option<Charge>, LedgerError>;
 }
 
 fn charge(request: &ChargeRequest, key: Option<&str>) -> Charge {
@@ -94,7 +97,8 @@ const LEDGER_SHARDS: usize = 64;
 #[derive(Default)]
 struct LedgerShard {
     by_order: HashMap<OrderId, Vec<Charge>>,
-    keys: HashSet<String>,
+    /// Each key taken, and the order whose charge took it.
+    keys: HashMap<String, OrderId>,
 }
 
 impl Default for MemoryLedger {
@@ -184,9 +188,10 @@ impl Ledger for MemoryLedger {
         };
         if ki == oi {
             let mut shard = self.lock(oi)?;
-            if !shard.keys.insert(key.to_owned()) {
+            if shard.keys.contains_key(key) {
                 return Ok(already(&shard));
             }
+            shard.keys.insert(key.to_owned(), request.order_id);
             let earlier = add_charge(&mut shard, request, Some(key));
             return Ok(Recorded {
                 new_charge: true,
@@ -201,9 +206,10 @@ impl Ledger for MemoryLedger {
             let o = self.lock(oi)?;
             (self.lock(ki)?, o)
         };
-        if !key_shard.keys.insert(key.to_owned()) {
+        if key_shard.keys.contains_key(key) {
             return Ok(already(&order_shard));
         }
+        key_shard.keys.insert(key.to_owned(), request.order_id);
         let earlier = add_charge(&mut order_shard, request, Some(key));
         Ok(Recorded {
             new_charge: true,
@@ -214,6 +220,18 @@ impl Ledger for MemoryLedger {
     async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError> {
         let shard = self.lock(Self::order_shard(&order_id))?;
         Ok(shard.by_order.get(&order_id).cloned().unwrap_or_default())
+    }
+
+    async fn by_key(&self, key: &str) -> Result<Option<Charge>, LedgerError> {
+        let order = self.lock(Self::key_shard(key))?.keys.get(key).copied();
+        let Some(order) = order else {
+            return Ok(None);
+        };
+        Ok(self
+            .charges(order)
+            .await?
+            .into_iter()
+            .find(|c| c.idempotency_key.as_deref() == Some(key)))
     }
 }
 
@@ -416,7 +434,6 @@ impl Ledger for PostgresLedger {
     }
 
     async fn charges(&self, order_id: OrderId) -> Result<Vec<Charge>, LedgerError> {
-        use sqlx::Row;
         let rows = sqlx::query(
             "SELECT charge_id, order_id, attempt, idempotency_key, amount, currency, created_at
                FROM payment_ledger WHERE order_id = $1 ORDER BY created_at, charge_id",
@@ -426,20 +443,38 @@ impl Ledger for PostgresLedger {
         .await
         .map_err(map_err)?;
         rows.iter()
-            .map(|row| -> Result<Charge, sqlx::Error> {
-                Ok(Charge {
-                    charge_id: row.try_get("charge_id")?,
-                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
-                    attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
-                    idempotency_key: row.try_get("idempotency_key")?,
-                    amount: row.try_get("amount")?,
-                    currency: row.try_get("currency")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
+            .map(charge_of)
             .collect::<Result<_, _>>()
             .map_err(|e| map_err(e).into())
     }
+
+    async fn by_key(&self, key: &str) -> Result<Option<Charge>, LedgerError> {
+        let row = sqlx::query(
+            "SELECT charge_id, order_id, attempt, idempotency_key, amount, currency, created_at
+               FROM payment_ledger WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref()
+            .map(charge_of)
+            .transpose()
+            .map_err(|e| map_err(e).into())
+    }
+}
+
+fn charge_of(row: &sqlx::postgres::PgRow) -> Result<Charge, sqlx::Error> {
+    use sqlx::Row;
+    Ok(Charge {
+        charge_id: row.try_get("charge_id")?,
+        order_id: OrderId::from_uuid(row.try_get("order_id")?),
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
+        idempotency_key: row.try_get("idempotency_key")?,
+        amount: row.try_get("amount")?,
+        currency: row.try_get("currency")?,
+        created_at: row.try_get("created_at")?,
+    })
 }
 
 #[cfg(test)]

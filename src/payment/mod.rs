@@ -30,6 +30,7 @@
 //! runs to the end and is counted as wasted work; that is the load a retry
 //! storm adds on top of the retries themselves.
 
+pub mod client;
 mod ledger;
 mod settings;
 
@@ -64,6 +65,36 @@ pub enum PaymentError {
     Cancelled,
     #[error("payment ledger error: {0}")]
     Ledger(#[from] LedgerError),
+    /// No connection to a remote provider could be made (refused, reset
+    /// while connecting, connect timeout): the request never left, so
+    /// another attempt is safe.
+    #[error("payment service unreachable: {0}")]
+    Unreachable(String),
+    /// The connection to a remote provider failed once the request was on
+    /// its way: the charge may or may not have been made (ambiguous).
+    #[error("payment outcome unknown: {0}")]
+    ConnectionLost(String),
+    /// A remote provider asked to be called again later (429, or 503).
+    #[error("payment service busy ({status}){}", retry_after_text(*.retry_after))]
+    Busy {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// A remote provider refused the request itself (a 4xx): another
+    /// attempt would be refused the same way.
+    #[error("payment refused by the provider ({status}): {message}")]
+    Refused { status: u16, message: String },
+    /// A remote provider failed the charge (a 5xx other than 503; the
+    /// simulator's drawn declines arrive as 502).
+    #[error("payment failed at the provider ({status}): {message}")]
+    Failed { status: u16, message: String },
+}
+
+fn retry_after_text(retry_after: Option<Duration>) -> String {
+    match retry_after {
+        Some(wait) => format!(", retry after {}", humantime::format_duration(wait)),
+        None => String::new(),
+    }
 }
 
 /// One charge call.
@@ -72,7 +103,8 @@ pub struct ChargeRequest {
     pub order_id: OrderId,
     /// 1 for the first call for this order, 2 for the next, ...
     pub attempt: u32,
-    /// Stable across retries of one order.
+    /// Stable across retries of one order; empty for none (a remote
+    /// caller that sent no `Idempotency-Key`).
     pub idempotency_key: String,
     pub amount: i64,
     pub currency: String,
@@ -386,9 +418,12 @@ async fn serve(
     if effective.mode == Mode::Outage {
         return Err(PaymentError::Outage);
     }
+    // An empty key is none: a caller of the remote provider that sent no
+    // Idempotency-Key.
     let key = effective
         .idempotency
-        .then_some(request.idempotency_key.as_str());
+        .then_some(request.idempotency_key.as_str())
+        .filter(|key| !key.is_empty());
     if draw.declined {
         // A key that already has a charge gets that charge's answer, as a
         // real provider replays a key's first response: a replica that took

@@ -34,6 +34,11 @@ pub trait Classify {
     fn counts_as_failure(&self) -> bool;
     /// Whether another attempt may succeed.
     fn is_retryable(&self) -> bool;
+    /// How long the downstream asked to be left alone before the next
+    /// attempt (an HTTP `Retry-After`): the next wait is at least that.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Hears about the retry loop's decisions: logs and metrics live here.
@@ -244,8 +249,10 @@ impl Reliability {
         let permanent_rejection = switches.rejection_permanent;
         let max_attempts = policy.max_attempts;
         let mut attempts_made = 0u32;
+        let backoff = policy.backoff(jitter_seed);
+        let retry_after = backoff.retry_after();
         backoff::future::retry_notify(
-            policy.backoff(jitter_seed),
+            backoff,
             || {
                 attempts_made += 1;
                 if attempts_made == 1 {
@@ -255,6 +262,7 @@ impl Reliability {
                 }
                 let attempts_left = attempts_made < max_attempts;
                 let attempt = op();
+                let retry_after = &retry_after;
                 async move {
                     let result = match breaker {
                         Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
@@ -300,6 +308,9 @@ impl Reliability {
                                     Duration::ZERO,
                                 ))
                             } else {
+                                if let Some(wait) = err.retry_after() {
+                                    retry_after.ask(wait);
+                                }
                                 Err(backoff::Error::transient(CallError::Failed(err)))
                             }
                         }
@@ -329,6 +340,8 @@ mod tests {
     enum Fault {
         Declined,
         Cancelled,
+        /// A provider's "come back later": retryable, no sooner than this.
+        Busy(Duration),
     }
 
     impl fmt::Display for Fault {
@@ -336,16 +349,23 @@ mod tests {
             f.write_str(match self {
                 Fault::Declined => "declined",
                 Fault::Cancelled => "cancelled",
+                Fault::Busy(_) => "busy",
             })
         }
     }
 
     impl Classify for Fault {
         fn counts_as_failure(&self) -> bool {
-            *self == Fault::Declined
+            *self != Fault::Cancelled
         }
         fn is_retryable(&self) -> bool {
-            *self == Fault::Declined
+            *self != Fault::Cancelled
+        }
+        fn retry_after(&self) -> Option<Duration> {
+            match self {
+                Fault::Busy(wait) => Some(*wait),
+                _ => None,
+            }
         }
     }
 
@@ -424,6 +444,40 @@ mod tests {
                 assert!(*w <= Duration::from_secs(2));
             }
         }
+    }
+
+    /// A `Retry-After` is a floor under the next wait, past the cap, and
+    /// the wait still counts against the attempts (the backoff crate's own
+    /// retry-after would not count it); one past the limit ends the loop.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_floors_the_next_wait_and_still_counts_as_an_attempt() {
+        let (r, waits) = lab(3, 100);
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let err = always(&r, Fault::Busy(Duration::from_secs(5)), &calls)
+            .await
+            .unwrap_err();
+        assert_eq!(err, CallError::Failed(Fault::Busy(Duration::from_secs(5))));
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "still three attempts");
+        let waits_seen = waits.waits.lock().unwrap().clone();
+        assert_eq!(waits_seen, [Duration::from_secs(5), Duration::from_secs(5)]);
+        assert!(start.elapsed() >= Duration::from_secs(10));
+
+        // A short one only floors: the schedule's own wait (200 ms ± 50%) wins.
+        let (r, waits) = lab(2, 100);
+        let calls = AtomicU32::new(0);
+        let _ = always(&r, Fault::Busy(Duration::from_millis(1)), &calls).await;
+        let first = waits.waits.lock().unwrap()[0];
+        assert!(first >= Duration::from_millis(100), "{first:?}");
+
+        // Longer than the limit: no worker waits that out.
+        let (r, waits) = lab(3, 100);
+        let calls = AtomicU32::new(0);
+        let long = retry::RETRY_AFTER_LIMIT + Duration::from_secs(1);
+        let err = always(&r, Fault::Busy(long), &calls).await.unwrap_err();
+        assert_eq!(err, CallError::Failed(Fault::Busy(long)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(waits.waits.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,9 +26,19 @@
 //! - `decorrelated`: `min(cap, uniform in [base, 3 × previous])`, the
 //!   previous starting at `base` (it does not follow the schedule).
 //!
+//! - The crate's own "retry after" (`Error::Transient { retry_after }`)
+//!   bypasses `next_backoff()`, so such a wait is never counted against the
+//!   attempt limit. A provider's `Retry-After` is therefore given to
+//!   `AttemptLimit` as a floor instead (`RetryAfter`): the next wait is
+//!   counted as any other and is at least that long, even past the cap
+//!   (the provider said "not sooner"); one longer than `RETRY_AFTER_LIMIT`
+//!   ends the loop, since no worker should sit on an order that long.
+//!
 //! The crate is listed by RustSec as unmaintained (RUSTSEC-2025-0012). Only
 //! this module touches it, so it can be swapped without touching callers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
@@ -98,6 +108,30 @@ impl std::str::FromStr for JitterKind {
     }
 }
 
+/// The longest `Retry-After` a retry waits out; a longer one ends the loop
+/// with the failure in hand.
+pub const RETRY_AFTER_LIMIT: Duration = Duration::from_secs(30);
+
+/// The shortest next wait one retry loop's failure asked for (a provider's
+/// `Retry-After`), shared by the loop, which sets it, and its backoff,
+/// which takes it on the next wait. Zero: none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RetryAfter(Arc<AtomicU64>);
+
+impl RetryAfter {
+    pub(crate) fn ask(&self, wait: Duration) {
+        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.0.fetch_max(nanos, Ordering::SeqCst);
+    }
+
+    fn take(&self) -> Option<Duration> {
+        match self.0.swap(0, Ordering::SeqCst) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
 /// How the retry loop waits between attempts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
@@ -155,6 +189,7 @@ impl RetryPolicy {
             previous: self.initial_interval,
             seed,
             rng: None,
+            retry_after: RetryAfter::default(),
         }
     }
 }
@@ -176,6 +211,8 @@ pub(crate) struct AttemptLimit<B> {
     seed: Option<u64>,
     /// Made on the first wait: most calls succeed at once and never need it.
     rng: Option<StdRng>,
+    /// The wait the last failure asked for, if it did.
+    retry_after: RetryAfter,
 }
 
 impl<B: Backoff> Backoff for AttemptLimit<B> {
@@ -210,7 +247,19 @@ impl<B: Backoff> Backoff for AttemptLimit<B> {
             }
         };
         // Jitter can push a wait past max_interval; cap it.
-        Some(wait.min(self.ceiling))
+        let wait = wait.min(self.ceiling);
+        match self.retry_after.take() {
+            Some(asked) if asked > RETRY_AFTER_LIMIT => None,
+            Some(asked) => Some(wait.max(asked)),
+            None => Some(wait),
+        }
+    }
+}
+
+impl<B> AttemptLimit<B> {
+    /// Where the retry loop says how long its last failure asked it to wait.
+    pub(crate) fn retry_after(&self) -> RetryAfter {
+        self.retry_after.clone()
     }
 }
 

@@ -37,6 +37,7 @@ use crate::observability::access_log;
 use crate::observability::metrics::{PaymentCallMetrics, WorkerMetrics};
 use crate::observability::Metrics;
 use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
+use crate::payment::client::HttpPayments;
 use crate::payment::{ChargeRequest, PaymentError, Simulator};
 use crate::reliability::{CallError, Classify, Reliability};
 
@@ -69,12 +70,23 @@ enum Outcome {
 impl Classify for PaymentError {
     /// A cancellation says nothing about the provider: it does not count
     /// towards opening the breaker.
+    /// A remote provider's refusal of the request itself (a 4xx) says
+    /// nothing of its health either, and is not retried: the same request
+    /// would be refused again.
     fn counts_as_failure(&self) -> bool {
-        !matches!(self, Self::Cancelled)
+        !matches!(self, Self::Cancelled | Self::Refused { .. })
     }
 
     fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Cancelled)
+        !matches!(self, Self::Cancelled | Self::Refused { .. })
+    }
+
+    /// A busy provider's `Retry-After`: the next attempt waits at least that.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 
@@ -82,6 +94,8 @@ impl Classify for PaymentError {
 pub struct OrderProcessor {
     service: Service,
     payment: Arc<Simulator>,
+    /// With `PAYMENT_URL`: charges go there instead of to `payment`.
+    remote: Option<Arc<HttpPayments>>,
     reliability: Reliability,
     jobs: WorkerMetrics,
     calls: PaymentCallMetrics,
@@ -103,6 +117,7 @@ impl OrderProcessor {
         Self {
             service,
             payment,
+            remote: None,
             reliability,
             jobs: metrics.workers(),
             calls: metrics.payment_calls(),
@@ -116,6 +131,12 @@ impl OrderProcessor {
     /// it, while it is within `settings.max` of being placed (none: fail).
     pub fn with_deferral(mut self, settings: Option<DeferSettings>) -> Self {
         self.defer = settings;
+        self
+    }
+
+    /// Charges through a remote provider instead of the in-process simulator.
+    pub fn with_remote(mut self, remote: Option<Arc<HttpPayments>>) -> Self {
+        self.remote = remote;
         self
     }
 
@@ -139,14 +160,19 @@ impl OrderProcessor {
             order.amount.value(),
             order.currency.as_str(),
         );
-        let result =
-            match tokio::time::timeout(self.timeout, self.payment.charge(&request, cancel)).await {
-                Ok(result) => result,
-                Err(_) => {
-                    self.calls.timeout();
-                    Err(PaymentError::Timeout(self.timeout))
-                }
-            };
+        let call = async {
+            match &self.remote {
+                Some(remote) => remote.charge(&request, cancel).await,
+                None => self.payment.charge(&request, cancel).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.calls.timeout();
+                Err(PaymentError::Timeout(self.timeout))
+            }
+        };
         if let Err(err) = &result {
             if err.counts_as_failure() {
                 self.calls.failure();

@@ -23,5 +23,6 @@ mod partition;
 mod pipeline;
 mod pool;
 mod profiling;
+mod remote;
 mod shutdown;
 mod tls;

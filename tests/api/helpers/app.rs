@@ -36,6 +36,9 @@ pub struct LabOptions {
     /// JOB_LEASE and RECOVERY_INTERVAL (for a durable `repo`).
     pub job_lease: Duration,
     pub recovery_interval: Duration,
+    /// PAYMENT_URL and PAYMENT_MAX_CONNECTIONS: charge a provider across the network.
+    pub payment_url: Option<String>,
+    pub payment_max_connections: u32,
 }
 
 impl Default for LabOptions {
@@ -67,6 +70,8 @@ impl Default for LabOptions {
             defer: None,
             job_lease: Config::defaults().job_lease,
             recovery_interval: Config::defaults().recovery_interval,
+            payment_url: None,
+            payment_max_connections: Config::defaults().payment_max_connections,
         }
     }
 }
@@ -84,12 +89,12 @@ impl LabOptions {
             p.mode == Mode::Normal && p.brownout.is_none(),
             "start a lab in normal mode; change the mode through the admin API"
         );
-        c.payment_failure_rate = p.failure_rate;
-        c.payment_latency_min = p.latency_min;
-        c.payment_latency_max = p.latency_max;
-        c.payment_ambiguous_rate = p.ambiguous_rate;
-        c.payment_idempotency = p.idempotency;
-        c.payment_seed = Some(self.seed);
+        c.simulator.payment_failure_rate = p.failure_rate;
+        c.simulator.payment_latency_min = p.latency_min;
+        c.simulator.payment_latency_max = p.latency_max;
+        c.simulator.payment_ambiguous_rate = p.ambiguous_rate;
+        c.simulator.payment_idempotency = p.idempotency;
+        c.simulator.payment_seed = Some(self.seed);
         assert_eq!(
             self.retry.multiplier,
             RetryPolicy::default().multiplier,
@@ -114,9 +119,9 @@ impl LabOptions {
             c.breaker_window = window;
             c.breaker_min_calls = min_calls;
         }
-        c.payment_capacity = self.provider_capacity.map(|p| p.slots);
+        c.simulator.payment_capacity = self.provider_capacity.map(|p| p.slots);
         if let Some(p) = self.provider_capacity {
-            c.payment_queue_timeout = p.queue_timeout;
+            c.simulator.payment_queue_timeout = p.queue_timeout;
         }
         c.payment_timeout = self.payment_timeout;
         c.admin_token = self.admin_token.map(str::to_owned);
@@ -124,6 +129,8 @@ impl LabOptions {
         c.memory_max_orders = self.memory_max_orders;
         c.job_lease = self.job_lease;
         c.recovery_interval = self.recovery_interval;
+        c.payment_url = self.payment_url.clone();
+        c.payment_max_connections = self.payment_max_connections;
         if let Some(defer) = self.defer {
             c.breaker_defer = true;
             c.defer_max = defer.max;
