@@ -180,24 +180,30 @@ async fn method_not_allowed(State(state): State<Shared>, request: Request) -> Re
     }
 }
 
+/// The highest attempt number a charge may carry.
+const ATTEMPT_MAX: u32 = 1_000_000;
+
 /// A charge to make.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChargeBody {
     pub order_id: uuid::Uuid,
     /// In minor units (cents), above zero.
+    #[schema(minimum = 1, maximum = 100000000, example = 1999)]
     pub amount: i64,
-    /// Three capital letters (ISO 4217), such as USD.
+    /// Three letters (ISO 4217), such as USD.
+    #[schema(pattern = "^[A-Za-z]{3}$", example = "USD")]
     pub currency: String,
     /// The caller's attempt number, from 1; the simulator's seeded draws
     /// follow it. Without it, each call draws anew.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub attempt: Option<u32>,
 }
 
 #[utoipa::path(post, path = "/charges", tag = "charges",
     request_body = ChargeBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: at most one charge is made per key, and a repeated key answers the first charge")),
+    params(("Idempotency-Key" = Option<String>, Header, max_length = 255, min_length = 1,
+        pattern = "^[\\x21-\\x7E]+$", description = "1 to 255 visible ASCII characters: at most one charge is made per key, and a repeated key answers the first charge")),
     responses(
         (status = 200, description = "Charged (or the key's first charge, again)", body = Charge),
         (status = 400, description = "Malformed JSON or header", body = ErrorBody),
@@ -217,11 +223,11 @@ async fn create_charge(
     let key = idempotency_key(&headers)?.map(str::to_owned);
     let amount = Amount::parse(body.amount)?;
     let currency = Currency::parse(&body.currency)?;
-    if body.attempt == Some(0) {
+    if body.attempt.is_some_and(|a| a == 0 || a > ATTEMPT_MAX) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
-            "attempt must be 1 or more",
+            format!("attempt must be from 1 to {ATTEMPT_MAX}"),
         )
         .with_field("attempt"));
     }
@@ -399,25 +405,19 @@ fn slow_answer(body: Vec<u8>, chunk: usize, every: Duration) -> Response {
 }
 
 #[utoipa::path(get, path = "/charges/{key}", tag = "charges",
-    params(("key" = String, Path, description = "The Idempotency-Key the charge was made under")),
+    params(("key" = String, Path, min_length = 1, max_length = 255, pattern = "^[\\x21-\\x7E]+$", description = "The Idempotency-Key the charge was made under")),
     responses(
         (status = 200, description = "The charge made under the key", body = Charge),
-        (status = 400, description = "Not a valid key", body = ErrorBody),
+        (status = 400, description = "The path is not UTF-8", body = ErrorBody),
         (status = 404, description = "No charge under this key", body = ErrorBody),
     ))]
 async fn get_charge(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    // Any text is looked up: a key no charge was made under is a 404,
+    // whatever its form.
     let Path(key) = path.map_err(|e| ApiError::bad_path(&e, "invalid_key", "key"))?;
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_key",
-            "a key is 1 to 255 visible ASCII characters",
-        )
-        .with_field("key"));
-    }
     match state.simulator.ledger().by_key(&key).await? {
         Some(charge) => Ok(Json(charge).into_response()),
         None => Err(ApiError::not_found(format!("no charge under key {key:?}"))),

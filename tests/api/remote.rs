@@ -529,6 +529,27 @@ async fn the_client_classifies_refusals_busy_answers_and_unreachable_providers()
     payments.charge(&good, &cancel).await.unwrap();
     let theirs = provider.metrics().await;
     assert_eq!(metric(&theirs, "payment_charges_total"), 1.0);
+    // Without a key, every call is a charge of its own.
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let answer = http
+            .post(format!("{}/charges", provider.url))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"order_id":"{order}","amount":500,"currency":"EUR"}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let theirs = provider.metrics().await;
+    assert_eq!(
+        metric(&theirs, "payment_charges_total"),
+        3.0,
+        "keyless calls charge"
+    );
+    assert_eq!(metric(&theirs, "payment_duplicate_charges_total"), 2.0);
     // 503 with Retry-After from an outage-free full provider is Busy; an
     // outage is Busy without one.
     let admin = reqwest::Client::new();
@@ -659,6 +680,12 @@ async fn bad_input_to_the_provider_is_a_4xx_naming_the_field() {
             422,
             Some("attempt"),
         ),
+        (
+            r#"{"order_id":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","amount":5,"currency":"USD","attempt":1000001}"#,
+            "application/json",
+            422,
+            Some("attempt"),
+        ),
         (r#"{"order_id":"#, "application/json", 400, None),
         ("amount=5", "text/plain", 415, None),
     ] {
@@ -675,7 +702,7 @@ async fn bad_input_to_the_provider_is_a_4xx_naming_the_field() {
         .send()
         .await
         .unwrap();
-    assert_eq!(key.status(), 400);
+    assert_eq!(key.status(), 400, "not UTF-8");
     let unknown = http
         .get(format!("{}/charges/no-such-key", provider.url))
         .send()
