@@ -233,6 +233,24 @@ pub(crate) fn seed(raw: &str) -> Result<u64, String> {
         .map_err(|_| "expected a whole number from 0 to 18446744073709551615".into())
 }
 
+/// How the process logs: the service and `reliability-lab provider` alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        default_value = "json",
+        value_enum,
+        ignore_case = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = env_filter)]
+    pub rust_log: String,
+}
+
 /// The simulated provider's settings: the service's in-process simulator
 /// and `reliability-lab provider` read the same variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -342,19 +360,8 @@ pub struct Config {
     #[arg(long, env = "MEMORY_MAX_ORDERS", default_value = "250000", value_parser = memory_max_orders)]
     pub memory_max_orders: usize,
 
-    /// Log line format.
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        default_value = "json",
-        value_enum,
-        ignore_case = true
-    )]
-    pub log_format: LogFormat,
-
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = env_filter)]
-    pub rust_log: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Longest wait for a request's headers on a connection (slow or stalled clients are closed).
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
@@ -799,7 +806,7 @@ mod tests {
         assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.database_max_connections, 10);
         assert_eq!(c.database_batch_max, 256);
-        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log.log_format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.queue_capacity, 100);
         assert_eq!(c.worker_count, 5);
@@ -829,7 +836,7 @@ mod tests {
         let d = Config::defaults();
         assert_eq!(d.database_url, None);
         assert_eq!(d.admin_token, None);
-        assert_eq!(d.rust_log, "info");
+        assert_eq!(d.log.rust_log, "info");
         let parsed = parse(&[]).unwrap();
         assert_eq!(d.worker_count, parsed.worker_count);
         assert_eq!(d.queue_capacity, parsed.queue_capacity);

@@ -31,7 +31,7 @@ async fn main() -> ExitCode {
         }
     };
     // Held until exit: dropping it flushes the log lines still buffered.
-    let _log_guard = match logging::init(config.log_format, &config.rust_log) {
+    let _log_guard = match logging::init(config.log.log_format, &config.log.rust_log) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("reliability-lab: cannot start logging: {err}");

@@ -34,9 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    env_filter, positive_duration, rate, socket_addr, token, LogFormat, SimulatorArgs,
-};
+use crate::config::{positive_duration, rate, socket_addr, token, LogArgs, SimulatorArgs};
 use crate::http::auth::AdminToken;
 use crate::http::server::{serve_resettable, Timeouts};
 use crate::observability::logging;
@@ -116,19 +114,8 @@ pub struct ProviderConfig {
     #[arg(long, env = "PROVIDER_RATE_LIMIT", default_value = "0", value_parser = rate_limit)]
     pub provider_rate_limit: u32,
 
-    /// Log line format.
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        default_value = "json",
-        value_enum,
-        ignore_case = true
-    )]
-    pub log_format: LogFormat,
-
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = env_filter)]
-    pub rust_log: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl ProviderConfig {
@@ -181,7 +168,7 @@ pub async fn main(args: Vec<String>) -> ExitCode {
         eprintln!("reliability-lab provider: {line}");
         return ExitCode::from(2);
     }
-    let _log_guard = match logging::init(config.log_format, &config.rust_log) {
+    let _log_guard = match logging::init(config.log.log_format, &config.log.rust_log) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("reliability-lab provider: cannot start logging: {err}");
