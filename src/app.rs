@@ -266,7 +266,7 @@ impl AppBuilder {
             )
             .with_jitter_seed(config.simulator.payment_seed)
             .with_deferral(config.defer_settings())
-            .with_remote(remote.clone()),
+            .with_remote(remote.clone(), config.payment_timeout_scope),
         );
         if self.start_workers {
             dispatcher.start(config.worker_count, processor.clone());

@@ -83,7 +83,7 @@ pub fn is_window(d: Duration) -> bool {
     d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) && d.subsec_nanos() == 0
 }
 
-fn budget_window(raw: &str) -> Result<Duration, String> {
+pub(crate) fn budget_window(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if is_window(d) => Ok(d),
         _ => Err("expected whole seconds from 1s to 1h, such as 10s".into()),
@@ -115,7 +115,7 @@ fn defer_max(raw: &str) -> Result<Duration, String> {
     }
 }
 
-fn payment_max_connections(raw: &str) -> Result<u32, String> {
+pub(crate) fn payment_max_connections(raw: &str) -> Result<u32, String> {
     one_to(raw, 10_000)
 }
 
@@ -153,7 +153,7 @@ fn client_retry_delay(raw: &str) -> Result<Duration, String> {
 /// The largest failure threshold and minimum of calls the breaker takes.
 pub const BREAKER_COUNT_LIMIT: u32 = 1_000_000;
 
-fn breaker_count(raw: &str) -> Result<u32, String> {
+pub(crate) fn breaker_count(raw: &str) -> Result<u32, String> {
     one_to(raw, BREAKER_COUNT_LIMIT)
 }
 
@@ -193,11 +193,11 @@ fn database_max_connections(raw: &str) -> Result<u32, String> {
     one_to(raw, DATABASE_MAX_CONNECTIONS_LIMIT)
 }
 
-fn retry_max_attempts(raw: &str) -> Result<u32, String> {
+pub(crate) fn retry_max_attempts(raw: &str) -> Result<u32, String> {
     one_to(raw, RETRY_MAX_ATTEMPTS_LIMIT)
 }
 
-fn budget_floor(raw: &str) -> Result<f64, String> {
+pub(crate) fn budget_floor(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
         Ok(r) if (0.0..=RETRY_BUDGET_FLOOR_LIMIT).contains(&r) => Ok(r),
         _ => Err("expected a number from 0 to 1000000, such as 1".into()),
@@ -394,6 +394,16 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
     pub payment_timeout: Duration,
 
+    /// With PAYMENT_URL: what PAYMENT_TIMEOUT bounds. attempt: the wait for a connection and the whole exchange; exchange: the exchange only, from the moment a connection is held (the wait for one is then unbounded).
+    #[arg(
+        long,
+        env = "PAYMENT_TIMEOUT_SCOPE",
+        default_value = "attempt",
+        value_enum,
+        ignore_case = true
+    )]
+    pub payment_timeout_scope: crate::payment::client::TimeoutScope,
+
     /// A payment provider across the network (http://host:port, such as `reliability-lab provider`); unset, charges go to the in-process simulator.
     #[arg(long, env = "PAYMENT_URL")]
     pub payment_url: Option<String>,
@@ -409,6 +419,10 @@ pub struct Config {
     /// With PAYMENT_URL: a pooled connection unused this long is closed.
     #[arg(long, env = "PAYMENT_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub payment_idle_timeout: Duration,
+
+    /// With PAYMENT_URL: whether a busy provider's Retry-After (its 429 or 503) sets the earliest next attempt; off ignores it, to show what that costs.
+    #[arg(long, env = "PAYMENT_RETRY_AFTER", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub payment_retry_after: bool,
 
     /// Charge calls per order, the first included (attempts, not retries).
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "3", value_parser = retry_max_attempts)]
@@ -568,22 +582,7 @@ impl Config {
     pub fn from_settings<'a>(
         settings: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, String> {
-        use clap::{CommandFactory, FromArgMatches};
-        let command = Self::command();
-        let mut args = vec!["reliability-lab".to_owned()];
-        for (name, value) in settings {
-            let arg = command
-                .get_arguments()
-                .find(|a| a.get_env().is_some_and(|e| e == name))
-                .ok_or_else(|| format!("unknown setting {name}"))?;
-            let long = arg.get_long().expect("every knob has a long flag");
-            args.push(format!("--{long}={value}"));
-        }
-        let matches = command
-            .mut_args(|arg| arg.env(None))
-            .try_get_matches_from(args)
-            .map_err(|e| one_line(&e))?;
-        let config = Self::from_arg_matches(&matches).map_err(|e| one_line(&e))?;
+        let config: Self = parse_settings("reliability-lab", settings)?;
         config.validate()?;
         Ok(config)
     }
@@ -629,6 +628,14 @@ impl Config {
                 humantime::format_duration(self.job_lease),
                 humantime::format_duration(self.payment_timeout)
             ));
+        }
+        if self.database_url.is_some()
+            && self.payment_timeout_scope == crate::payment::client::TimeoutScope::Exchange
+        {
+            return Err(
+                "invalid PAYMENT_TIMEOUT_SCOPE: exchange leaves the wait for a connection unbounded, so with DATABASE_URL a charge could outlast its lease; use attempt"
+                    .into(),
+            );
         }
         if self.payment_ledger_url.is_some() && self.database_url.is_none() {
             return Err(
@@ -722,6 +729,7 @@ impl Config {
                 max_connections: self.payment_max_connections,
                 connect_timeout: self.payment_connect_timeout,
                 idle_timeout: self.payment_idle_timeout,
+                honour_retry_after: self.payment_retry_after,
             })
     }
 
@@ -749,6 +757,37 @@ impl Config {
 }
 
 /// Turns clap's multi-line error into one line naming the variable.
+/// Whether a command of `C` reads the environment variable `name`.
+pub fn knows_setting<C: clap::CommandFactory>(name: &str) -> bool {
+    C::command()
+        .get_arguments()
+        .any(|a| a.get_env().is_some_and(|e| e == name))
+}
+
+/// `C`'s documented defaults with `settings` applied, each named by its
+/// environment variable, never reading the environment. An unknown name or
+/// a bad value is one line naming it.
+pub fn parse_settings<'a, C: clap::Parser>(
+    bin: &str,
+    settings: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<C, String> {
+    let command = C::command();
+    let mut args = vec![bin.to_owned()];
+    for (name, value) in settings {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == name))
+            .ok_or_else(|| format!("unknown setting {name}"))?;
+        let long = arg.get_long().expect("every knob has a long flag");
+        args.push(format!("--{long}={value}"));
+    }
+    let matches = command
+        .mut_args(|arg| arg.env(None))
+        .try_get_matches_from(args)
+        .map_err(|e| one_line(&e))?;
+    C::from_arg_matches(&matches).map_err(|e| one_line(&e))
+}
+
 pub(crate) fn one_line(err: &clap::Error) -> String {
     let arg = match err.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => Some(s.clone()),

@@ -8,9 +8,12 @@ use serde::Serialize;
 use crate::lab::Sample;
 use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
+use crate::payment::client::ClientReading;
+
+use super::providers::TierReading;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 41] = [
+pub const FIGURES: [&str; 51] = [
     "accepted",
     "completed",
     "failed",
@@ -52,6 +55,16 @@ pub const FIGURES: [&str; 41] = [
     "taken_over",
     "takeover_s",
     "takeover_bound_s",
+    "peak_busy_workers",
+    "calls_tier1",
+    "calls_tier2",
+    "calls_tier3",
+    "bottom_calls_per_order",
+    "provider_faults",
+    "rate_limited",
+    "pool_waits",
+    "abandoned_waiting",
+    "ambiguous_failures",
 ];
 
 /// Where the fault was, on the timeline's clock (seconds since the start).
@@ -79,6 +92,11 @@ pub struct RunRecord {
     pub replicas: Vec<(String, Vec<Sample>)>,
     /// With a replica killed: what happened to the orders it held.
     pub takeover: Option<Takeover>,
+    /// With provider processes: each one's figures, top (the one the
+    /// service calls) first.
+    pub tiers: Vec<TierReading>,
+    /// With provider processes: the service's payment client's counters.
+    pub client: Option<ClientReading>,
 }
 
 impl RunRecord {
@@ -306,5 +324,36 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("taken_over", takeover.map(|k| k.taken_over as f64));
     put("takeover_s", takeover.and_then(|k| k.longest_s));
     put("takeover_bound_s", takeover.map(|k| k.bound_s));
+    // Workers charging at once, at the busiest sample: what a stalled
+    // provider holds.
+    put(
+        "peak_busy_workers",
+        run.samples
+            .iter()
+            .map(|s| s.busy_workers as f64)
+            .reduce(f64::max),
+    );
+    let tier = |i: usize| run.tiers.get(i).map(|t| t.requests as f64);
+    put("calls_tier1", tier(0));
+    put("calls_tier2", tier(1));
+    put("calls_tier3", tier(2));
+    put(
+        "bottom_calls_per_order",
+        run.tiers
+            .last()
+            .and_then(|t| ratio(t.requests as f64, finished)),
+    );
+    let over_tiers = |read: fn(&TierReading) -> u64| {
+        (!run.tiers.is_empty()).then(|| run.tiers.iter().map(read).sum::<u64>() as f64)
+    };
+    put("provider_faults", over_tiers(|t| t.faults));
+    put("rate_limited", over_tiers(|t| t.rate_limited));
+    let client = run.client.as_ref();
+    put("pool_waits", client.map(|c| c.waits as f64));
+    put(
+        "abandoned_waiting",
+        client.map(|c| c.abandoned_waiting as f64),
+    );
+    put("ambiguous_failures", client.map(|c| c.ambiguous as f64));
     f
 }

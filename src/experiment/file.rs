@@ -51,6 +51,8 @@ use super::hypothesis::{self, Expr};
 use super::sweep::{self, Param, ParamKind};
 use crate::config::Config;
 use crate::payment::PaymentUpdate;
+use crate::provider::faults::FaultUpdate;
+use crate::provider::ProviderConfig;
 use crate::reliability::SwitchesUpdate;
 use crate::units::parse_duration;
 
@@ -82,14 +84,38 @@ struct RawFile {
     charts: Vec<RawChart>,
     #[serde(default)]
     maps: Vec<RawMap>,
+    #[serde(default)]
+    provider: ProviderKind,
+    #[serde(default = "default_tiers")]
+    tiers: u32,
 }
+
+/// Where an experiment's payment provider runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// The service's own simulator, a function call away.
+    #[default]
+    InProcess,
+    /// `reliability-lab provider` processes on free loopback ports (a chain
+    /// of `tiers`), charged over HTTP through the service's client.
+    Process,
+}
+
+fn default_tiers() -> u32 {
+    1
+}
+
+/// The most providers an experiment chains.
+pub const MAX_TIERS: u32 = 3;
 
 /// Settings the runner chooses for each service it starts; an experiment
 /// file cannot set them.
-const RUNNER_CHOSEN: [&str; 4] = [
+const RUNNER_CHOSEN: [&str; 5] = [
     "DATABASE_URL",
     "PAYMENT_LEDGER_URL",
     "PAYMENT_URL",
+    "UPSTREAM_URL",
     "LISTEN_ADDR",
 ];
 
@@ -144,6 +170,8 @@ struct RawStep {
     cut: Option<String>,
     #[serde(default)]
     heal: Option<String>,
+    #[serde(default)]
+    faults: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +245,9 @@ pub struct Variant {
     pub config: Config,
     /// Its traffic, orders per second: its own `rate`, or [traffic]'s.
     pub rate: f64,
+    /// With provider processes: the settings each of them is started with
+    /// (every setting the provider knows, as the environment spells it).
+    pub provider_settings: Vec<(String, String)>,
 }
 
 /// One change at a given time.
@@ -234,6 +265,12 @@ pub struct Step {
     pub cut: Option<usize>,
     /// The replica (by index) whose connections are restored.
     pub heal: Option<usize>,
+    /// With provider processes: the payment change as the provider's
+    /// `PUT /admin/payment` takes it (sent to the bottom of the chain).
+    pub payment_json: Option<serde_json::Value>,
+    /// With provider processes: a change of the network faults, as
+    /// `PUT /admin/faults` takes it (sent to the provider the service calls).
+    pub faults: Option<serde_json::Value>,
     /// The step as written, for the report.
     pub text: String,
     /// Its `at` as written, to name its line in an error.
@@ -313,14 +350,26 @@ pub struct Experiment {
     pub cells: Vec<Cell>,
     pub charts: Vec<ChartSpec>,
     pub maps: Vec<MapSpec>,
-    /// The clock its runs keep: virtual unless it needs replicas.
+    /// The clock its runs keep: virtual unless it needs replicas or
+    /// provider processes.
     pub clock: Clock,
+    /// Where the payment provider runs.
+    pub provider: ProviderKind,
+    /// With provider processes: how many are chained (1: the service
+    /// calls the one that charges).
+    pub tiers: usize,
 }
 
 impl Experiment {
     /// Replicas share their orders through Postgres only.
     pub fn needs_postgres(&self) -> bool {
         self.replicas > 1
+    }
+
+    /// Provider processes keep the real clock: their sockets and their
+    /// own timers run on it.
+    pub fn needs_processes(&self) -> bool {
+        self.needs_postgres() || self.provider == ProviderKind::Process
     }
 
     pub fn is_sweep(&self) -> bool {
@@ -364,12 +413,14 @@ impl Experiment {
     /// This experiment run on `clock`; refused where that clock cannot run
     /// it.
     pub fn with_clock(mut self, clock: Clock, database: bool) -> Result<Self, String> {
-        if clock == Clock::Virtual && (self.needs_postgres() || database) {
+        if clock == Clock::Virtual && (self.needs_processes() || database) {
             return Err(format!(
                 "{}: --clock virtual runs in memory; {} need the real clock",
                 self.name,
                 if self.needs_postgres() {
                     "replicas (processes sharing Postgres)"
+                } else if self.provider == ProviderKind::Process {
+                    "provider processes (charged over real sockets)"
                 } else {
                     "experiments on Postgres (its pool times out by the wall clock)"
                 }
@@ -455,17 +506,31 @@ pub fn load(path: &Path, quick: bool) -> Result<Experiment, String> {
     parse(&name, &source, quick).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Where a cell's variants and schedule are read: the file's text (for
+/// errors), the cell's swept values and label, and where the provider runs.
+#[derive(Clone, Copy)]
+struct InCell<'a> {
+    source: &'a str,
+    swept: &'a [(&'a Param, &'a sweep::Value)],
+    cell: &'a str,
+    provider: ProviderKind,
+}
+
 /// The settings a variant runs with in one cell: base, its own, the quick
 /// profile's, then the cell's swept settings.
 fn variant_in_cell(
-    source: &str,
+    at: InCell<'_>,
     raw: &RawVariant,
     base: &[(String, String)],
     quick_settings: &[(String, String)],
     default_rate: f64,
-    swept: &[(&Param, &sweep::Value)],
-    cell: &str,
 ) -> Result<Variant, String> {
+    let InCell {
+        source,
+        swept,
+        cell,
+        provider,
+    } = at;
     let overrides = settings(&raw.settings);
     let swept_settings: Vec<(String, String)> = swept
         .iter()
@@ -492,7 +557,7 @@ fn variant_in_cell(
             format!("variant {} in cell {cell}: {message}", raw.name)
         }
     };
-    let config = Config::from_settings(all).map_err(|e| {
+    let at_key = |e: String| {
         let key = e
             .split_whitespace()
             .find(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_') && w.len() > 2)
@@ -500,7 +565,40 @@ fn variant_in_cell(
             .trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_')
             .to_owned();
         at_line(source, &key, in_cell(e))
-    })?;
+    };
+    // With provider processes each setting goes where it is known: the
+    // service, the providers, or both (PAYMENT_IDEMPOTENCY, ADMIN_TOKEN).
+    let knows_service = crate::config::knows_setting::<Config>;
+    let knows_provider = crate::config::knows_setting::<ProviderConfig>;
+    let mut service_side = Vec::new();
+    let mut provider_side = Vec::new();
+    for (k, v) in all {
+        match (knows_service(k), knows_provider(k)) {
+            (false, true) if provider == ProviderKind::InProcess => {
+                return Err(at_key(format!(
+                    "{k} is a setting of the provider process: it needs provider = \"process\""
+                )))
+            }
+            (false, false) => return Err(at_key(format!("unknown setting {k}"))),
+            (in_service, in_provider) => {
+                if in_service {
+                    service_side.push((k, v));
+                }
+                if in_provider && provider == ProviderKind::Process {
+                    provider_side.push((k, v));
+                }
+            }
+        }
+    }
+    let config = Config::from_settings(service_side).map_err(at_key)?;
+    if provider == ProviderKind::Process {
+        ProviderConfig::from_settings(provider_side.iter().copied())
+            .map_err(|e| at_key(format!("the provider: {e}")))?;
+    }
+    let provider_settings = provider_side
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let rate = swept
         .iter()
         .find(|(p, _)| p.kind == ParamKind::Rate)
@@ -513,6 +611,7 @@ fn variant_in_cell(
         settings,
         config,
         rate,
+        provider_settings,
     })
 }
 
@@ -527,14 +626,18 @@ fn step_value(
 
 /// The schedule of one cell, sorted, with its fault marks checked.
 fn schedule_in_cell(
-    source: &str,
+    at: InCell<'_>,
     raw: &[RawStep],
-    swept: &[(&Param, &sweep::Value)],
     scale: f64,
     duration: Duration,
     replicas: usize,
-    cell: &str,
 ) -> Result<Vec<Step>, String> {
+    let InCell {
+        source,
+        swept,
+        cell,
+        provider,
+    } = at;
     let in_cell = |message: String| {
         if cell.is_empty() {
             message
@@ -557,14 +660,37 @@ fn schedule_in_cell(
                 at_text
             )));
         }
+        let mut payment_json = None;
         let payment = match &step.payment {
             None => None,
             Some(value) => {
                 let json = step_value(value, swept)?;
-                let update: PaymentUpdate = serde_json::from_value(json).map_err(|e| {
+                let update: PaymentUpdate = serde_json::from_value(json.clone()).map_err(|e| {
                     at_line(source, "payment", in_cell(format!("schedule.payment: {e}")))
                 })?;
+                if provider == ProviderKind::Process {
+                    payment_json = Some(json);
+                }
                 Some(update)
+            }
+        };
+        let faults = match &step.faults {
+            None => None,
+            Some(value) => {
+                let here = |m: String| at_line(source, "faults", in_cell(m));
+                if provider != ProviderKind::Process {
+                    return Err(here(
+                        "schedule.faults are the provider process's: they need provider = \"process\"".into(),
+                    ));
+                }
+                let json = step_value(value, swept)?;
+                let update: FaultUpdate = serde_json::from_value(json.clone())
+                    .map_err(|e| here(format!("schedule.faults: {e}")))?;
+                ProviderConfig::defaults()
+                    .faults()
+                    .apply(&update)
+                    .map_err(|e| here(format!("schedule.faults {}: {}", e.field, e.reason)))?;
+                Some(json)
             }
         };
         let reliability = match &step.reliability {
@@ -657,6 +783,12 @@ fn schedule_in_cell(
                 sweep::substitute(p, swept).to_string().replace('\n', " ")
             ));
         }
+        if let Some(f) = &step.faults {
+            text.push(format!(
+                "faults {}",
+                sweep::substitute(f, swept).to_string().replace('\n', " ")
+            ));
+        }
         if let Some(r) = &reliability {
             text.push(format!("reliability {r:?}"));
         }
@@ -681,6 +813,8 @@ fn schedule_in_cell(
             kill,
             cut,
             heal,
+            payment_json,
+            faults,
             text: text.join(", "),
             at_text: step.at.clone(),
         });
@@ -790,7 +924,10 @@ fn step_texts(step: &RawStep) -> Vec<String> {
         }
     }
     let mut out = vec![step.at.clone()];
-    for v in [&step.payment, &step.reliability].into_iter().flatten() {
+    for v in [&step.payment, &step.reliability, &step.faults]
+        .into_iter()
+        .flatten()
+    {
         strings(v, &mut out);
     }
     out
@@ -941,6 +1078,27 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         ));
     }
     let replicas = raw.replicas as usize;
+    if raw.tiers == 0 || raw.tiers > MAX_TIERS {
+        return Err(at_line(
+            source,
+            "tiers",
+            format!("tiers must be 1 to {MAX_TIERS}, got {}", raw.tiers),
+        ));
+    }
+    if raw.tiers > 1 && raw.provider != ProviderKind::Process {
+        return Err(at_line(
+            source,
+            "tiers",
+            "tiers chain provider processes: they need provider = \"process\"".into(),
+        ));
+    }
+    if replicas > 1 && raw.provider == ProviderKind::Process {
+        return Err(at_line(
+            source,
+            "provider",
+            "provider = \"process\" runs with one service; replicas share the provider's ledger in Postgres instead".into(),
+        ));
+    }
     if replicas > 1 && !params.is_empty() {
         return Err(at_line(
             source,
@@ -975,30 +1133,18 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
             .map(|(p, v)| format!("{}={}", p.name, v.text))
             .collect::<Vec<_>>()
             .join(", ");
+        let here = InCell {
+            source,
+            swept: &swept,
+            cell: &label,
+            provider: raw.provider,
+        };
         let variants = raw
             .variants
             .iter()
-            .map(|v| {
-                variant_in_cell(
-                    source,
-                    v,
-                    &base,
-                    &quick_settings,
-                    raw.traffic.rate,
-                    &swept,
-                    &label,
-                )
-            })
+            .map(|v| variant_in_cell(here, v, &base, &quick_settings, raw.traffic.rate))
             .collect::<Result<Vec<_>, _>>()?;
-        let schedule = schedule_in_cell(
-            source,
-            &raw.schedule,
-            &swept,
-            scale,
-            duration,
-            replicas,
-            &label,
-        )?;
+        let schedule = schedule_in_cell(here, &raw.schedule, scale, duration, replicas)?;
         for variant in &variants {
             check_payment_steps(source, &schedule, variant, &label)?;
         }
@@ -1136,11 +1282,13 @@ pub fn parse(name: &str, source: &str, quick: bool) -> Result<Experiment, String
         hypotheses,
         quick,
         replicas,
-        clock: if replicas > 1 {
+        clock: if replicas > 1 || raw.provider == ProviderKind::Process {
             Clock::Real
         } else {
             Clock::Virtual
         },
+        provider: raw.provider,
+        tiers: raw.tiers as usize,
         sweep: params,
         cells,
         charts,
@@ -1478,6 +1626,135 @@ sweep = { rate = [10] }
         assert!(parse("s", &map, false)
             .unwrap_err()
             .contains("two swept parameters"));
+    }
+
+    const PROCESSES: &str = r#"
+title = "t"
+claim = "c"
+provider = "process"
+tiers = 2
+
+[base]
+PAYMENT_FAILURE_RATE = 1
+RETRY_MAX_ATTEMPTS = 3
+UPSTREAM_RETRY_MAX_ATTEMPTS = 2
+
+[[variants]]
+name = "stall"
+settings = { PROVIDER_FAULT = "stall", PROVIDER_FAULT_RATE = 0.5 }
+
+[traffic]
+rate = 10
+duration = "10s"
+
+[[schedule]]
+at = "2s"
+faults = { rate_limit = 5 }
+payment = { mode = "outage" }
+"#;
+
+    #[test]
+    fn provider_processes_get_the_settings_they_know_and_the_service_the_rest() {
+        let e = parse("x", PROCESSES, false).unwrap();
+        assert_eq!(e.provider, ProviderKind::Process);
+        assert_eq!(e.tiers, 2);
+        assert_eq!(e.clock, Clock::Real, "processes keep the real clock");
+        assert!(e.needs_processes() && !e.needs_postgres());
+        let v = &e.variants[0];
+        let names: Vec<&str> = v
+            .provider_settings
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        // PAYMENT_FAILURE_RATE is both's; RETRY_MAX_ATTEMPTS the service's
+        // alone; the UPSTREAM_* and PROVIDER_* the providers' alone.
+        assert_eq!(
+            names,
+            [
+                "PAYMENT_FAILURE_RATE",
+                "PROVIDER_FAULT",
+                "PROVIDER_FAULT_RATE",
+                "UPSTREAM_RETRY_MAX_ATTEMPTS"
+            ]
+        );
+        assert_eq!(v.config.retry_max_attempts, 3);
+        assert_eq!(v.config.simulator.payment_failure_rate, 1.0);
+        let step = &e.schedule[0];
+        assert_eq!(step.faults, Some(serde_json::json!({ "rate_limit": 5 })));
+        assert_eq!(
+            step.payment_json,
+            Some(serde_json::json!({ "mode": "outage" }))
+        );
+        assert!(step.text.contains("faults"), "{}", step.text);
+        assert!(e.with_clock(Clock::Virtual, false).is_err());
+    }
+
+    #[test]
+    fn what_needs_provider_processes_is_refused_without_them() {
+        for (from, to, hint) in [
+            (
+                "provider = \"process\"\ntiers = 2\n",
+                "",
+                "PROVIDER_FAULT is a setting of the provider process: it needs provider = \"process\"",
+            ),
+            ("tiers = 2", "tiers = 4", "line 5: tiers must be 1 to 3, got 4"),
+            ("tiers = 2", "tiers = 0", "tiers must be 1 to 3"),
+            (
+                "UPSTREAM_RETRY_MAX_ATTEMPTS = 2",
+                "UPSTREAM_URL = \"http://127.0.0.1:1\"",
+                "UPSTREAM_URL cannot be set in an experiment",
+            ),
+            (
+                "UPSTREAM_RETRY_MAX_ATTEMPTS = 2",
+                "UPSTREAM_RETRY_MAX_ATTEMPTS = 0",
+                "the provider: invalid UPSTREAM_RETRY_MAX_ATTEMPTS (or --upstream-retry-max-attempts) value \"0\"",
+            ),
+            (
+                "PROVIDER_FAULT = \"stall\"",
+                "PROVIDER_FAULT = \"melt\"",
+                "PROVIDER_FAULT",
+            ),
+            (
+                "faults = { rate_limit = 5 }",
+                "faults = { rate_limit = 5000000 }",
+                "schedule.faults rate_limit",
+            ),
+            (
+                "faults = { rate_limit = 5 }",
+                "faults = { limit = 5 }",
+                "schedule.faults: unknown field `limit`",
+            ),
+            (
+                "provider = \"process\"",
+                "provider = \"process\"\nreplicas = 2",
+                "provider = \"process\" runs with one service",
+            ),
+            ("provider = \"process\"", "provider = \"remote\"", "unknown variant"),
+            (
+                "RETRY_MAX_ATTEMPTS = 3",
+                "RETRY_ATTEMPTS = 3",
+                "unknown setting RETRY_ATTEMPTS",
+            ),
+        ] {
+            let text = PROCESSES.replace(from, to);
+            let err = parse("x", &text, false).unwrap_err();
+            assert!(err.contains(hint), "{to}: {err}");
+        }
+        // In process, tiers and faults steps are refused too.
+        let in_process = PROCESSES
+            .replace("provider = \"process\"\n", "")
+            .replace(
+                "settings = { PROVIDER_FAULT = \"stall\", PROVIDER_FAULT_RATE = 0.5 }\n",
+                "",
+            )
+            .replace("UPSTREAM_RETRY_MAX_ATTEMPTS = 2\n", "");
+        let err = parse("x", &in_process, false).unwrap_err();
+        assert!(err.contains("tiers chain provider processes"), "{err}");
+        let err = parse("x", &in_process.replace("tiers = 2\n", ""), false).unwrap_err();
+        assert!(
+            err.contains("schedule.faults are the provider process's"),
+            "{err}"
+        );
     }
 
     #[test]

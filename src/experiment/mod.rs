@@ -11,6 +11,7 @@ pub mod charts;
 pub mod figures;
 pub mod file;
 pub mod hypothesis;
+pub mod providers;
 pub mod relay;
 pub mod replicas;
 pub mod report;

@@ -83,10 +83,29 @@ fn keep(logs: &Mutex<VecDeque<String>>, line: String) {
     logs.push_back(line);
 }
 
-/// Starts one replica and waits until it listens.
-async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow::Result<Replica> {
+/// A child process of this binary that has said where it listens.
+pub(super) struct Started {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Its lease owner id, from its log (a service's; empty for others).
+    pub owner: String,
+    pub logs: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Starts `binary args…` with `env` (and nothing else of this process's
+/// environment but PATH) on a free loopback port, and waits until it logs
+/// `listening` with its address (and, when `wants_owner`, its replica id).
+pub(super) async fn start_process(
+    binary: &Path,
+    args: &[&str],
+    name: &str,
+    env: &[(String, String)],
+    listening: &str,
+    wants_owner: bool,
+) -> anyhow::Result<Started> {
     let mut cmd = Command::new(binary);
-    cmd.env_clear()
+    cmd.args(args)
+        .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LISTEN_ADDR", "127.0.0.1:0")
@@ -98,16 +117,17 @@ async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow:
         .kill_on_drop(true);
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("replica {name}: cannot start {}", binary.display()))?;
+        .with_context(|| format!("{name}: cannot start {}", binary.display()))?;
     let logs = Arc::new(Mutex::new(VecDeque::new()));
     let (found, mut found_rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
     let sink = logs.clone();
+    let listening_message = listening.to_owned();
     tokio::spawn(async move {
         let mut lines = stdout.lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "reliability-lab listening" {
+                if v["message"] == listening_message.as_str() {
                     let _ = found.send((true, v["addr"].as_str().unwrap_or("").to_owned()));
                 } else if let Some(owner) = v["replica"].as_str() {
                     let _ = found.send((false, owner.to_owned()));
@@ -126,7 +146,7 @@ async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow:
     });
     let deadline = Instant::now() + START_LIMIT;
     let (mut addr, mut owner) = (None, None);
-    while addr.is_none() || owner.is_none() {
+    while addr.is_none() || (wants_owner && owner.is_none()) {
         tokio::select! {
             got = found_rx.recv() => match got {
                 Some((true, a)) => addr = Some(a),
@@ -136,35 +156,54 @@ async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow:
                     let status = child.wait().await.ok();
                     let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
                     bail!(
-                        "replica {name} exited before it listened ({}):\n{}",
+                        "{name} exited before it listened ({}):\n{}",
                         status.map_or("unknown status".into(), |s| s.to_string()),
                         logs.iter().cloned().collect::<Vec<_>>().join("\n")
                     );
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
-                bail!("replica {name} did not listen within {START_LIMIT:?}");
+                bail!("{name} did not listen within {START_LIMIT:?}");
             }
         }
     }
     let addr: SocketAddr = addr
         .unwrap_or_default()
         .parse()
-        .with_context(|| format!("replica {name}: the address it logged"))?;
-    Ok(Replica {
-        name,
+        .with_context(|| format!("{name}: the address it logged"))?;
+    Ok(Started {
         child,
         addr,
         owner: owner.unwrap_or_default(),
+        logs,
+    })
+}
+
+/// Starts one replica and waits until it listens.
+async fn spawn(binary: &Path, name: String, env: &[(String, String)]) -> anyhow::Result<Replica> {
+    let started = start_process(
+        binary,
+        &[],
+        &format!("replica {name}"),
+        env,
+        "reliability-lab listening",
+        true,
+    )
+    .await?;
+    Ok(Replica {
+        name,
+        child: started.child,
+        addr: started.addr,
+        owner: started.owner,
         samples: Vec::new(),
         last_seq: 0,
-        logs,
+        logs: started.logs,
         alive: true,
     })
 }
 
 /// One HTTP/1.1 request to a replica; its status and body.
-async fn request(
+pub(super) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -289,7 +328,7 @@ fn summed(replicas: &[Replica], rate: fn(&Sample) -> f64) -> u64 {
         .round() as u64
 }
 
-fn sigterm(child: &Child) {
+pub(super) fn sigterm(child: &Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         // SAFETY: kill(2) with a pid we spawned and have not reaped.
         unsafe {
@@ -660,5 +699,7 @@ async fn record(
             .map(|r| (r.name.clone(), r.samples.clone()))
             .collect(),
         takeover,
+        tiers: Vec::new(),
+        client: None,
     })
 }

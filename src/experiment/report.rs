@@ -165,6 +165,21 @@ impl Settings {
                 String::new()
             }
         )];
+        if e.provider == super::file::ProviderKind::Process {
+            paragraphs.push(if e.tiers == 1 {
+                "The provider: a `reliability-lab provider` process of its own, charged over \
+                 HTTP on loopback (the service's `PAYMENT_URL`); the settings it knows go to it."
+                    .to_owned()
+            } else {
+                format!(
+                    "The provider: a chain of {} `reliability-lab provider` processes, charged \
+                     over HTTP on loopback: the service calls provider 1, and each provider \
+                     charges by calling the next (`UPSTREAM_URL`, its own retry and breaker); \
+                     the last one charges. Every provider gets the settings it knows.",
+                    e.tiers
+                )
+            });
+        }
         if !e.base.is_empty() {
             paragraphs.push(format!("Base: {}.", code(&e.base)));
         }

@@ -12,8 +12,9 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use super::figures::{self, FaultWindow, Figures, RunRecord};
-use super::file::{Clock, Experiment, FaultMark, Step, Variant};
+use super::file::{Clock, Experiment, FaultMark, ProviderKind, Step, Variant};
 use super::hypothesis::Scope;
+use super::providers::Chain;
 use super::sweep::Param;
 use crate::app::{App, AppHandles};
 use crate::lab::{LoadOutcomes, LoadPlan};
@@ -93,12 +94,17 @@ pub enum Progress {
 
 /// Runs one variant of one cell. Built `in_memory`, the service serves
 /// over in-memory connections only (what a paused clock needs).
+///
+/// With provider processes (`provider = "process"`), `binary` is the
+/// program they are started from.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_variant(
     experiment: &Experiment,
     cell: usize,
     variant: &Variant,
     database_url: Option<&str>,
     in_memory: bool,
+    binary: Option<&Path>,
     report: Progress,
     progress: &mut (dyn Write + Send),
 ) -> anyhow::Result<VariantResult> {
@@ -111,6 +117,23 @@ pub async fn run_variant(
     config.load_duration = None;
     // The whole run and its drain stay in the ring.
     config.timeline_retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
+    let chain = match experiment.provider {
+        ProviderKind::InProcess => None,
+        ProviderKind::Process => {
+            let binary =
+                binary.context("provider processes need this program's executable to start")?;
+            let chain = Chain::start(
+                binary,
+                experiment.tiers,
+                &variant.provider_settings,
+                experiment.seed,
+            )
+            .await
+            .with_context(|| format!("variant {}: the providers did not start", variant.name))?;
+            config.payment_url = Some(chain.url());
+            Some(chain)
+        }
+    };
     let mut builder = App::builder(config);
     if in_memory {
         builder = builder.in_memory();
@@ -160,6 +183,9 @@ pub async fn run_variant(
         }
         while let Some(step) = steps.next_if(|s| start + s.at <= now) {
             apply(step, &h)?;
+            if let Some(chain) = &chain {
+                chain.apply(step).await?;
+            }
             let mark = (h.instruments.feed.clock(), failed.snapshot());
             match step.fault {
                 Some(FaultMark::Start) => fault_start = Some(mark),
@@ -200,6 +226,17 @@ pub async fn run_variant(
     // Wait for one more sample so the timeline covers the drain.
     tokio::time::sleep(h.instruments.timeline.interval() * 2).await;
 
+    let tiers = match &chain {
+        Some(chain) => chain.readings().await?,
+        None => Vec::new(),
+    };
+    let client = chain.as_ref().map(|_| h.metrics.payment_client().reading());
+    let mut totals = h.metrics.totals();
+    if let Some(bottom) = tiers.last() {
+        // Money moves at the bottom of the chain.
+        totals.charges = bottom.charges;
+        totals.duplicate_charges = bottom.duplicate_charges;
+    }
     let (probes, half_open_windows) = h.reliability.breaker().probe_counts();
     let fault = fault_start.as_ref().map(|(t, _)| FaultWindow {
         start: *t,
@@ -219,8 +256,10 @@ pub async fn run_variant(
             .iter()
             .map(|s| (**s).clone())
             .collect(),
-        totals: h.metrics.totals(),
-        payment_calls: h.payment.calls(),
+        totals,
+        // The calls the provider received: the in-process simulator's, or
+        // the top provider's.
+        payment_calls: tiers.first().map_or(h.payment.calls(), |t| t.requests),
         probes,
         half_open_windows,
         latency: completed
@@ -231,6 +270,8 @@ pub async fn run_variant(
         fault,
         replicas: Vec::new(),
         takeover: None,
+        tiers,
+        client,
     };
     let ran_for = start.elapsed();
     let _ = stop.send(());
@@ -238,6 +279,9 @@ pub async fn run_variant(
         .await
         .context("the service task failed")?
         .context("the service stopped on an error")?;
+    if let Some(chain) = chain {
+        chain.stop(progress).await;
+    }
     let figures = figures::compute(&record);
     Ok(VariantResult {
         name: variant.name.clone(),
@@ -387,8 +431,8 @@ pub async fn run_using(
     progress: &mut (dyn Write + Send),
 ) -> anyhow::Result<Outcome> {
     // The virtual clock is for the memory store: Postgres's pool times out
-    // by the wall clock, and replicas are processes.
-    if experiment.clock == Clock::Virtual && database_url.is_none() && !experiment.needs_postgres()
+    // by the wall clock, and replicas and providers are processes.
+    if experiment.clock == Clock::Virtual && database_url.is_none() && !experiment.needs_processes()
     {
         let (variants, speed) = super::simulated::run_all(experiment, threads, progress).await?;
         let verdicts = judge(experiment, &variants);
@@ -429,6 +473,7 @@ pub async fn run_using(
                     variant,
                     database_url,
                     false,
+                    Some(binary),
                     Progress::Periodic,
                     progress,
                 )

@@ -83,6 +83,7 @@ pub fn run_one(
             variant,
             None,
             true,
+            None,
             Progress::Quiet,
             progress,
         )

@@ -221,7 +221,9 @@ impl Sources {
         Reading {
             at: Instant::now(),
             totals: self.metrics.totals(),
-            payment_calls: self.payment.calls(),
+            // The in-process simulator's calls, or the remote client's
+            // attempts (only one of them is used).
+            payment_calls: self.payment.calls() + self.metrics.payment_client().reading().attempts,
             breaker: self.reliability.breaker().snapshot(),
             queue_depth: self.queue.depth(),
             busy_workers: self.queue.busy(),

@@ -130,7 +130,7 @@ pub fn provider_metrics(registry: &Registry) -> ProviderMetrics {
 
 /// The remote payment client's figures (`PAYMENT_URL`): registered whether
 /// or not the client is in use, so every series exists at 0 from startup.
-fn client_metrics(registry: &Registry) -> ClientMetrics {
+pub(crate) fn client_metrics(registry: &Registry) -> ClientMetrics {
     let connect_errors = counter_vec(
         registry,
         "payment_client_connect_errors_total",
@@ -807,7 +807,7 @@ pub struct ReliabilityMetrics {
 }
 
 impl ReliabilityMetrics {
-    fn register(registry: &Registry) -> Self {
+    pub(crate) fn register(registry: &Registry) -> Self {
         let retries = counter_vec(
             registry,
             "retry_attempts_total",

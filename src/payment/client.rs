@@ -49,6 +49,18 @@ use super::{ChargeRequest, PaymentError};
 /// The largest answer read from the provider.
 const ANSWER_LIMIT: usize = 64 * 1024;
 
+/// What the per-attempt timeout (`PAYMENT_TIMEOUT`) bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimeoutScope {
+    /// The wait for a connection, the connect, the request and the whole
+    /// answer: what a caller's deadline means (the default).
+    Attempt,
+    /// The exchange only, from the moment the attempt holds a connection;
+    /// the wait for one is unbounded. An attempt then never dies waiting,
+    /// but it may wait as long as the pool stays dry.
+    Exchange,
+}
+
 /// How the client reaches the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
@@ -60,6 +72,9 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// A pooled connection unused this long is closed.
     pub idle_timeout: Duration,
+    /// Whether a busy answer's `Retry-After` is passed on to the retry
+    /// (`PAYMENT_RETRY_AFTER`); off, it is read and dropped.
+    pub honour_retry_after: bool,
 }
 
 /// The client's own figures.
@@ -98,6 +113,44 @@ impl ClientMetrics {
         "connection_lost",
         "abandoned",
     ];
+}
+
+/// The client's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientReading {
+    /// Attempts made (ended, whatever their outcome).
+    pub attempts: u64,
+    /// Attempts that found every connection busy and waited for one.
+    pub waits: u64,
+    /// Attempts abandoned by their timeout while waiting for a connection,
+    /// and once in the exchange.
+    pub abandoned_waiting: u64,
+    pub abandoned_exchange: u64,
+    /// Attempts whose charge may or may not have been made.
+    pub ambiguous: u64,
+}
+
+impl ClientMetrics {
+    pub fn reading(&self) -> ClientReading {
+        let count = |vec: &IntCounterVec, label: &str| vec.with_label_values(&[label]).get();
+        ClientReading {
+            attempts: Self::OUTCOMES
+                .iter()
+                .map(|o| {
+                    self.attempt_seconds
+                        .with_label_values(&[o])
+                        .get_sample_count()
+                })
+                .sum(),
+            waits: self.waits.get(),
+            abandoned_waiting: count(&self.abandoned, "waiting_for_connection"),
+            abandoned_exchange: count(&self.abandoned, "exchange"),
+            ambiguous: Self::AMBIGUOUS_CAUSES
+                .iter()
+                .map(|c| count(&self.ambiguous, c))
+                .sum(),
+        }
+    }
 }
 
 /// A connection that counts itself in `open` while it lives.
@@ -269,6 +322,7 @@ pub struct HttpPayments {
     url: String,
     permits: Arc<Semaphore>,
     max_connections: u32,
+    honour_retry_after: bool,
     metrics: ClientMetrics,
 }
 
@@ -296,6 +350,7 @@ impl HttpPayments {
             url,
             permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
             max_connections: settings.max_connections,
+            honour_retry_after: settings.honour_retry_after,
             metrics,
         })
     }
@@ -321,6 +376,18 @@ impl HttpPayments {
         &self,
         request: &ChargeRequest,
         cancel: &CancellationToken,
+    ) -> Result<(), PaymentError> {
+        self.charge_within(request, cancel, None).await
+    }
+
+    /// `charge`, with the exchange (not the wait for a connection) bounded
+    /// by `exchange_timeout` when given: past it the attempt is abandoned
+    /// as a caller's timeout would abandon it, and answers `Timeout`.
+    pub async fn charge_within(
+        &self,
+        request: &ChargeRequest,
+        cancel: &CancellationToken,
+        exchange_timeout: Option<Duration>,
     ) -> Result<(), PaymentError> {
         let metrics = &self.metrics;
         let mut attempt = Attempt {
@@ -368,7 +435,18 @@ impl HttpPayments {
                 Err(err) => Err(classify_send_error(&err, metrics)),
             }
         };
-        let result = tokio::select! {
+        let exchange = async {
+            match exchange_timeout {
+                None => exchange.await,
+                // Left unfinished, `attempt` counts itself abandoned in the
+                // exchange when it is dropped, as a caller's timeout would.
+                Some(limit) => match tokio::time::timeout(limit, exchange).await {
+                    Ok(result) => result,
+                    Err(_) => Err(PaymentError::Timeout(limit)),
+                },
+            }
+        };
+        let mut result = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
                 attempt.phase = Phase::Done;
@@ -376,6 +454,16 @@ impl HttpPayments {
             }
             result = exchange => result,
         };
+        if matches!(result, Err(PaymentError::Timeout(_))) {
+            // The exchange ran out of time: `attempt`, dropped unfinished,
+            // counts it abandoned (and ambiguous: the request went out).
+            return result;
+        }
+        if !self.honour_retry_after {
+            if let Err(PaymentError::Busy { retry_after, .. }) = &mut result {
+                *retry_after = None;
+            }
+        }
         let outcome = match &result {
             Ok(()) => "ok",
             Err(PaymentError::Refused { .. }) => "refused",

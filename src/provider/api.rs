@@ -18,6 +18,7 @@ use tower::ServiceExt as _;
 use utoipa::OpenApi;
 
 use super::faults::{Fault, FaultUpdate, FaultView, Verdict};
+use super::upstream::{Unserved, Upstream};
 use super::ProviderState;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::JsonBody;
@@ -41,6 +42,9 @@ pub(crate) struct ProviderServiceMetrics {
     pub faults: IntCounterVec,
     /// Charge calls refused by the rate limit.
     pub rate_limited: IntCounter,
+    /// Every charge call received, whatever became of it (the calls this
+    /// tier saw, in a chain).
+    pub requests: IntCounter,
 }
 
 impl ProviderServiceMetrics {
@@ -77,6 +81,14 @@ impl ProviderServiceMetrics {
         registry
             .register(Box::new(rate_limited.clone()))
             .expect("unique metric");
+        let requests = IntCounter::new(
+            "provider_requests_total",
+            "Charge calls received (POST /charges with a valid body), whatever became of them: faults, rate limit and forwarded calls included.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("unique metric");
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -88,7 +100,13 @@ impl ProviderServiceMetrics {
             failures,
             faults,
             rate_limited,
+            requests,
         }
+    }
+
+    /// Where the provider's other figures register (an upstream's client).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     fn render(&self) -> Result<String, prometheus::Error> {
@@ -211,8 +229,8 @@ pub(crate) struct ChargeBody {
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "A field is missing or invalid", body = ErrorBody),
         (status = 429, description = "Over PROVIDER_RATE_LIMIT; see Retry-After", body = ErrorBody),
-        (status = 502, description = "Declined (simulated); another attempt draws anew", body = ErrorBody),
-        (status = 503, description = "An outage, or no free slot (then with Retry-After)", body = ErrorBody),
+        (status = 502, description = "Declined (simulated); another attempt draws anew. With an upstream: not charged below (a failure, a lost answer or a timeout there)", body = ErrorBody),
+        (status = 503, description = "An outage, or no free slot (then with Retry-After). With an upstream: its breaker is open, or the downstream is busy (then with Retry-After)", body = ErrorBody),
     ))]
 async fn create_charge(
     State(state): State<Shared>,
@@ -242,6 +260,7 @@ async fn create_charge(
         currency: currency.as_str().to_owned(),
     };
     let metrics = &state.metrics;
+    metrics.requests.inc();
     let reset = reset.map(|Extension(r)| r);
     let fault = match state.faults.verdict() {
         Verdict::Limited(secs) => {
@@ -276,11 +295,13 @@ async fn create_charge(
         }
         _ => {}
     }
-    let charged = state.simulator.charge(&request, &state.stop).await;
-    match charged {
-        Ok(()) => {}
-        Err(PaymentError::Ambiguous) => return reset_now(reset.as_ref(), &state).await,
-        Err(err) => return Err(failure(&state, err)),
+    match &state.upstream {
+        Some(upstream) => forward(&state, upstream, &request, key.as_deref()).await?,
+        None => match state.simulator.charge(&request, &state.stop).await {
+            Ok(()) => {}
+            Err(PaymentError::Ambiguous) => return reset_now(reset.as_ref(), &state).await,
+            Err(err) => return Err(failure(&state, err)),
+        },
     }
     if fault == Some(Fault::ResetAfter) {
         staged(Fault::ResetAfter);
@@ -298,6 +319,63 @@ async fn create_charge(
         ));
     }
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// A tier in the middle: the key's charge if this tier has one, else a
+/// charge made below (through this tier's retry and breaker) and recorded
+/// here. What could not be charged below is answered so that the caller
+/// can classify it (see `upstream`).
+async fn forward(
+    state: &ProviderState,
+    upstream: &Upstream,
+    request: &ChargeRequest,
+    key: Option<&str>,
+) -> Result<(), ApiError> {
+    let ledger = state.simulator.ledger();
+    let key = key.filter(|k| state.simulator.view().idempotency && !k.is_empty());
+    if let Some(key) = key {
+        if ledger.by_key(key).await?.is_some() {
+            return Ok(());
+        }
+    }
+    match upstream.charge(request, &state.stop).await {
+        Ok(()) => {
+            let recorded = ledger.record(request, key).await?;
+            if recorded.new_charge {
+                state.metrics.provider.charges.inc();
+                if recorded.earlier_charges > 0 {
+                    state.metrics.provider.duplicate_charges.inc();
+                }
+            }
+            Ok(())
+        }
+        Err(unserved) => {
+            state.metrics.failures.inc();
+            Err(match unserved {
+                Unserved::Open(reason) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_open",
+                    format!(
+                        "not charged: {reason} (this tier's breaker, in front of {})",
+                        upstream.url()
+                    ),
+                ),
+                Unserved::Busy(wait) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_busy",
+                    "not charged: the downstream provider is busy; try again after Retry-After",
+                )
+                .with_retry_after(
+                    wait.map_or(1, |w| u32::try_from(w.as_secs().max(1)).unwrap_or(u32::MAX)),
+                ),
+                Unserved::Failed(reason) => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("not charged below: {reason}"),
+                ),
+            })
+        }
+    }
 }
 
 /// The charge a successful call made or found.

@@ -18,10 +18,12 @@
 //! - `blackhole` mode: no answer (as `stall`).
 //!
 //! Its ledger is its own: in memory, or in Postgres with
-//! `PAYMENT_LEDGER_URL`.
+//! `PAYMENT_LEDGER_URL`. With `--upstream URL` it is a tier in the middle
+//! of a chain: it charges by calling that provider (`upstream`).
 
 mod api;
 pub mod faults;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -44,6 +46,7 @@ use crate::payment::{Ledger, MemoryLedger, PostgresLedger, Simulator};
 use crate::transport::Listener;
 
 use faults::{Fault, FaultSettings, FaultUpdate, Faults};
+use upstream::{Upstream, UpstreamArgs};
 
 fn slow_body_chunk(raw: &str) -> Result<u32, String> {
     match raw.trim().parse::<u32>() {
@@ -115,6 +118,9 @@ pub struct ProviderConfig {
     pub provider_rate_limit: u32,
 
     #[command(flatten)]
+    pub upstream: UpstreamArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -128,6 +134,18 @@ impl ProviderConfig {
             .try_get_matches_from(["reliability-lab provider"])
             .expect("the defaults parse");
         Self::from_arg_matches(&matches).expect("the defaults parse")
+    }
+
+    /// The defaults with `settings` applied, each named by its environment
+    /// variable (for an experiment's provider processes): an unknown name
+    /// or a bad value is one line naming it.
+    pub fn from_settings<'a>(
+        settings: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
+        let config: Self = crate::config::parse_settings("reliability-lab provider", settings)?;
+        config.simulator.validate()?;
+        config.upstream.validate()?;
+        Ok(config)
     }
 
     pub fn faults(&self) -> FaultSettings {
@@ -164,7 +182,11 @@ pub async fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(line) = config.simulator.validate() {
+    if let Err(line) = config
+        .simulator
+        .validate()
+        .and_then(|()| config.upstream.validate())
+    {
         eprintln!("reliability-lab provider: {line}");
         return ExitCode::from(2);
     }
@@ -213,6 +235,8 @@ pub(crate) struct ProviderState {
     pub stop: CancellationToken,
     /// Numbers the calls that name no attempt, so each draws anew.
     pub calls: std::sync::atomic::AtomicU32,
+    /// With `--upstream`: where charges are made instead of here.
+    pub upstream: Option<Upstream>,
 }
 
 /// A provider bound to its address, ready to run.
@@ -261,6 +285,14 @@ impl Provider {
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        let upstream =
+            Upstream::new(&config.upstream, metrics.registry()).map_err(anyhow::Error::msg)?;
+        if let Some(upstream) = &upstream {
+            tracing::info!(
+                url = upstream.url(),
+                "charging through the upstream provider"
+            );
+        }
         let (go_down, down) = mpsc::unbounded_channel();
         let state = Arc::new(ProviderState {
             simulator: Arc::new(simulator),
@@ -270,6 +302,7 @@ impl Provider {
             go_down,
             stop: CancellationToken::new(),
             calls: std::sync::atomic::AtomicU32::new(0),
+            upstream,
         });
         if state.admin_token.is_none() {
             tracing::warn!(

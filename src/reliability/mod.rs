@@ -207,6 +207,11 @@ impl Reliability {
         &self.breaker
     }
 
+    /// The calls one `call` makes at most, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.retry.max_attempts
+    }
+
     /// Calls `op` through the breaker, retrying transient failures.
     ///
     /// `op` builds a fresh future for each attempt; the future runs only if

@@ -37,7 +37,7 @@ use crate::observability::access_log;
 use crate::observability::metrics::{PaymentCallMetrics, WorkerMetrics};
 use crate::observability::Metrics;
 use crate::orders::{Order, OrderError, OrderId, Service, Status, StatusChange};
-use crate::payment::client::HttpPayments;
+use crate::payment::client::{HttpPayments, TimeoutScope};
 use crate::payment::{ChargeRequest, PaymentError, Simulator};
 use crate::reliability::{CallError, Classify, Reliability};
 
@@ -96,6 +96,8 @@ pub struct OrderProcessor {
     payment: Arc<Simulator>,
     /// With `PAYMENT_URL`: charges go there instead of to `payment`.
     remote: Option<Arc<HttpPayments>>,
+    /// What `timeout` bounds for a remote charge.
+    timeout_scope: TimeoutScope,
     reliability: Reliability,
     jobs: WorkerMetrics,
     calls: PaymentCallMetrics,
@@ -118,6 +120,7 @@ impl OrderProcessor {
             service,
             payment,
             remote: None,
+            timeout_scope: TimeoutScope::Attempt,
             reliability,
             jobs: metrics.workers(),
             calls: metrics.payment_calls(),
@@ -134,9 +137,11 @@ impl OrderProcessor {
         self
     }
 
-    /// Charges through a remote provider instead of the in-process simulator.
-    pub fn with_remote(mut self, remote: Option<Arc<HttpPayments>>) -> Self {
+    /// Charges through a remote provider instead of the in-process
+    /// simulator, its timeout covering `scope`.
+    pub fn with_remote(mut self, remote: Option<Arc<HttpPayments>>, scope: TimeoutScope) -> Self {
         self.remote = remote;
+        self.timeout_scope = scope;
         self
     }
 
@@ -160,19 +165,29 @@ impl OrderProcessor {
             order.amount.value(),
             order.currency.as_str(),
         );
-        let call = async {
-            match &self.remote {
-                Some(remote) => remote.charge(&request, cancel).await,
-                None => self.payment.charge(&request, cancel).await,
+        let result = match &self.remote {
+            // PAYMENT_TIMEOUT_SCOPE=exchange: the client bounds the exchange
+            // itself, once it holds a connection.
+            Some(remote) if self.timeout_scope == TimeoutScope::Exchange => {
+                remote
+                    .charge_within(&request, cancel, Some(self.timeout))
+                    .await
+            }
+            remote => {
+                let call = async {
+                    match remote {
+                        Some(remote) => remote.charge(&request, cancel).await,
+                        None => self.payment.charge(&request, cancel).await,
+                    }
+                };
+                tokio::time::timeout(self.timeout, call)
+                    .await
+                    .unwrap_or(Err(PaymentError::Timeout(self.timeout)))
             }
         };
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.calls.timeout();
-                Err(PaymentError::Timeout(self.timeout))
-            }
-        };
+        if matches!(result, Err(PaymentError::Timeout(_))) {
+            self.calls.timeout();
+        }
         if let Err(err) = &result {
             if err.counts_as_failure() {
                 self.calls.failure();

@@ -643,12 +643,21 @@ async fn replicas_quick(
     name: &str,
     db: &crate::helpers::TestDb,
 ) -> (experiment::run::Outcome, String, String) {
+    processes_quick(name, Some(&db.url)).await
+}
+
+/// Runs a shipped experiment whose services or providers are processes of
+/// the debug binary, quick: its outcome, its report and its progress lines.
+async fn processes_quick(
+    name: &str,
+    database_url: Option<&str>,
+) -> (experiment::run::Outcome, String, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/{name}.toml"));
     let e = experiment::load(&path, true).unwrap();
     let mut progress = Vec::new();
     let outcome = experiment::run::run_using(
         &e,
-        Some(&db.url),
+        database_url,
         Path::new(env!("CARGO_BIN_EXE_reliability-lab")),
         1,
         &mut progress,
@@ -727,6 +736,58 @@ async fn the_crash_experiments_claims_hold_with_two_replica_processes_on_postgre
         "{progress}"
     );
     db.destroy().await;
+}
+
+/// An experiment whose provider is a chain of processes: its claims hold,
+/// and what it read from each provider's /metrics adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tiers_experiments_claims_hold_with_a_chain_of_provider_processes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (outcome, report, _) = processes_quick("tiers", None).await;
+    assert!(outcome.passed(), "{}\n{report}", failed_claims(&outcome));
+    assert!(report.contains("a chain of 2 `reliability-lab provider` processes"));
+    let every = outcome.result("every_tier", 0).unwrap();
+    let figure = |name: &str| every.figures[name].unwrap();
+    assert_eq!(figure("calls_tier2"), 3.0 * figure("calls_tier1"));
+    assert_eq!(figure("payment_calls"), figure("calls_tier1"));
+    assert_eq!(every.figures["calls_tier3"], None, "two tiers only");
+    // The service's own timeline counts its attempts across the network.
+    let attempts: f64 = every
+        .record
+        .samples
+        .iter()
+        .map(|s| s.payment_calls_per_s * s.interval)
+        .sum();
+    assert!(
+        (attempts - figure("calls_tier1")).abs() <= 1.0,
+        "timeline {attempts}, provider {}",
+        figure("calls_tier1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_faults_experiments_claims_hold_over_real_sockets() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (outcome, report, _) = processes_quick("network-faults", None).await;
+    assert!(outcome.passed(), "{}\n{report}", failed_claims(&outcome));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_exhaustion_experiments_claims_hold_over_real_sockets() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (outcome, report, _) = processes_quick("pool-exhaustion", None).await;
+    assert!(outcome.passed(), "{}\n{report}", failed_claims(&outcome));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_after_experiments_claims_hold_with_a_squeezed_provider() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (outcome, report, _) = processes_quick("retry-after", None).await;
+    assert!(outcome.passed(), "{}\n{report}", failed_claims(&outcome));
+    assert!(
+        report.contains("- at 3s: fault starts, faults { rate_limit = 5 }"),
+        "the schedule's fault steps are reported\n{report}"
+    );
 }
 
 #[test]

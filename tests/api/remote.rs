@@ -493,6 +493,7 @@ fn client(
             max_connections,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
+            honour_retry_after: true,
         },
         lab_metrics.payment_client(),
     )
@@ -750,4 +751,266 @@ async fn bad_input_to_the_provider_is_a_4xx_naming_the_field() {
     ] {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
+}
+
+/// A chain service → provider 1 → provider 2: provider 1 charges by calling
+/// provider 2 through its own retry. With the bottom declining everything,
+/// three attempts at each tier make nine calls there for one order; once
+/// it charges, the charge is made once at the bottom and recorded in the
+/// middle, which then answers its key without calling down.
+#[tokio::test]
+async fn a_chain_multiplies_attempts_at_each_tier_and_charges_once_at_the_bottom() {
+    let bottom = RunningProvider::start(|c| c.simulator.payment_failure_rate = 1.0).await;
+    let bottom_url = bottom.url.clone();
+    let middle = RunningProvider::start(move |c| {
+        c.upstream.upstream_url = Some(bottom_url);
+        c.upstream.upstream_retry_max_attempts = 3;
+        c.upstream.upstream_retry_initial_interval = Duration::from_millis(5);
+        c.upstream.upstream_retry_max_interval = Duration::from_millis(20);
+        c.upstream.upstream_breaker_enabled = false;
+    })
+    .await;
+    let lab = Lab::new(lab_options(&middle, 3, Duration::from_millis(5))).await;
+    let declined = lab.post_order().await;
+    let declined = settle(&lab, declined.id).await;
+    assert_eq!(declined.status, Status::Failed);
+    assert_eq!(declined.attempts, 3);
+    assert!(
+        declined
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("(502): not charged below"),
+        "{:?}",
+        declined.last_error
+    );
+    let (top, below) = (middle.metrics().await, bottom.metrics().await);
+    assert_eq!(metric(&top, "provider_requests_total"), 3.0);
+    assert_eq!(metric(&below, "provider_requests_total"), 9.0);
+    assert_eq!(
+        metric(&top, "retry_attempts_total{result=\"retried\"}"),
+        6.0
+    );
+    assert_eq!(
+        metric(
+            &top,
+            "payment_client_attempt_duration_seconds_count{outcome=\"failed\"}"
+        ),
+        9.0
+    );
+
+    // The bottom recovers: one charge there, recorded in the middle too.
+    reqwest::Client::new()
+        .put(format!("{}/admin/payment", bottom.url))
+        .header("content-type", "application/json")
+        .body(r#"{"failure_rate":0}"#)
+        .send()
+        .await
+        .unwrap();
+    let paid = lab.post_order().await;
+    let paid = settle(&lab, paid.id).await;
+    assert_eq!(paid.status, Status::Completed, "{:?}", paid.last_error);
+    let at_bottom = bottom
+        .charge_of(paid.id)
+        .await
+        .expect("charged at the bottom");
+    let in_middle = middle
+        .charge_of(paid.id)
+        .await
+        .expect("recorded in the middle");
+    assert_eq!(in_middle["order_id"], at_bottom["order_id"]);
+    assert_eq!(
+        metric(&bottom.metrics().await, "payment_charges_total"),
+        1.0
+    );
+    // The key again, straight to the middle: answered there, nothing below.
+    let calls_below = metric(&bottom.metrics().await, "provider_requests_total");
+    let again = reqwest::Client::new()
+        .post(format!("{}/charges", middle.url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", ChargeRequest::key_for(paid.id))
+        .body(format!(
+            r#"{{"order_id":"{}","amount":1999,"currency":"USD"}}"#,
+            paid.id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        metric(&bottom.metrics().await, "provider_requests_total"),
+        calls_below
+    );
+    assert_eq!(
+        metric(&middle.metrics().await, "payment_charges_total"),
+        1.0
+    );
+}
+
+/// What a tier in the middle answers when it cannot charge below: its own
+/// open breaker is a 503 without Retry-After (the downstream was not
+/// called), a busy downstream a 503 with the downstream's Retry-After, a
+/// failure below a 502.
+#[tokio::test]
+async fn a_tier_in_the_middle_answers_so_that_its_caller_can_tell_why() {
+    let http = reqwest::Client::new();
+    let charge = |url: String| {
+        let http = http.clone();
+        async move {
+            let answer = http
+                .post(format!("{url}/charges"))
+                .header("content-type", "application/json")
+                .header("idempotency-key", format!("k-{}", OrderId::new_random()))
+                .body(format!(
+                    r#"{{"order_id":"{}","amount":100,"currency":"USD"}}"#,
+                    OrderId::new_random()
+                ))
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            let retry_after = answer
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value = answer.json().await.unwrap();
+            (status, retry_after, body["error"]["code"].clone())
+        }
+    };
+    let declining = RunningProvider::start(|c| c.simulator.payment_failure_rate = 1.0).await;
+    let url = declining.url.clone();
+    let breaking = RunningProvider::start(move |c| {
+        c.upstream.upstream_url = Some(url);
+        c.upstream.upstream_retry_max_attempts = 1;
+        c.upstream.upstream_breaker_failure_threshold = 2;
+        c.upstream.upstream_breaker_open_duration = Duration::from_secs(60);
+    })
+    .await;
+    for _ in 0..2 {
+        let (status, retry_after, code) = charge(breaking.url.clone()).await;
+        assert_eq!((status, retry_after), (502, None));
+        assert_eq!(code, "upstream_failed");
+    }
+    let (status, retry_after, code) = charge(breaking.url.clone()).await;
+    assert_eq!((status, retry_after), (503, None));
+    assert_eq!(code, "upstream_open");
+    assert_eq!(
+        metric(&declining.metrics().await, "provider_requests_total"),
+        2.0,
+        "the open breaker did not call down"
+    );
+    let text = breaking.metrics().await;
+    assert_eq!(
+        metric(&text, "circuit_breaker_rejections_total{kind=\"open\"}"),
+        1.0,
+        "{text}"
+    );
+
+    let limited = RunningProvider::start(|c| c.provider_rate_limit = 1).await;
+    let url = limited.url.clone();
+    let relaying = RunningProvider::start(move |c| {
+        c.upstream.upstream_url = Some(url);
+        c.upstream.upstream_retry_max_attempts = 1;
+    })
+    .await;
+    let (status, _, _) = charge(relaying.url.clone()).await;
+    assert_eq!(status, 200);
+    let (status, retry_after, code) = charge(relaying.url.clone()).await;
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
+    assert_eq!(code, "upstream_busy");
+}
+
+/// PAYMENT_RETRY_AFTER=off: a busy answer's Retry-After is read and
+/// dropped, so the retry waits its own backoff.
+#[tokio::test]
+async fn a_client_told_to_ignore_retry_after_drops_it() {
+    let provider = RunningProvider::start(|c| c.provider_rate_limit = 1).await;
+    let metrics = reliability_lab::observability::Metrics::new();
+    let cancel = CancellationToken::new();
+    for (honour, expected) in [(true, Some(Duration::from_secs(1))), (false, None)] {
+        let payments = HttpPayments::new(
+            &ClientSettings {
+                url: provider.url.clone(),
+                max_connections: 2,
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(30),
+                honour_retry_after: honour,
+            },
+            metrics.payment_client(),
+        )
+        .unwrap();
+        // One call a second is allowed: of a few in a row, all but the
+        // first in each second are over the limit.
+        let mut busy = None;
+        for _ in 0..5 {
+            let request = ChargeRequest::for_order(OrderId::new_random(), 1, 500, "EUR");
+            if let Err(err) = payments.charge(&request, &cancel).await {
+                busy = Some(err);
+                break;
+            }
+        }
+        assert_eq!(
+            busy,
+            Some(PaymentError::Busy {
+                status: 429,
+                retry_after: expected
+            })
+        );
+    }
+}
+
+/// PAYMENT_TIMEOUT_SCOPE=exchange: an attempt's timeout starts once it
+/// holds a connection, so one that waited longer than the timeout for the
+/// pool is still served; an exchange longer than the timeout is abandoned
+/// (counted as the caller's timeout would count it).
+#[tokio::test]
+async fn a_timeout_on_the_exchange_alone_never_ends_an_attempt_waiting_for_the_pool() {
+    let provider = RunningProvider::start(|c| {
+        c.simulator.payment_latency_min = Duration::from_millis(400);
+        c.simulator.payment_latency_max = Duration::from_millis(400);
+    })
+    .await;
+    let metrics = reliability_lab::observability::Metrics::new();
+    let payments = std::sync::Arc::new(client(&provider.url, 1, &metrics));
+    let cancel = CancellationToken::new();
+    let attempt = |limit: Duration| {
+        let (payments, cancel) = (payments.clone(), cancel.clone());
+        async move {
+            let request = ChargeRequest::for_order(OrderId::new_random(), 1, 500, "EUR");
+            payments.charge_within(&request, &cancel, Some(limit)).await
+        }
+    };
+    // One connection, exchanges of 400 ms: the third waits ~700 ms for
+    // it, longer than its 500 ms bound, and is served all the same.
+    let first = tokio::spawn(attempt(Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(attempt(Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = tokio::spawn(attempt(Duration::from_millis(500)));
+    assert_eq!(first.await.unwrap(), Ok(()));
+    assert_eq!(second.await.unwrap(), Ok(()));
+    assert_eq!(third.await.unwrap(), Ok(()), "served after waiting");
+    // An exchange that outlasts its bound is abandoned, ambiguously.
+    let fourth = attempt(Duration::from_millis(100)).await;
+    assert_eq!(
+        fourth,
+        Err(PaymentError::Timeout(Duration::from_millis(100)))
+    );
+    let text = metrics.render().unwrap();
+    assert_eq!(metric(&text, "payment_client_connection_waits_total"), 2.0);
+    assert_eq!(
+        metric(&text, "payment_client_abandoned_total{phase=\"exchange\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "payment_client_ambiguous_total{cause=\"timeout\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "payment_client_abandoned_total{phase=\"waiting_for_connection\"}"
+        ),
+        0.0
+    );
 }
