@@ -379,6 +379,7 @@ impl AppBuilder {
             service,
             dispatcher,
             payment,
+            remote,
             reliability,
             metrics,
             profiler: Arc::new(Profiler::new()),
@@ -391,6 +392,7 @@ impl AppBuilder {
             profiler: handles.profiler.clone(),
             lab: LabHandles {
                 payment: handles.payment.clone(),
+                remote: handles.remote.clone(),
                 reliability: handles.reliability.clone(),
                 queue: handles.dispatcher.clone(),
                 workers: config.worker_count,
@@ -432,6 +434,8 @@ pub struct AppHandles {
     pub service: Service,
     pub dispatcher: Arc<Dispatcher>,
     pub payment: Arc<Simulator>,
+    /// With `PAYMENT_URL`: the client charges go through.
+    pub remote: Option<Arc<HttpPayments>>,
     pub reliability: Reliability,
     pub metrics: Arc<Metrics>,
     pub profiler: Arc<Profiler>,

@@ -394,6 +394,10 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_TIMEOUT", default_value = "1s", value_parser = positive_duration)]
     pub payment_timeout: Duration,
 
+    /// With PAYMENT_URL: the provider's ADMIN_TOKEN, so that the service's /admin/provider/faults (and the console) can change its network faults.
+    #[arg(long, env = "PAYMENT_ADMIN_TOKEN", hide_env_values = true, value_parser = token)]
+    pub payment_admin_token: Option<String>,
+
     /// With PAYMENT_URL: what PAYMENT_TIMEOUT bounds. attempt: the wait for a connection and the whole exchange; exchange: the exchange only, from the moment a connection is held (the wait for one is then unbounded).
     #[arg(
         long,
@@ -730,6 +734,7 @@ impl Config {
                 connect_timeout: self.payment_connect_timeout,
                 idle_timeout: self.payment_idle_timeout,
                 honour_retry_after: self.payment_retry_after,
+                admin_token: self.payment_admin_token.clone(),
             })
     }
 

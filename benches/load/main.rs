@@ -10,6 +10,9 @@
 //!   same without;
 //! - the retry + breaker wrapper's cost per call, against a bare call;
 //! - memory: peak RSS, and bytes per order after many orders in memory;
+//! - the payment client: charges a second through the service's client
+//!   against `reliability-lab provider` at zero latency, against a minimal
+//!   hyper client driving the same provider (`charges.rs`);
 //! - with Postgres: `POST /orders` (group commit, and each insert alone)
 //!   against Postgres's own single-row INSERT ceiling measured with pgbench
 //!   at the same concurrency; p50 and p99 at 100 r/s with and without
@@ -17,8 +20,10 @@
 //!
 //! Knobs (environment): BENCH_SECONDS (5), BENCH_CONNECTIONS (32),
 //! BENCH_ROUNDS (3), BENCH_MEMORY_ORDERS (1000000), BENCH_DATABASE_URL,
-//! PGBENCH, BENCH_ONLY=postgres (only the Postgres figures). Results: a table on stdout, and JSON in bench/.
+//! PGBENCH, BENCH_ONLY=postgres (only the Postgres figures), BENCH_ONLY=client
+//! (only the payment client's row). Results: a table on stdout, and JSON in bench/.
 
+mod charges;
 mod client;
 #[path = "../common/mod.rs"]
 mod common;
@@ -478,6 +483,11 @@ async fn bench() {
         print_table(&rows);
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("client") {
+        rows.push(client_row(rounds, connections, seconds).await);
+        print_table(&rows);
+        return;
+    }
 
     let service = start_service(&[]).await;
     let reference = start_reference().await;
@@ -700,6 +710,8 @@ async fn bench() {
         target: Some(("adds < 1 us".into(), wrapped - bare < 1000.0)),
         errors: None,
     });
+
+    rows.push(client_row(rounds, connections, seconds).await);
 
     // Memory per order: a fresh service, many orders, all processed.
     let orders: u64 = env_or("BENCH_MEMORY_ORDERS", 1_000_000);
@@ -938,6 +950,45 @@ async fn postgres_rows(rounds: usize, connections: usize, seconds: u64) -> Vec<R
         errors: Some(errors),
     });
     rows
+}
+
+/// The payment client against the provider at zero latency, alternating
+/// with a minimal hyper client, `rounds` times each; medians.
+async fn client_row(rounds: usize, connections: usize, seconds: u64) -> Row {
+    let binary = repo_root().join("target/release/reliability-lab");
+    let addr = free_addr();
+    let child = Command::new(binary)
+        .arg("provider")
+        .env_clear()
+        .env("LISTEN_ADDR", addr.to_string())
+        .env("PAYMENT_LATENCY_MIN", "0ms")
+        .env("PAYMENT_LATENCY_MAX", "0ms")
+        .env("PAYMENT_FAILURE_RATE", "0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the provider");
+    let provider = Server { child, addr };
+    wait_healthy(provider.addr).await;
+    let (mut ours, mut bare, mut errors) = (Vec::new(), Vec::new(), 0);
+    for round in 1..=rounds {
+        eprintln!("payment client: round {round}/{rounds}, the service's client then bare hyper");
+        let a = charges::through_the_client(provider.addr, connections, seconds).await;
+        let b = charges::with_bare_hyper(provider.addr, connections, seconds).await;
+        ours.push(a.rate);
+        bare.push(b.rate);
+        errors += a.errors + b.errors;
+    }
+    let (ours, bare) = (median(ours), median(bare));
+    Row {
+        figure: "charges/s through the payment client".into(),
+        value: ours,
+        unit: "c/s",
+        reference: Some(("bare hyper client".into(), bare)),
+        target: Some((">= 0.80".into(), ours / bare >= 0.80)),
+        errors: Some(errors),
+    }
 }
 
 /// `--probe ADDR post|get [RATE]`: one phase against a service already

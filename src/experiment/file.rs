@@ -4,6 +4,8 @@
 //! title = "An outage under steady traffic"
 //! claim = "Retry without a breaker fails slowly and multiplies calls"
 //! seed = 7
+//! # provider = "process"       # the provider as processes of its own
+//! # tiers = 2                  # (`providers`), two of them chained
 //!
 //! [base]                       # settings, named as the environment names them
 //! PAYMENT_FAILURE_RATE = 0.05

@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody};
+use crate::lab::ChangeKind;
 use crate::orders::OrderId;
+use crate::payment::faults::{FaultSettings, FaultUpdate, FaultView};
 use crate::payment::{Charge, PaymentUpdate, SettingsView};
 use crate::reliability::{
     BreakerSettings, BreakerSnapshot, BreakerUpdate, Switches, SwitchesUpdate,
@@ -222,4 +224,158 @@ pub async fn get_state(State(state): State<AppState>) -> Result<Response, ApiErr
         uptime_seconds: lab.started.elapsed().as_secs_f64(),
     })
     .into_response())
+}
+
+/// Where the service charges, and its client's pool when that is across
+/// the network.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderView {
+    /// True with `PAYMENT_URL`: charges cross the network; false: the
+    /// in-process simulator.
+    pub remote: bool,
+    /// The provider's base URL (null in process).
+    pub url: Option<String>,
+    /// The pool's bound (`PAYMENT_MAX_CONNECTIONS`), its connections open
+    /// and busy now, and the attempts that waited for one so far.
+    pub max_connections: Option<u32>,
+    pub open: Option<u64>,
+    pub busy: Option<u64>,
+    pub waits: Option<u64>,
+    /// The remote provider's network faults as it reports them (null in
+    /// process, or when it could not be asked: then `faults_error` says why).
+    #[schema(value_type = Option<Object>)]
+    pub faults: Option<serde_json::Value>,
+    pub faults_error: Option<String>,
+}
+
+#[utoipa::path(get, path = "/admin/provider", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Where charges go; with a remote provider, the client's pool and the provider's faults", body = ProviderView),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+    ))]
+pub async fn get_provider(State(state): State<AppState>) -> Response {
+    let Some(remote) = &state.lab.remote else {
+        return Json(ProviderView {
+            remote: false,
+            url: None,
+            max_connections: None,
+            open: None,
+            busy: None,
+            waits: None,
+            faults: None,
+            faults_error: None,
+        })
+        .into_response();
+    };
+    let (max, open, busy) = remote.pool();
+    let (faults, faults_error) = match remote
+        .admin(axum::http::Method::GET, "/admin/faults", None)
+        .await
+    {
+        Ok((200, view)) => (Some(view), None),
+        Ok((status, answer)) => (None, Some(provider_said(status, &answer))),
+        Err(why) => (None, Some(format!("the provider did not answer: {why}"))),
+    };
+    Json(ProviderView {
+        remote: true,
+        url: Some(remote.url().to_owned()),
+        max_connections: Some(max),
+        open: Some(open),
+        busy: Some(busy),
+        waits: Some(remote.reading().waits),
+        faults,
+        faults_error,
+    })
+    .into_response()
+}
+
+/// A fault update as the provider's `PUT /admin/faults` takes it: the
+/// fields given, durations in nanoseconds (exact, and a form it reads).
+fn update_json(update: &FaultUpdate) -> serde_json::Value {
+    let mut body = serde_json::Map::new();
+    let nanos = |d: std::time::Duration| serde_json::json!(format!("{}ns", d.as_nanos()));
+    if let Some(fault) = update.fault {
+        body.insert("fault".into(), serde_json::json!(fault));
+    }
+    if let Some(rate) = update.rate {
+        body.insert("rate".into(), serde_json::json!(rate));
+    }
+    if let Some(d) = update.refuse_for {
+        body.insert("refuse_for".into(), nanos(d));
+    }
+    if let Some(chunk) = update.slow_body_chunk {
+        body.insert("slow_body_chunk".into(), serde_json::json!(chunk));
+    }
+    if let Some(d) = update.slow_body_interval {
+        body.insert("slow_body_interval".into(), nanos(d));
+    }
+    if let Some(limit) = update.rate_limit {
+        body.insert("rate_limit".into(), serde_json::json!(limit));
+    }
+    serde_json::Value::Object(body)
+}
+
+/// A provider's error answer in one line.
+fn provider_said(status: u16, answer: &serde_json::Value) -> String {
+    let message = answer["error"]["message"].as_str().unwrap_or("no message");
+    if status == 401 {
+        format!("the provider refused (401): {message}; set PAYMENT_ADMIN_TOKEN to its ADMIN_TOKEN")
+    } else {
+        format!("the provider answered {status}: {message}")
+    }
+}
+
+#[utoipa::path(put, path = "/admin/provider/faults", tag = "admin", security(("admin_token" = [])),
+    request_body(content = FaultUpdate, description = "Any subset of the remote provider's network faults, as its own PUT /admin/faults takes them; checked here first"),
+    responses(
+        (status = 200, description = "The remote provider's faults after the change", body = FaultView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The provider is in process (PAYMENT_URL unset): it has no network", body = ErrorBody),
+        (status = 413, description = "The body is over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "A bad value, named; nothing changed", body = ErrorBody),
+        (status = 502, description = "The remote provider did not answer, or refused the change (its answer is quoted)", body = ErrorBody),
+    ))]
+pub async fn put_provider_faults(
+    State(state): State<AppState>,
+    JsonBody(update): JsonBody<FaultUpdate>,
+) -> Result<Response, ApiError> {
+    // Checked here as the provider checks it, so a bad value is a 422
+    // naming its field whether or not a provider is there to ask.
+    FaultSettings::default().apply(&update)?;
+    let Some(remote) = &state.lab.remote else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "no_remote_provider",
+            "charges go to the in-process simulator (PAYMENT_URL is unset): it has no network faults",
+        ));
+    };
+    let body = serde_json::to_vec(&update_json(&update)).expect("an update serialises");
+    match remote
+        .admin(axum::http::Method::PUT, "/admin/faults", Some(body))
+        .await
+    {
+        Ok((200, view)) => {
+            let fault = view["fault"].as_str().unwrap_or("?").to_owned();
+            let rate = view["rate"].as_f64().unwrap_or(0.0);
+            state.lab.instruments.feed.publish(
+                ChangeKind::Payment,
+                format!("provider faults: {fault} at {rate}"),
+                view.clone(),
+            );
+            Ok(Json(view).into_response())
+        }
+        Ok((status, answer)) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "provider_refused",
+            provider_said(status, &answer),
+        )),
+        Err(why) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "provider_unreachable",
+            format!("the provider did not answer: {why}"),
+        )),
+    }
 }

@@ -77,6 +77,8 @@ pub struct AppParts {
 /// The running lab's moving parts, for the admin API.
 pub struct LabHandles {
     pub payment: Arc<Simulator>,
+    /// With `PAYMENT_URL`: the client charges go through.
+    pub remote: Option<Arc<crate::payment::client::HttpPayments>>,
     pub reliability: Reliability,
     pub queue: Arc<Dispatcher>,
     pub workers: usize,
@@ -130,6 +132,11 @@ fn operator_routes() -> Routes {
             get(admin::get_payment).put(admin::put_payment),
         )
         .route("/admin/payment/ledger/{order_id}", get(admin::get_ledger))
+        .route("/admin/provider", get(admin::get_provider))
+        .route(
+            "/admin/provider/faults",
+            axum::routing::put(admin::put_provider_faults),
+        )
         .route(
             "/admin/breaker",
             get(admin::get_breaker).put(admin::put_breaker),

@@ -29,6 +29,8 @@ use super::{admin, console, debug, error, handlers, lab};
         admin::get_payment,
         admin::put_payment,
         admin::get_ledger,
+        admin::get_provider,
+        admin::put_provider_faults,
         admin::get_breaker,
         admin::put_breaker,
         admin::reset_breaker,

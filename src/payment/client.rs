@@ -48,6 +48,8 @@ use super::{ChargeRequest, PaymentError};
 
 /// The largest answer read from the provider.
 const ANSWER_LIMIT: usize = 64 * 1024;
+/// The longest wait for the provider's admin API.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the per-attempt timeout (`PAYMENT_TIMEOUT`) bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +77,9 @@ pub struct ClientSettings {
     /// Whether a busy answer's `Retry-After` is passed on to the retry
     /// (`PAYMENT_RETRY_AFTER`); off, it is read and dropped.
     pub honour_retry_after: bool,
+    /// The provider's `ADMIN_TOKEN`, for changing its faults from the
+    /// service's admin API (`PAYMENT_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
 }
 
 /// The client's own figures.
@@ -323,6 +328,7 @@ pub struct HttpPayments {
     permits: Arc<Semaphore>,
     max_connections: u32,
     honour_retry_after: bool,
+    admin_token: Option<String>,
     metrics: ClientMetrics,
 }
 
@@ -351,6 +357,7 @@ impl HttpPayments {
             permits: Arc::new(Semaphore::new(settings.max_connections as usize)),
             max_connections: settings.max_connections,
             honour_retry_after: settings.honour_retry_after,
+            admin_token: settings.admin_token.clone(),
             metrics,
         })
     }
@@ -358,6 +365,50 @@ impl HttpPayments {
     /// The provider's base URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The client's counters now.
+    pub fn reading(&self) -> ClientReading {
+        self.metrics.reading()
+    }
+
+    /// An operator's call to the provider's admin API (`GET` or `PUT`
+    /// `/admin/faults`), outside the pool's bound: its status and JSON
+    /// answer, or why there was none.
+    pub async fn admin(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let uri: Uri = format!("{}{path}", self.url)
+            .parse()
+            .map_err(|_| format!("{}{path} is not a URL", self.url))?;
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = &self.admin_token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let answer = self.client.request(request).await.map_err(|e| chain(&e))?;
+            let status = answer.status().as_u16();
+            let body = Limited::new(answer.into_body(), ANSWER_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| format!("the answer was cut off: {e}"))?
+                .to_bytes();
+            let json = serde_json::from_slice(&body)
+                .map_err(|_| format!("the answer ({status}) is not JSON"))?;
+            Ok((status, json))
+        };
+        tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ADMIN_TIMEOUT:?}")))
     }
 
     /// The pool's bound and its connections now: (max, open, busy).

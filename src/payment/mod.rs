@@ -31,6 +31,7 @@
 //! storm adds on top of the retries themselves.
 
 pub mod client;
+pub mod faults;
 mod ledger;
 mod settings;
 

@@ -22,8 +22,11 @@
 //! of a chain: it charges by calling that provider (`upstream`).
 
 mod api;
-pub mod faults;
 pub mod upstream;
+
+/// The network's faults live with the payment types (the service's admin
+/// API forwards changes of them to a remote provider).
+pub use crate::payment::faults;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

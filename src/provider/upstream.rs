@@ -164,6 +164,7 @@ impl Upstream {
             connect_timeout: args.upstream_timeout,
             idle_timeout: Duration::from_secs(30),
             honour_retry_after: true,
+            admin_token: None,
         };
         let client = HttpPayments::new(&settings, client_metrics(registry))
             .map_err(|e| e.replace("PAYMENT_URL", "UPSTREAM_URL"))?;

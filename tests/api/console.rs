@@ -405,3 +405,100 @@ async fn with_an_admin_token_the_page_asks_for_it_and_says_when_it_is_wrong() {
     let url = browser.eval("location.href").await;
     assert!(!url.as_str().unwrap().contains("correct-horse"), "{url}");
 }
+
+/// With PAYMENT_URL the page says where charges go, shows the client's
+/// pool instead of the in-process simulator's controls, and changes the
+/// remote provider's network faults through the service's admin API.
+#[tokio::test]
+async fn with_a_remote_provider_the_page_shows_its_pool_and_changes_its_faults() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let mut config = reliability_lab::provider::ProviderConfig::defaults();
+    config.listen_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_token = Some("provider-token-1".into());
+    config.simulator.payment_latency_min = std::time::Duration::from_millis(5);
+    config.simulator.payment_latency_max = std::time::Duration::from_millis(20);
+    let provider = reliability_lab::provider::Provider::bind(config)
+        .await
+        .unwrap();
+    let provider_url = format!("http://{}", provider.local_addr());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(provider.run(stop.clone()));
+    let lab = lab(&[
+        ("PAYMENT_URL", provider_url.as_str()),
+        ("PAYMENT_ADMIN_TOKEN", "provider-token-1"),
+        ("PAYMENT_MAX_CONNECTIONS", "8"),
+    ])
+    .await;
+    open_live(&browser, &lab).await;
+    browser
+        .wait_for(
+            "document.getElementById('provider-where').textContent.startsWith('remote: http://127.0.0.1:')",
+            "the remote provider's URL",
+        )
+        .await;
+    assert_eq!(
+        browser.text("#provider-where").await,
+        format!("remote: {provider_url}")
+    );
+    assert_eq!(browser.text("#pool-max").await, "8");
+    assert_eq!(
+        browser
+            .eval("document.getElementById('local-provider').hidden")
+            .await,
+        true,
+        "the in-process simulator's controls are hidden"
+    );
+    browser
+        .wait_for(
+            "document.getElementById('fault-now').textContent === 'now: none'",
+            "the provider's faults",
+        )
+        .await;
+
+    // Stall a fifth of the charges from the page: the provider has it.
+    browser
+        .eval("document.getElementById('fault-kind').value = 'stall'")
+        .await;
+    browser.type_into("#fault-rate", "0.2").await;
+    browser.click("#fault-apply").await;
+    browser
+        .wait_for(
+            "document.getElementById('fault-now').textContent === 'now: stall at 0.2'",
+            "the change, as the provider reports it",
+        )
+        .await;
+    let faults: Value = reqwest::Client::new()
+        .get(format!("{provider_url}/admin/faults"))
+        .bearer_auth("provider-token-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["fault"], "stall");
+    assert_eq!(faults["rate"], 0.2);
+    browser
+        .wait_for(
+            "document.getElementById('changes').textContent.includes('provider faults: stall at 0.2')",
+            "the change in the feed",
+        )
+        .await;
+    // Traffic: the pool's connections show.
+    browser.type_into("#load-rate", "20").await;
+    browser.click("#load-start").await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('pool-open').textContent) >= 1",
+            "an open connection",
+        )
+        .await;
+    let shot = std::env::var_os("CONSOLE_REMOTE_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("reliability-lab-console-remote.png"));
+    browser.screenshot(&shot).await;
+    assert_eq!(browser.errors(), Vec::<String>::new(), "console errors");
+    stop.cancel();
+}

@@ -279,7 +279,7 @@ fn the_compose_file_validates_starts_in_order_and_mounts_only_what_exists() {
     let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        BTreeSet::from(["app", "grafana", "postgres", "prometheus"])
+        BTreeSet::from(["app", "grafana", "postgres", "prometheus", "provider"])
     );
 
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
@@ -315,6 +315,7 @@ fn the_compose_file_validates_starts_in_order_and_mounts_only_what_exists() {
     // Start order: each waits for the one it needs to be healthy.
     for (service, needs) in [
         ("app", "postgres"),
+        ("app", "provider"),
         ("prometheus", "app"),
         ("grafana", "prometheus"),
     ] {
@@ -329,6 +330,32 @@ fn the_compose_file_validates_starts_in_order_and_mounts_only_what_exists() {
         services["app"]["healthcheck"]["test"],
         serde_json::json!(["CMD", "/usr/local/bin/reliability-lab", "healthcheck"])
     );
+    // The provider runs from the same image, and the service charges it
+    // across the compose network; Prometheus scrapes both.
+    assert_eq!(
+        services["provider"]["command"],
+        serde_json::json!(["provider"])
+    );
+    assert_eq!(
+        services["provider"]["healthcheck"]["test"],
+        serde_json::json!([
+            "CMD",
+            "/usr/local/bin/reliability-lab",
+            "healthcheck",
+            "http://127.0.0.1:8090/healthz"
+        ])
+    );
+    assert_eq!(
+        services["app"]["environment"]["PAYMENT_URL"],
+        "http://provider:8090"
+    );
+    let scrape = std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap();
+    for target in ["app:8080", "provider:8090"] {
+        assert!(
+            scrape.contains(&format!("\"{target}\"")),
+            "{target} is not scraped"
+        );
+    }
 
     // Grafana's provisioning points at the compose stack's Prometheus and
     // at the directory the dashboards are mounted in.

@@ -494,6 +494,7 @@ fn client(
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             honour_retry_after: true,
+            admin_token: None,
         },
         lab_metrics.payment_client(),
     )
@@ -935,6 +936,7 @@ async fn a_client_told_to_ignore_retry_after_drops_it() {
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(30),
                 honour_retry_after: honour,
+                admin_token: None,
             },
             metrics.payment_client(),
         )
@@ -1013,4 +1015,103 @@ async fn a_timeout_on_the_exchange_alone_never_ends_an_attempt_waiting_for_the_p
         ),
         0.0
     );
+}
+
+fn put_json(uri: &str, body: &str) -> axum::http::Request<axum::body::Body> {
+    axum::http::Request::put(uri)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// `/admin/provider`: where charges go and, with a remote provider, the
+/// client's pool and the provider's faults, which
+/// `/admin/provider/faults` changes there. A bad value is refused here,
+/// naming it, before anything is forwarded; in process there is nothing
+/// to forward to.
+#[tokio::test]
+async fn the_admin_api_shows_the_remote_provider_and_forwards_fault_changes_to_it() {
+    use crate::helpers::{error_code, get, send};
+    use axum::http::StatusCode;
+
+    let in_process = Lab::new(LabOptions::default()).await;
+    let (status, _, body) = send(&in_process.router, get("/admin/provider")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["remote"], false);
+    assert_eq!(body["url"], serde_json::Value::Null);
+    let (status, _, body) = send(
+        &in_process.router,
+        put_json("/admin/provider/faults", r#"{"fault":"stall"}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(error_code(&body), "no_remote_provider");
+
+    let provider = RunningProvider::start(|c| c.admin_token = Some("provider-secret".into())).await;
+    let mut options = lab_options(&provider, 3, Duration::from_millis(5));
+    options.payment_max_connections = 6;
+    let lab = Lab::new(options).await;
+    // Without the provider's token: shown, but its faults cannot be read.
+    let (status, _, body) = send(&lab.router, get("/admin/provider")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["remote"], true);
+    assert_eq!(body["url"], provider.url.as_str());
+    assert_eq!(body["max_connections"], 6);
+    assert_eq!(body["faults"], serde_json::Value::Null);
+    assert!(
+        body["faults_error"]
+            .as_str()
+            .unwrap()
+            .contains("set PAYMENT_ADMIN_TOKEN"),
+        "{body}"
+    );
+    let (status, _, body) = send(
+        &lab.router,
+        put_json("/admin/provider/faults", r#"{"fault":"stall","rate":0.5}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(error_code(&body), "provider_refused");
+    // A bad value: 422 naming it, whatever the provider would say.
+    for (bad, field) in [
+        (r#"{"rate":2}"#, "rate"),
+        (r#"{"fault":"melt"}"#, "fault"),
+        (r#"{"slow_body_interval":"0ms"}"#, "slow_body_interval"),
+    ] {
+        let (status, _, body) = send(&lab.router, put_json("/admin/provider/faults", bad)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert!(body.to_string().contains(field), "{bad}: {body}");
+    }
+
+    // With the token, the change lands at the provider, durations exact.
+    let mut options = lab_options(&provider, 3, Duration::from_millis(5));
+    options.payment_admin_token = Some("provider-secret");
+    let lab = Lab::new(options).await;
+    let (status, _, body) = send(
+        &lab.router,
+        put_json(
+            "/admin/provider/faults",
+            r#"{"fault":"slow_body","rate":0.25,"slow_body_interval":"1500ms","rate_limit":7}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["fault"], "slow_body");
+    let theirs: serde_json::Value = provider
+        .http
+        .get(format!("{}/admin/faults", provider.url))
+        .bearer_auth("provider-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(theirs["fault"], "slow_body");
+    assert_eq!(theirs["rate"], 0.25);
+    assert_eq!(theirs["slow_body_interval"], "1500ms");
+    assert_eq!(theirs["rate_limit"], 7);
+    let (_, _, body) = send(&lab.router, get("/admin/provider")).await;
+    assert_eq!(body["faults"]["fault"], "slow_body", "{body}");
+    assert_eq!(body["faults_error"], serde_json::Value::Null);
 }

@@ -185,6 +185,7 @@ function onHello(hello) {
   showPayment(hello.payment);
   showSwitches(hello.reliability);
   showLoad(hello.load);
+  pollProvider();
   showBreaker(hello.breaker.state, hello.breaker.consecutive_failures, hello.breaker.until_half_open);
   $('changes').replaceChildren();
   for (const change of hello.changes) onChange(change, false);
@@ -390,6 +391,43 @@ setInterval(async () => {
   const response = await fetch('/admin/load', { headers: authHeaders() }).catch(() => null);
   if (response && response.ok) showLoad(await response.json());
 }, 1000);
+
+// Where charges go. With PAYMENT_URL the provider is a process of its own:
+// its URL, the client's pool and the provider's network faults are shown,
+// and the in-process simulator's controls (which would charge nothing) are
+// hidden.
+function showProvider(p) {
+  $('remote-provider').hidden = !p.remote;
+  $('local-provider').hidden = p.remote;
+  $('payment-mode-line').hidden = p.remote;
+  $('provider-where').textContent = p.remote ? `remote: ${p.url}` : 'in process';
+  if (!p.remote) return;
+  $('pool-busy').textContent = p.busy;
+  $('pool-open').textContent = p.open;
+  $('pool-max').textContent = p.max_connections;
+  $('pool-waits').textContent = p.waits;
+  $('pool-bar').style.width = `${Math.min(100, (100 * p.busy) / Math.max(1, p.max_connections))}%`;
+  if (p.faults) {
+    const f = p.faults;
+    $('fault-now').textContent = `now: ${f.fault}${f.fault === 'none' ? '' : ` at ${f.rate}`}` +
+      (f.rate_limit ? ` · at most ${f.rate_limit} charges/s` : '');
+    if (!state.faultsShown) {
+      $('fault-kind').value = f.fault;
+      $('fault-rate').value = f.rate;
+      $('fault-rate-limit').value = f.rate_limit;
+      state.faultsShown = true;
+    }
+  } else {
+    $('fault-now').textContent = p.faults_error || '';
+  }
+}
+
+async function pollProvider() {
+  if ($('console').hidden || !state.hello) return;
+  const response = await fetch('/admin/provider', { headers: authHeaders() }).catch(() => null);
+  if (response && response.ok) showProvider(await response.json());
+}
+setInterval(pollProvider, 2000);
 
 // ------------------------------------------------------------------ charts
 
@@ -609,6 +647,19 @@ for (const [id, field] of [
     else event.target.checked = !event.target.checked;
   });
 }
+
+$('fault-apply').addEventListener('click', async () => {
+  const body = {
+    fault: $('fault-kind').value,
+    rate: Number($('fault-rate').value),
+    rate_limit: Number($('fault-rate-limit').value),
+  };
+  const answer = await api('PUT', '/admin/provider/faults', body);
+  if (answer) {
+    say(`provider faults: ${answer.fault} at ${answer.rate}`, 'ok');
+    pollProvider();
+  }
+});
 
 $('retry-jitter').addEventListener('change', async (event) => {
   const switches = await api('PUT', '/admin/reliability', { retry_jitter: event.target.value });

@@ -39,6 +39,8 @@ pub struct LabOptions {
     /// PAYMENT_URL and PAYMENT_MAX_CONNECTIONS: charge a provider across the network.
     pub payment_url: Option<String>,
     pub payment_max_connections: u32,
+    /// PAYMENT_ADMIN_TOKEN: the remote provider's ADMIN_TOKEN.
+    pub payment_admin_token: Option<&'static str>,
 }
 
 impl Default for LabOptions {
@@ -72,6 +74,7 @@ impl Default for LabOptions {
             recovery_interval: Config::defaults().recovery_interval,
             payment_url: None,
             payment_max_connections: Config::defaults().payment_max_connections,
+            payment_admin_token: None,
         }
     }
 }
@@ -131,6 +134,7 @@ impl LabOptions {
         c.recovery_interval = self.recovery_interval;
         c.payment_url = self.payment_url.clone();
         c.payment_max_connections = self.payment_max_connections;
+        c.payment_admin_token = self.payment_admin_token.map(str::to_owned);
         if let Some(defer) = self.defer {
             c.breaker_defer = true;
             c.defer_max = defer.max;

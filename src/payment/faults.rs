@@ -1,4 +1,6 @@
-//! The faults only a network has, as the provider stages them.
+//! The faults only a network has, as `reliability-lab provider` stages
+//! them. They live here, with the payment types, because the service's
+//! admin API reads and forwards them too (`/admin/provider/faults`).
 //!
 //! One fault at a time, drawn for each charge with its probability
 //! (`PROVIDER_FAULT`, `PROVIDER_FAULT_RATE`, or `PUT /admin/faults`):
