@@ -230,9 +230,11 @@ impl AppBuilder {
             breaker,
             Arc::new(reliability_metrics),
         )
-        .with_budget(config.budget_config());
+        .with_budget(config.budget_config())
+        .with_throttle(config.throttle_config(), config.simulator.payment_seed);
         reliability.set_switches(config.switches());
         metrics.watch_jitter(&reliability);
+        metrics.watch_throttle(&reliability);
         let mut payment = Simulator::new(
             config.payment_settings(),
             config.simulator.payment_seed,

@@ -197,6 +197,14 @@ pub(crate) fn retry_max_attempts(raw: &str) -> Result<u32, String> {
     one_to(raw, RETRY_MAX_ATTEMPTS_LIMIT)
 }
 
+fn throttle_k(raw: &str) -> Result<f64, String> {
+    let max = crate::reliability::THROTTLE_K_MAX;
+    match raw.trim().parse::<f64>() {
+        Ok(k) if (1.0..=max).contains(&k) => Ok(k),
+        _ => Err(format!("expected a number from 1 to {max}, such as 2")),
+    }
+}
+
 pub(crate) fn budget_floor(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
         Ok(r) if (0.0..=RETRY_BUDGET_FLOOR_LIMIT).contains(&r) => Ok(r),
@@ -476,6 +484,18 @@ pub struct Config {
     #[arg(long, env = "RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = budget_window)]
     pub retry_budget_window: Duration,
 
+    /// Client-side adaptive throttling (the SRE book's): charge attempts rejected locally, with probability max(0, (requests - K x accepts) / (requests + 1)) over THROTTLE_WINDOW, while the provider answers too few.
+    #[arg(long, env = "THROTTLE", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub throttle: bool,
+
+    /// Client-side throttling's K: requests allowed per accepted one before any is shed (1 to 10; the SRE book's 2).
+    #[arg(long, env = "THROTTLE_K", default_value = "2", value_parser = throttle_k)]
+    pub throttle_k: f64,
+
+    /// How far back client-side throttling counts requests and accepts (whole seconds, 1s to 1h).
+    #[arg(long, env = "THROTTLE_WINDOW", default_value = "10s", value_parser = budget_window)]
+    pub throttle_window: Duration,
+
     /// Consecutive payment failures that open the circuit breaker (1 to 1000000).
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = breaker_count)]
     pub breaker_failure_threshold: u32,
@@ -700,6 +720,7 @@ impl Config {
             rejection_permanent: self.breaker_rejection_permanent,
             retry_budget_enabled: self.retry_budget,
             retry_jitter: self.retry_jitter_kind,
+            throttle_enabled: self.throttle,
         }
     }
 
@@ -709,6 +730,13 @@ impl Config {
             max: self.defer_max,
             rate: self.defer_rate,
         })
+    }
+
+    pub fn throttle_config(&self) -> crate::reliability::ThrottleConfig {
+        crate::reliability::ThrottleConfig {
+            k: self.throttle_k,
+            window: self.throttle_window,
+        }
     }
 
     pub fn budget_config(&self) -> crate::reliability::BudgetConfig {

@@ -13,7 +13,7 @@ use crate::payment::client::ClientReading;
 use super::providers::TierReading;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 51] = [
+pub const FIGURES: [&str; 52] = [
     "accepted",
     "completed",
     "failed",
@@ -34,6 +34,7 @@ pub const FIGURES: [&str; 51] = [
     "backoff_seconds",
     "backoff_open_seconds",
     "budget_exhausted",
+    "throttled",
     "deferred",
     "defer_released",
     "defer_expired",
@@ -248,6 +249,7 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("backoff_seconds", Some(t.backoff_seconds));
     put("backoff_open_seconds", Some(t.backoff_open_seconds));
     put("budget_exhausted", Some(t.budget_exhausted as f64));
+    put("throttled", Some(t.throttled as f64));
     put("deferred", Some(t.deferred as f64));
     put("defer_released", Some(t.defer_released as f64));
     put("defer_expired", Some(t.defer_expired as f64));
@@ -308,6 +310,7 @@ pub fn compute(run: &RunRecord) -> Figures {
             "backoff_seconds",
             "backoff_open_seconds",
             "budget_exhausted",
+            "throttled",
             "deferred",
             "defer_released",
             "defer_expired",

@@ -343,6 +343,9 @@ pub(super) fn switches_changed(state: &AppState, switches: Switches) {
     if switches.retry_budget_enabled {
         summary.push_str(", retry budget on");
     }
+    if switches.throttle_enabled {
+        summary.push_str(", throttling on");
+    }
     if switches.retry_jitter != crate::reliability::JitterKind::Proportional {
         summary.push_str(&format!(", {} jitter", switches.retry_jitter.as_str()));
     }

@@ -107,6 +107,12 @@ pub struct Sample {
     pub deferred: u64,
     #[serde(default)]
     pub deferred_per_s: f64,
+    /// Charge attempts client-side throttling shed per second, and the
+    /// probability it sheds one now (THROTTLE; 0 while it is off).
+    #[serde(default)]
+    pub throttled_per_s: f64,
+    #[serde(default)]
+    pub throttle_probability: f64,
 }
 
 /// One read of the sources.
@@ -120,6 +126,8 @@ pub struct Reading {
     pub busy_workers: usize,
     pub mode: Mode,
     pub provider: ProviderLoad,
+    /// The client-side throttle's probability of shedding now (0 off).
+    pub throttle_probability: f64,
     /// Cumulative latency counts of completed and of failed orders.
     pub completed_latency: Snapshot,
     pub failed_latency: Snapshot,
@@ -182,6 +190,8 @@ impl Sample {
             provider_wasted_total: now.provider.wasted,
             deferred: n.deferred_now,
             deferred_per_s: per_s(p.deferred, n.deferred),
+            throttled_per_s: per_s(p.throttled, n.throttled),
+            throttle_probability: round3(now.throttle_probability),
         }
     }
 }
@@ -229,6 +239,11 @@ impl Sources {
             busy_workers: self.queue.busy(),
             mode: self.payment.view().mode,
             provider: self.payment.load(),
+            throttle_probability: if self.reliability.switches().throttle_enabled {
+                self.reliability.throttle().probability()
+            } else {
+                0.0
+            },
             completed_latency: self.completed_latency.snapshot(),
             failed_latency: self.failed_latency.snapshot(),
         }
@@ -401,6 +416,7 @@ mod tests {
             busy_workers: 2,
             mode: Mode::Normal,
             provider: ProviderLoad::default(),
+            throttle_probability: 0.0,
             completed_latency: Snapshot::default(),
             failed_latency: Snapshot::default(),
         }

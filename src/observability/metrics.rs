@@ -394,6 +394,7 @@ impl Metrics {
             backoff_seconds: r.backoff_closed.get() + r.backoff_open.get(),
             backoff_open_seconds: r.backoff_open.get(),
             budget_exhausted: r.budget_exhausted.get(),
+            throttled: r.throttled.get(),
             deferred: w.deferred.get(),
             defer_released: self.defer.released.get(),
             defer_expired: self.defer.expired.get(),
@@ -442,6 +443,15 @@ impl Metrics {
                 reliability.clone(),
             )))
             .expect("the jitter kind is registered once");
+    }
+
+    /// The throttle's probability, read at scrape time.
+    pub fn watch_throttle(&self, reliability: &crate::reliability::Reliability) {
+        self.registry
+            .register(Box::new(super::retry_metrics::ThrottleCollector::new(
+                reliability.clone(),
+            )))
+            .expect("the throttle's probability is registered once");
     }
 
     pub fn registry(&self) -> &Registry {
@@ -647,6 +657,8 @@ pub struct Totals {
     pub backoff_seconds: f64,
     pub backoff_open_seconds: f64,
     pub budget_exhausted: u64,
+    /// Charge attempts the client-side throttle shed.
+    pub throttled: u64,
     /// Times an order was deferred (its charge met an open breaker), put
     /// back in the queue, and failed at its deadline; and how many wait now.
     pub deferred: u64,
@@ -800,6 +812,7 @@ pub struct ReliabilityMetrics {
     backoff_closed: prometheus::Counter,
     backoff_open: prometheus::Counter,
     budget_exhausted: IntCounter,
+    throttled: IntCounter,
     transitions: IntCounterVec,
     state: IntGauge,
     rejected_open: IntCounter,
@@ -850,6 +863,11 @@ impl ReliabilityMetrics {
                 "retry_budget_exhausted_total",
                 "Retries the retry budget refused (the order's loop ended there).",
             ),
+            throttled: counter(
+                registry,
+                "client_throttled_total",
+                "Charge attempts client-side throttling (THROTTLE) shed before they were sent (the order's loop ended there).",
+            ),
             transitions,
             state: gauge(
                 registry,
@@ -887,6 +905,11 @@ impl RetryObserver for ReliabilityMetrics {
     fn budget_exhausted(&self) {
         tracing::warn!("retry refused: the retry budget is spent; no more retries");
         self.budget_exhausted.inc();
+    }
+
+    fn throttled(&self) {
+        tracing::warn!("payment not attempted: shed by client-side throttling; no more retries");
+        self.throttled.inc();
     }
 }
 

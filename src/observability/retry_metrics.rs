@@ -1,10 +1,11 @@
-//! The retry's jitter kind, read when Prometheus scrapes (it is a run-time
-//! switch): `retry_jitter_kind{kind}`, 1 for the kind in force, 0 for the
-//! others.
+//! Read when Prometheus scrapes, not pushed: the retry's jitter kind (a
+//! run-time switch), `retry_jitter_kind{kind}`, 1 for the kind in force, 0
+//! for the others; and the client-side throttle's probability of shedding
+//! an attempt now, `client_throttle_probability`.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGaugeVec, Opts};
+use prometheus::{Gauge, IntGaugeVec, Opts};
 
 use crate::reliability::{JitterKind, Reliability};
 
@@ -42,6 +43,40 @@ impl Collector for JitterCollector {
         for kind in JitterKind::ALL {
             g.with_label_values(&[kind.as_str()])
                 .set(i64::from(kind == now));
+        }
+        g.collect()
+    }
+}
+
+pub struct ThrottleCollector {
+    reliability: Reliability,
+    desc: Vec<Desc>,
+}
+
+fn probability_gauge() -> Gauge {
+    Gauge::new(
+        "client_throttle_probability",
+        "The probability that client-side throttling (THROTTLE) sheds a charge attempt now: max(0, (requests - K x accepts) / (requests + 1)) over THROTTLE_WINDOW; 0 while it is off.",
+    )
+    .expect("valid metric")
+}
+
+impl ThrottleCollector {
+    pub fn new(reliability: Reliability) -> Self {
+        let desc = probability_gauge().desc().into_iter().cloned().collect();
+        Self { reliability, desc }
+    }
+}
+
+impl Collector for ThrottleCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let g = probability_gauge();
+        if self.reliability.switches().throttle_enabled {
+            g.set(self.reliability.throttle().probability());
         }
         g.collect()
     }

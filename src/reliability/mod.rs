@@ -12,6 +12,7 @@ mod breaker;
 mod budget;
 mod retry;
 mod settings;
+mod throttle;
 
 use std::fmt;
 use std::future::Future;
@@ -26,6 +27,7 @@ pub use breaker::{
 pub use budget::{BudgetConfig, RetryBudget};
 pub use retry::{JitterKind, RetryPolicy};
 pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
+pub use throttle::{Throttle, ThrottleConfig, THROTTLE_K_MAX};
 
 /// How an error of the wrapped call is treated.
 pub trait Classify {
@@ -38,6 +40,13 @@ pub trait Classify {
     /// attempt (an HTTP `Retry-After`): the next wait is at least that.
     fn retry_after(&self) -> Option<Duration> {
         None
+    }
+    /// Whether the downstream answered (a success, or a refusal of the
+    /// request itself), as opposed to what overload looks like from
+    /// outside: a timeout, a busy or unavailable answer, no connection.
+    /// The client-side throttle counts these as accepted.
+    fn is_answer(&self) -> bool {
+        false
     }
 }
 
@@ -53,6 +62,9 @@ pub trait RetryObserver: Send + Sync {
     fn backoff(&self, _wait: Duration, _breaker_open: bool) {}
     /// Called when a retry was refused by the retry budget; the loop ends.
     fn budget_exhausted(&self) {}
+    /// Called when the client-side throttle rejected an attempt locally;
+    /// the loop ends.
+    fn throttled(&self) {}
 }
 
 /// Why a wrapped call finally failed.
@@ -64,6 +76,10 @@ pub enum CallError<E> {
     /// The downstream failed (on the last attempt, or permanently).
     #[error(transparent)]
     Failed(E),
+    /// The client-side throttle rejected the attempt before it was sent:
+    /// the downstream has been failing to answer most of what it got.
+    #[error("throttled locally: the provider has been failing to answer most calls")]
+    Throttled,
 }
 
 /// Which of the two patterns are in force; both can be switched at run time
@@ -80,6 +96,9 @@ pub struct Switches {
     pub retry_budget_enabled: bool,
     /// How the retry's waits are jittered (`RETRY_JITTER_KIND`).
     pub retry_jitter: JitterKind,
+    /// Client-side adaptive throttling (`THROTTLE`): attempts rejected
+    /// locally while the downstream answers too few.
+    pub throttle_enabled: bool,
 }
 
 impl Default for Switches {
@@ -90,6 +109,7 @@ impl Default for Switches {
             rejection_permanent: true,
             retry_budget_enabled: false,
             retry_jitter: JitterKind::Proportional,
+            throttle_enabled: false,
         }
     }
 }
@@ -116,6 +136,10 @@ pub struct SwitchesUpdate {
     /// none, full, equal or decorrelated.
     #[serde(default)]
     pub retry_jitter: Option<JitterKind>,
+    /// Client-side adaptive throttling (THROTTLE_K, THROTTLE_WINDOW).
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub throttle_enabled: Option<bool>,
 }
 
 impl SwitchesUpdate {
@@ -131,6 +155,7 @@ impl SwitchesUpdate {
                 .retry_budget_enabled
                 .unwrap_or(current.retry_budget_enabled),
             retry_jitter: self.retry_jitter.unwrap_or(current.retry_jitter),
+            throttle_enabled: self.throttle_enabled.unwrap_or(current.throttle_enabled),
         }
     }
 }
@@ -149,6 +174,8 @@ pub struct Reliability {
     retry_budget_enabled: Arc<AtomicBool>,
     /// The jitter kind, as its index in `JitterKind::ALL`.
     retry_jitter: Arc<AtomicU8>,
+    throttle: Arc<Throttle>,
+    throttle_enabled: Arc<AtomicBool>,
 }
 
 impl Reliability {
@@ -165,8 +192,21 @@ impl Reliability {
             rejection_permanent: Arc::new(AtomicBool::new(defaults.rejection_permanent)),
             retry_budget_enabled: Arc::new(AtomicBool::new(defaults.retry_budget_enabled)),
             retry_jitter: Arc::new(AtomicU8::new(retry.jitter.index())),
+            throttle: Arc::new(Throttle::new(ThrottleConfig::default(), None)),
+            throttle_enabled: Arc::new(AtomicBool::new(defaults.throttle_enabled)),
             retry,
         }
+    }
+
+    /// Uses a throttle with these settings, its draws from `seed` when
+    /// given (whether it applies is a switch).
+    pub fn with_throttle(mut self, config: ThrottleConfig, seed: Option<u64>) -> Self {
+        self.throttle = Arc::new(Throttle::new(config, seed));
+        self
+    }
+
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Uses a budget with these settings (whether it applies is a switch).
@@ -186,6 +226,7 @@ impl Reliability {
             rejection_permanent: self.rejection_permanent.load(Ordering::SeqCst),
             retry_budget_enabled: self.retry_budget_enabled.load(Ordering::SeqCst),
             retry_jitter: JitterKind::ALL[usize::from(self.retry_jitter.load(Ordering::SeqCst))],
+            throttle_enabled: self.throttle_enabled.load(Ordering::SeqCst),
         }
     }
 
@@ -201,6 +242,8 @@ impl Reliability {
             .store(switches.retry_budget_enabled, Ordering::SeqCst);
         self.retry_jitter
             .store(switches.retry_jitter.index(), Ordering::SeqCst);
+        self.throttle_enabled
+            .store(switches.throttle_enabled, Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -251,6 +294,7 @@ impl Reliability {
         let breaker = switches.breaker_enabled.then_some(&self.breaker);
         let observer = &self.observer;
         let budget = switches.retry_budget_enabled.then_some(&*self.budget);
+        let throttle = switches.throttle_enabled.then_some(&*self.throttle);
         let permanent_rejection = switches.rejection_permanent;
         let max_attempts = policy.max_attempts;
         let mut attempts_made = 0u32;
@@ -269,10 +313,26 @@ impl Reliability {
                 let attempt = op();
                 let retry_after = &retry_after;
                 async move {
+                    // The throttle sits in front of the breaker: an attempt
+                    // it sheds is never sent, and ends the loop as a
+                    // breaker rejection does.
+                    if throttle.is_some_and(|t| !t.admit()) {
+                        observer.throttled();
+                        return Err(backoff::Error::permanent(CallError::Throttled));
+                    }
                     let result = match breaker {
                         Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
                         None => attempt.await.map_err(BreakerError::Inner),
                     };
+                    if let Some(throttle) = throttle {
+                        // A breaker rejection is a request refused locally:
+                        // counted, never accepted.
+                        throttle.finished(match &result {
+                            Ok(_) => true,
+                            Err(BreakerError::Inner(err)) => err.is_answer(),
+                            Err(BreakerError::Rejected(_)) => false,
+                        });
+                    }
                     // A retry is about to be scheduled: the budget may refuse it.
                     let over_budget = || {
                         let refused = attempts_left && budget.is_some_and(|b| !b.try_retry());
@@ -372,6 +432,10 @@ mod tests {
                 _ => None,
             }
         }
+        /// A decline is the downstream's answer; busy is overload.
+        fn is_answer(&self) -> bool {
+            *self == Fault::Declined
+        }
     }
 
     #[derive(Default)]
@@ -381,6 +445,7 @@ mod tests {
         /// Time of the waits that began with the breaker open.
         slept_open: Mutex<Duration>,
         budget_refusals: AtomicU32,
+        throttled: AtomicU32,
     }
 
     impl RetryObserver for Waits {
@@ -397,6 +462,9 @@ mod tests {
         }
         fn budget_exhausted(&self) {
             self.budget_refusals.fetch_add(1, Ordering::SeqCst);
+        }
+        fn throttled(&self) {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -653,5 +721,98 @@ mod tests {
         // Without the budget: 30 calls. With it: 10 first attempts and at
         // most half as many retries.
         assert_eq!(calls.load(Ordering::SeqCst), 15);
+    }
+
+    /// Calls `n` orders, each answering `fault` on every attempt: how many
+    /// attempts reached the downstream, and how many orders ended throttled.
+    async fn through_throttle(r: &Reliability, n: u32, fault: Fault) -> (u32, u32) {
+        let reached = AtomicU32::new(0);
+        let mut throttled = 0;
+        for _ in 0..n {
+            let result: Result<(), CallError<Fault>> = r
+                .call(|| {
+                    let reached = &reached;
+                    // Counted when polled: an attempt the throttle sheds
+                    // is built but never run.
+                    async move {
+                        reached.fetch_add(1, Ordering::SeqCst);
+                        Err(fault)
+                    }
+                })
+                .await;
+            if result == Err(CallError::Throttled) {
+                throttled += 1;
+            }
+        }
+        (reached.load(Ordering::SeqCst), throttled)
+    }
+
+    fn throttled_lab(max_attempts: u32) -> (Reliability, Arc<Waits>) {
+        let (r, waits) = lab(max_attempts, 1_000_000);
+        let r = r.with_throttle(ThrottleConfig::default(), Some(3));
+        r.set_switches(Switches {
+            throttle_enabled: true,
+            ..r.switches()
+        });
+        (r, waits)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_sheds_attempts_while_the_downstream_answers_nothing() {
+        let (r, waits) = throttled_lab(1);
+        let (reached, throttled) = through_throttle(&r, 1000, Fault::Busy(Duration::ZERO)).await;
+        // Nothing accepted: the probability climbs towards 1, so only the
+        // first few and a thin trickle get through.
+        assert!(reached < 100, "{reached} of 1000 reached the downstream");
+        assert_eq!(reached + throttled, 1000);
+        assert_eq!(waits.throttled.load(Ordering::SeqCst), throttled);
+        assert!(r.throttle().probability() > 0.9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_downstream_that_answers_even_with_declines_is_never_throttled() {
+        let (r, waits) = throttled_lab(1);
+        let (reached, throttled) = through_throttle(&r, 1000, Fault::Declined).await;
+        assert_eq!((reached, throttled), (1000, 0));
+        assert_eq!(waits.throttled.load(Ordering::SeqCst), 0);
+        assert_eq!(r.throttle().probability(), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_attempt_ends_the_loop_and_the_switch_turns_it_off() {
+        let (r, waits) = throttled_lab(3);
+        through_throttle(&r, 300, Fault::Busy(Duration::ZERO)).await;
+        // Now nearly every order is shed on its first attempt: it never
+        // reaches the downstream, and no wait or retry follows.
+        let waited_before = waits.waits.lock().unwrap().len() as u32;
+        let (reached, throttled) = through_throttle(&r, 100, Fault::Busy(Duration::ZERO)).await;
+        let waited = waits.waits.lock().unwrap().len() as u32 - waited_before;
+        assert!(throttled > 80, "{throttled} of 100 shed");
+        assert!(
+            reached <= 3 * (100 - throttled),
+            "{reached} attempts for {} orders",
+            100 - throttled
+        );
+        assert!(
+            waited <= 2 * (100 - throttled),
+            "{waited} waits: a shed attempt was retried"
+        );
+        // Off: every attempt goes, whatever the window says.
+        r.set_switches(Switches {
+            throttle_enabled: false,
+            ..r.switches()
+        });
+        let (reached, throttled) = through_throttle(&r, 10, Fault::Busy(Duration::ZERO)).await;
+        assert_eq!((reached, throttled), (30, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovered_downstream_is_sent_everything_once_the_window_has_moved_on() {
+        let (r, _) = throttled_lab(1);
+        through_throttle(&r, 500, Fault::Busy(Duration::ZERO)).await;
+        assert!(r.throttle().probability() > 0.9);
+        tokio::time::advance(ThrottleConfig::default().window + Duration::from_secs(1)).await;
+        let (reached, throttled) = through_throttle(&r, 100, Fault::Declined).await;
+        assert_eq!((reached, throttled), (100, 0));
     }
 }

@@ -81,6 +81,16 @@ impl Classify for PaymentError {
         !matches!(self, Self::Cancelled | Self::Refused { .. })
     }
 
+    /// The provider answered: a charge, a drawn decline, a refusal of the
+    /// request, a failure it reported. Not an answer: a timeout, an outage,
+    /// no free slot, a busy answer, no connection, a lost one.
+    fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            Self::Declined | Self::Refused { .. } | Self::Failed { .. }
+        )
+    }
+
     /// A busy provider's `Retry-After`: the next attempt waits at least that.
     fn retry_after(&self) -> Option<Duration> {
         match self {

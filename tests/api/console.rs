@@ -156,6 +156,25 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
         )
         .await;
 
+    // Client-side throttling, from its checkbox.
+    assert_eq!(
+        browser
+            .eval("document.getElementById('throttle-enabled').checked")
+            .await,
+        false
+    );
+    browser.click("#throttle-enabled").await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('throttling on'))",
+            "the throttling change listed",
+        )
+        .await;
+    let switches = lab
+        .get_json(&reqwest::Client::new(), "/admin/reliability")
+        .await;
+    assert_eq!(switches["throttle_enabled"], true, "{switches}");
+
     // Chromium logs each refused request; nothing else may appear.
     let errors = browser.errors();
     assert_eq!(errors.len(), 2, "{errors:#?}");

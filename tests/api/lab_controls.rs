@@ -891,3 +891,89 @@ async fn the_jitter_kind_switches_at_run_time() {
         reliability_lab::reliability::JitterKind::None
     );
 }
+
+/// Client-side throttling switched on at run time: against a provider in
+/// an outage (no answer) it sheds most orders' charges before they are
+/// sent, counts them, shows its probability in /metrics and the timeline,
+/// and says so on the feed; against one that answers, even with declines,
+/// it sheds nothing.
+#[tokio::test(start_paused = true)]
+async fn client_side_throttling_switched_on_at_run_time_sheds_charges_an_outage_would_fail() {
+    let lab = Lab::new(LabOptions {
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        breaker: BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..BreakerConfig::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    let m = scrape(&lab).await;
+    assert_eq!(value(&m, "client_throttled_total", &[]), 0.0);
+    assert_eq!(value(&m, "client_throttle_probability", &[]), 0.0);
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"throttle_enabled": "on"})),
+    )
+    .await;
+    assert_eq!(switches["throttle_enabled"], true);
+    assert!(
+        change_summaries(&lab, None)
+            .iter()
+            .any(|c| c == "retry on, breaker on, throttling on"),
+        "{:?}",
+        change_summaries(&lab, None)
+    );
+    // Declines are answers: nothing is shed.
+    admin(&lab, put("/admin/payment", json!({"failure_rate": 1.0}))).await;
+    run_orders(&lab, 50).await;
+    assert_eq!(lab.payment.calls(), 50);
+    assert_eq!(
+        value(&scrape(&lab).await, "client_throttled_total", &[]),
+        0.0
+    );
+
+    // An outage answers nothing: once the window holds more requests than
+    // twice its answers, most charges are shed.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    admin(&lab, put("/admin/payment", json!({"mode": "outage"}))).await;
+    let before = lab.payment.calls();
+    let orders = run_orders(&lab, 200).await;
+    assert!(orders.iter().all(|o| o.status == Status::Failed));
+    let sent = lab.payment.calls() - before;
+    let m = scrape(&lab).await;
+    let shed = value(&m, "client_throttled_total", &[]);
+    assert_eq!(shed as u64 + sent, 200, "each order either sent or shed");
+    assert!(shed > 150.0, "{shed} of 200 shed");
+    assert!(value(&m, "client_throttle_probability", &[]) > 0.9);
+    let throttled = orders
+        .iter()
+        .filter(|o| {
+            o.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("throttled locally")
+        })
+        .count();
+    assert_eq!(throttled as f64, shed);
+    assert!(orders.iter().filter(|o| o.attempts == 0).count() as f64 == shed);
+    // The timeline carries it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = lab.app.handles().instruments.timeline.since(0);
+    assert!(samples.iter().any(|s| s.throttled_per_s > 0.0));
+    assert!(samples.last().unwrap().throttle_probability > 0.9);
+    // A bad value is a 422 naming the switch.
+    let (status, _, reply) = send(
+        &lab.router,
+        put(
+            "/admin/reliability",
+            json!({"throttle_enabled": "sometimes"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "throttle_enabled", "{reply}");
+}

@@ -310,6 +310,8 @@ function showSample(s) {
   $('total-charges').textContent = s.charges;
   $('total-duplicates').textContent = s.duplicate_charges;
   $('total-deferred').textContent = s.deferred ?? 0;
+  $('throttle-now').textContent = s.throttle_probability > 0 || s.throttled_per_s > 0
+    ? `sheds ${Math.round((s.throttle_probability ?? 0) * 100)}% · ${fmt.format(s.throttled_per_s ?? 0)}/s` : '';
   const orders = s.completed_per_s + s.failed_per_s;
   $('amplification-now').textContent = orders > 0 ? `×${fmt.format(s.payment_calls_per_s / orders)} now` : '';
 }
@@ -370,6 +372,7 @@ function showSwitches(s) {
   $('breaker-enabled').checked = s.breaker_enabled;
   $('rejection-permanent').checked = s.rejection_permanent;
   $('retry-budget-enabled').checked = s.retry_budget_enabled;
+  $('throttle-enabled').checked = s.throttle_enabled;
   if (document.activeElement !== $('retry-jitter')) $('retry-jitter').value = s.retry_jitter;
 }
 
@@ -640,6 +643,7 @@ $('idempotency').addEventListener('change', (event) => putPayment({ idempotency:
 for (const [id, field] of [
   ['retry-enabled', 'retry_enabled'], ['breaker-enabled', 'breaker_enabled'],
   ['rejection-permanent', 'rejection_permanent'], ['retry-budget-enabled', 'retry_budget_enabled'],
+  ['throttle-enabled', 'throttle_enabled'],
 ]) {
   $(id).addEventListener('change', async (event) => {
     const switches = await api('PUT', '/admin/reliability', { [field]: event.target.checked });
