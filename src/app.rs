@@ -231,7 +231,8 @@ impl AppBuilder {
             Arc::new(reliability_metrics),
         )
         .with_budget(config.budget_config())
-        .with_throttle(config.throttle_config(), config.simulator.payment_seed);
+        .with_throttle(config.throttle_config(), config.simulator.payment_seed)
+        .with_hedging(config.hedge_config());
         reliability.set_switches(config.switches());
         metrics.watch_jitter(&reliability);
         metrics.watch_throttle(&reliability);

@@ -197,6 +197,10 @@ pub(crate) fn retry_max_attempts(raw: &str) -> Result<u32, String> {
     one_to(raw, RETRY_MAX_ATTEMPTS_LIMIT)
 }
 
+fn hedge_max(raw: &str) -> Result<u32, String> {
+    one_to(raw, crate::reliability::HEDGE_MAX_LIMIT)
+}
+
 fn throttle_k(raw: &str) -> Result<f64, String> {
     let max = crate::reliability::THROTTLE_K_MAX;
     match raw.trim().parse::<f64>() {
@@ -279,6 +283,14 @@ pub struct SimulatorArgs {
     #[arg(long, env = "PAYMENT_AMBIGUOUS_RATE", default_value = "0", value_parser = rate)]
     pub payment_ambiguous_rate: f64,
 
+    /// Share of payment calls that take PAYMENT_TAIL_LATENCY instead of their drawn latency: a latency tail (0 to 1).
+    #[arg(long, env = "PAYMENT_TAIL_RATE", default_value = "0", value_parser = rate)]
+    pub payment_tail_rate: f64,
+
+    /// The latency of the calls in the tail (PAYMENT_TAIL_RATE).
+    #[arg(long, env = "PAYMENT_TAIL_LATENCY", default_value = "2s", value_parser = parse_duration)]
+    pub payment_tail_latency: Duration,
+
     /// Whether the provider honours idempotency keys (on: a retried charge is never charged twice).
     #[arg(long, env = "PAYMENT_IDEMPOTENCY", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub payment_idempotency: bool,
@@ -316,6 +328,8 @@ impl SimulatorArgs {
             latency_max: self.payment_latency_max,
             ambiguous_rate: self.payment_ambiguous_rate,
             idempotency: self.payment_idempotency,
+            tail_rate: self.payment_tail_rate,
+            tail_latency: self.payment_tail_latency,
             ..PaymentSettings::default()
         }
     }
@@ -495,6 +509,18 @@ pub struct Config {
     /// How far back client-side throttling counts requests and accepts (whole seconds, 1s to 1h).
     #[arg(long, env = "THROTTLE_WINDOW", default_value = "10s", value_parser = budget_window)]
     pub throttle_window: Duration,
+
+    /// Hedged attempts: when a charge call has not answered within HEDGE_DELAY, another starts beside it (same key); the first success wins and the other is cancelled.
+    #[arg(long, env = "HEDGE", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub hedge: bool,
+
+    /// When a hedge starts: a quantile of recent calls' latency (p95; p1 to p99.9) or a duration (150ms; at most 1h).
+    #[arg(long, env = "HEDGE_DELAY", default_value = "p95", value_parser = |raw: &str| raw.parse::<crate::reliability::HedgeDelay>())]
+    pub hedge_delay: crate::reliability::HedgeDelay,
+
+    /// Hedges one attempt may add (1 to 4).
+    #[arg(long, env = "HEDGE_MAX", default_value = "1", value_parser = hedge_max)]
+    pub hedge_max: u32,
 
     /// Consecutive payment failures that open the circuit breaker (1 to 1000000).
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = breaker_count)]
@@ -721,6 +747,7 @@ impl Config {
             retry_budget_enabled: self.retry_budget,
             retry_jitter: self.retry_jitter_kind,
             throttle_enabled: self.throttle,
+            hedge_enabled: self.hedge,
         }
     }
 
@@ -730,6 +757,13 @@ impl Config {
             max: self.defer_max,
             rate: self.defer_rate,
         })
+    }
+
+    pub fn hedge_config(&self) -> crate::reliability::HedgeConfig {
+        crate::reliability::HedgeConfig {
+            delay: self.hedge_delay,
+            max: self.hedge_max,
+        }
     }
 
     pub fn throttle_config(&self) -> crate::reliability::ThrottleConfig {

@@ -13,7 +13,7 @@ use crate::payment::client::ClientReading;
 use super::providers::TierReading;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 52] = [
+pub const FIGURES: [&str; 54] = [
     "accepted",
     "completed",
     "failed",
@@ -35,6 +35,8 @@ pub const FIGURES: [&str; 52] = [
     "backoff_open_seconds",
     "budget_exhausted",
     "throttled",
+    "hedges",
+    "hedge_wins",
     "deferred",
     "defer_released",
     "defer_expired",
@@ -250,6 +252,8 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("backoff_open_seconds", Some(t.backoff_open_seconds));
     put("budget_exhausted", Some(t.budget_exhausted as f64));
     put("throttled", Some(t.throttled as f64));
+    put("hedges", Some(t.hedges as f64));
+    put("hedge_wins", Some(t.hedge_wins as f64));
     put("deferred", Some(t.deferred as f64));
     put("defer_released", Some(t.defer_released as f64));
     put("defer_expired", Some(t.defer_expired as f64));
@@ -311,6 +315,8 @@ pub fn compute(run: &RunRecord) -> Figures {
             "backoff_open_seconds",
             "budget_exhausted",
             "throttled",
+            "hedges",
+            "hedge_wins",
             "deferred",
             "defer_released",
             "defer_expired",

@@ -346,6 +346,9 @@ pub(super) fn switches_changed(state: &AppState, switches: Switches) {
     if switches.throttle_enabled {
         summary.push_str(", throttling on");
     }
+    if switches.hedge_enabled {
+        summary.push_str(", hedging on");
+    }
     if switches.retry_jitter != crate::reliability::JitterKind::Proportional {
         summary.push_str(&format!(", {} jitter", switches.retry_jitter.as_str()));
     }

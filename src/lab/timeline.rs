@@ -113,6 +113,12 @@ pub struct Sample {
     pub throttled_per_s: f64,
     #[serde(default)]
     pub throttle_probability: f64,
+    /// Hedges started per second (HEDGE).
+    #[serde(default)]
+    pub hedges_per_s: f64,
+    /// The retry's jitter kind in force (a run-time switch).
+    #[serde(default)]
+    pub retry_jitter: crate::reliability::JitterKind,
 }
 
 /// One read of the sources.
@@ -128,6 +134,7 @@ pub struct Reading {
     pub provider: ProviderLoad,
     /// The client-side throttle's probability of shedding now (0 off).
     pub throttle_probability: f64,
+    pub retry_jitter: crate::reliability::JitterKind,
     /// Cumulative latency counts of completed and of failed orders.
     pub completed_latency: Snapshot,
     pub failed_latency: Snapshot,
@@ -192,6 +199,8 @@ impl Sample {
             deferred_per_s: per_s(p.deferred, n.deferred),
             throttled_per_s: per_s(p.throttled, n.throttled),
             throttle_probability: round3(now.throttle_probability),
+            hedges_per_s: per_s(p.hedges, n.hedges),
+            retry_jitter: now.retry_jitter,
         }
     }
 }
@@ -228,6 +237,7 @@ impl Sources {
     }
 
     pub fn read(&self) -> Reading {
+        let switches = self.reliability.switches();
         Reading {
             at: Instant::now(),
             totals: self.metrics.totals(),
@@ -239,11 +249,12 @@ impl Sources {
             busy_workers: self.queue.busy(),
             mode: self.payment.view().mode,
             provider: self.payment.load(),
-            throttle_probability: if self.reliability.switches().throttle_enabled {
+            throttle_probability: if switches.throttle_enabled {
                 self.reliability.throttle().probability()
             } else {
                 0.0
             },
+            retry_jitter: switches.retry_jitter,
             completed_latency: self.completed_latency.snapshot(),
             failed_latency: self.failed_latency.snapshot(),
         }
@@ -417,6 +428,7 @@ mod tests {
             mode: Mode::Normal,
             provider: ProviderLoad::default(),
             throttle_probability: 0.0,
+            retry_jitter: crate::reliability::JitterKind::Full,
             completed_latency: Snapshot::default(),
             failed_latency: Snapshot::default(),
         }
@@ -456,6 +468,8 @@ mod tests {
         assert_eq!(s.payment_calls_total, 47);
         assert_eq!(s.queue_depth, 3);
         assert_eq!(s.latency_p50_ms, None);
+        // The jitter kind is the later reading's.
+        assert_eq!(s.retry_jitter, crate::reliability::JitterKind::Full);
     }
 
     fn sample(seq: u64) -> Arc<Sample> {

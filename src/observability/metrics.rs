@@ -395,6 +395,8 @@ impl Metrics {
             backoff_open_seconds: r.backoff_open.get(),
             budget_exhausted: r.budget_exhausted.get(),
             throttled: r.throttled.get(),
+            hedges: r.hedged.get(),
+            hedge_wins: r.hedge_wins.get(),
             deferred: w.deferred.get(),
             defer_released: self.defer.released.get(),
             defer_expired: self.defer.expired.get(),
@@ -659,6 +661,9 @@ pub struct Totals {
     pub budget_exhausted: u64,
     /// Charge attempts the client-side throttle shed.
     pub throttled: u64,
+    /// Hedges started, and hedges that answered first with a success.
+    pub hedges: u64,
+    pub hedge_wins: u64,
     /// Times an order was deferred (its charge met an open breaker), put
     /// back in the queue, and failed at its deadline; and how many wait now.
     pub deferred: u64,
@@ -813,6 +818,9 @@ pub struct ReliabilityMetrics {
     backoff_open: prometheus::Counter,
     budget_exhausted: IntCounter,
     throttled: IntCounter,
+    hedged: IntCounter,
+    hedge_wins: IntCounter,
+    hedges_refused: IntCounter,
     transitions: IntCounterVec,
     state: IntGauge,
     rejected_open: IntCounter,
@@ -863,6 +871,21 @@ impl ReliabilityMetrics {
                 "retry_budget_exhausted_total",
                 "Retries the retry budget refused (the order's loop ended there).",
             ),
+            hedged: counter(
+                registry,
+                "hedged_attempts_total",
+                "Hedges started: a second charge call beside one slower than HEDGE_DELAY (HEDGE).",
+            ),
+            hedge_wins: counter(
+                registry,
+                "hedge_wins_total",
+                "Hedges that answered first with a success (the slow call they stood beside was cancelled).",
+            ),
+            hedges_refused: counter(
+                registry,
+                "hedges_refused_total",
+                "Hedges that were due but the retry budget (or client-side throttling) refused.",
+            ),
             throttled: counter(
                 registry,
                 "client_throttled_total",
@@ -910,6 +933,20 @@ impl RetryObserver for ReliabilityMetrics {
     fn throttled(&self) {
         tracing::warn!("payment not attempted: shed by client-side throttling; no more retries");
         self.throttled.inc();
+    }
+
+    fn hedged(&self) {
+        tracing::debug!("a charge call is slow: a hedge starts beside it");
+        self.hedged.inc();
+    }
+
+    fn hedge_won(&self) {
+        self.hedge_wins.inc();
+    }
+
+    fn hedge_refused(&self) {
+        tracing::debug!("a hedge was due and the retry budget refused it");
+        self.hedges_refused.inc();
     }
 }
 

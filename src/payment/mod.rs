@@ -315,11 +315,16 @@ impl Simulator {
         let declined = rng.random::<f64>() < effective.failure_rate;
         let ambiguous = rng.random::<f64>() < effective.ambiguous_rate;
         let (lo, hi) = (effective.latency_min, effective.latency_max);
-        let latency = if hi > lo {
+        let mut latency = if hi > lo {
             rng.random_range(lo..=hi)
         } else {
             lo
         };
+        // Drawn only with a tail, after the three above, so that a run
+        // without one draws exactly as before.
+        if effective.tail_rate > 0.0 && rng.random::<f64>() < effective.tail_rate {
+            latency = effective.tail_latency;
+        }
         Draw {
             declined,
             ambiguous,
@@ -557,6 +562,48 @@ mod tests {
                 "rate {rate}: {failed} failures"
             );
         }
+    }
+
+    #[test]
+    fn a_latency_tail_changes_only_the_latency_of_its_share_of_calls() {
+        let mut next_id = ids();
+        let plain = sim(PaymentUpdate::default(), Some(9));
+        let tailed = sim(
+            PaymentUpdate {
+                tail_rate: Some(0.1),
+                tail_latency: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+            Some(9),
+        );
+        let (a, b) = (
+            plain.settings.read().unwrap().effective(),
+            tailed.settings.read().unwrap().effective(),
+        );
+        let mut in_tail = 0;
+        for _ in 0..2000 {
+            let order = next_id();
+            let (p, t) = (plain.draw(order, 1, &a), tailed.draw(order, 1, &b));
+            // The declines and lost answers are drawn as without a tail.
+            assert_eq!((p.declined, p.ambiguous), (t.declined, t.ambiguous));
+            if t.latency == Duration::from_secs(3) {
+                in_tail += 1;
+            } else {
+                assert_eq!(p.latency, t.latency);
+            }
+        }
+        assert!(
+            (150..=250).contains(&in_tail),
+            "{in_tail} of 2000 in the tail"
+        );
+        // A bad share is refused, naming it.
+        let err = plain
+            .update(PaymentUpdate {
+                tail_rate: Some(1.5),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(err.field, "tail_rate");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct PaymentSettings {
     pub idempotency: bool,
     pub mode: Mode,
     pub brownout: Option<Brownout>,
+    /// A latency tail: this share of calls takes `tail_latency` instead of
+    /// their drawn latency (0: no tail).
+    pub tail_rate: f64,
+    pub tail_latency: Duration,
 }
 
 impl Default for PaymentSettings {
@@ -53,6 +57,8 @@ impl Default for PaymentSettings {
             idempotency: true,
             mode: Mode::Normal,
             brownout: None,
+            tail_rate: 0.0,
+            tail_latency: Duration::from_secs(2),
         }
     }
 }
@@ -66,6 +72,8 @@ pub struct Effective {
     pub latency_max: Duration,
     pub ambiguous_rate: f64,
     pub idempotency: bool,
+    pub tail_rate: f64,
+    pub tail_latency: Duration,
 }
 
 fn check_rate(field: &'static str, rate: f64) -> Result<f64, SettingsError> {
@@ -98,6 +106,12 @@ pub struct PaymentUpdate {
     pub mode: Option<Mode>,
     /// Required with `mode: brownout`.
     pub brownout: Option<BrownoutRequest>,
+    /// Share of calls that take `tail_latency` instead, 0 to 1.
+    #[schema(minimum = 0, maximum = 1)]
+    pub tail_rate: Option<f64>,
+    #[serde(default, deserialize_with = "crate::units::de_duration")]
+    #[schema(schema_with = crate::units::duration_schema)]
+    pub tail_latency: Option<Duration>,
 }
 
 /// The brownout's raised values and how long it lasts.
@@ -146,6 +160,8 @@ impl PaymentSettings {
             latency_max,
             ambiguous_rate: self.ambiguous_rate,
             idempotency: self.idempotency,
+            tail_rate: self.tail_rate,
+            tail_latency: self.tail_latency,
         }
     }
 
@@ -174,6 +190,12 @@ impl PaymentSettings {
         }
         if let Some(on) = update.idempotency {
             next.idempotency = on;
+        }
+        if let Some(rate) = update.tail_rate {
+            next.tail_rate = check_rate("tail_rate", rate)?;
+        }
+        if let Some(d) = update.tail_latency {
+            next.tail_latency = d;
         }
         match (update.mode, update.brownout) {
             (Some(Mode::Brownout), Some(b)) => {
@@ -217,6 +239,8 @@ impl PaymentSettings {
             latency_max: HumanDuration(self.latency_max),
             ambiguous_rate: self.ambiguous_rate,
             idempotency: self.idempotency,
+            tail_rate: self.tail_rate,
+            tail_latency: HumanDuration(self.tail_latency),
             brownout: self.brownout.map(|b| BrownoutView {
                 failure_rate: b.failure_rate,
                 latency_min: HumanDuration(b.latency_min),
@@ -239,6 +263,10 @@ pub struct SettingsView {
     pub latency_max: HumanDuration,
     pub ambiguous_rate: f64,
     pub idempotency: bool,
+    /// The latency tail: this share of calls takes `tail_latency`.
+    pub tail_rate: f64,
+    #[schema(value_type = String, example = "2s")]
+    pub tail_latency: HumanDuration,
     pub brownout: Option<BrownoutView>,
 }
 

@@ -10,6 +10,7 @@
 
 mod breaker;
 mod budget;
+mod hedge;
 mod retry;
 mod settings;
 mod throttle;
@@ -25,6 +26,7 @@ pub use breaker::{
     BreakerState, Observers, Permit, RateFigures, Rejection,
 };
 pub use budget::{BudgetConfig, RetryBudget};
+pub use hedge::{HedgeConfig, HedgeDelay, Latencies, HEDGE_MAX_LIMIT};
 pub use retry::{JitterKind, RetryPolicy};
 pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
 pub use throttle::{Throttle, ThrottleConfig, THROTTLE_K_MAX};
@@ -65,6 +67,13 @@ pub trait RetryObserver: Send + Sync {
     /// Called when the client-side throttle rejected an attempt locally;
     /// the loop ends.
     fn throttled(&self) {}
+    /// Called when a hedge started beside a slow call.
+    fn hedged(&self) {}
+    /// Called when a hedge answered first with a success.
+    fn hedge_won(&self) {}
+    /// Called when a hedge was due but the retry budget (or the throttle)
+    /// refused it.
+    fn hedge_refused(&self) {}
 }
 
 /// Why a wrapped call finally failed.
@@ -99,6 +108,8 @@ pub struct Switches {
     /// Client-side adaptive throttling (`THROTTLE`): attempts rejected
     /// locally while the downstream answers too few.
     pub throttle_enabled: bool,
+    /// Hedged attempts (`HEDGE`): a second call beside a slow one.
+    pub hedge_enabled: bool,
 }
 
 impl Default for Switches {
@@ -110,6 +121,7 @@ impl Default for Switches {
             retry_budget_enabled: false,
             retry_jitter: JitterKind::Proportional,
             throttle_enabled: false,
+            hedge_enabled: false,
         }
     }
 }
@@ -140,6 +152,10 @@ pub struct SwitchesUpdate {
     #[serde(default, deserialize_with = "crate::units::de_switch")]
     #[schema(schema_with = crate::units::switch_schema)]
     pub throttle_enabled: Option<bool>,
+    /// Hedged attempts (HEDGE_DELAY, HEDGE_MAX).
+    #[serde(default, deserialize_with = "crate::units::de_switch")]
+    #[schema(schema_with = crate::units::switch_schema)]
+    pub hedge_enabled: Option<bool>,
 }
 
 impl SwitchesUpdate {
@@ -156,6 +172,7 @@ impl SwitchesUpdate {
                 .unwrap_or(current.retry_budget_enabled),
             retry_jitter: self.retry_jitter.unwrap_or(current.retry_jitter),
             throttle_enabled: self.throttle_enabled.unwrap_or(current.throttle_enabled),
+            hedge_enabled: self.hedge_enabled.unwrap_or(current.hedge_enabled),
         }
     }
 }
@@ -176,6 +193,10 @@ pub struct Reliability {
     retry_jitter: Arc<AtomicU8>,
     throttle: Arc<Throttle>,
     throttle_enabled: Arc<AtomicBool>,
+    hedge: HedgeConfig,
+    hedge_enabled: Arc<AtomicBool>,
+    /// Every call's latency, for a quantile hedge delay.
+    latencies: Arc<Latencies>,
 }
 
 impl Reliability {
@@ -194,8 +215,26 @@ impl Reliability {
             retry_jitter: Arc::new(AtomicU8::new(retry.jitter.index())),
             throttle: Arc::new(Throttle::new(ThrottleConfig::default(), None)),
             throttle_enabled: Arc::new(AtomicBool::new(defaults.throttle_enabled)),
+            hedge: HedgeConfig::default(),
+            hedge_enabled: Arc::new(AtomicBool::new(defaults.hedge_enabled)),
+            latencies: Arc::new(Latencies::default()),
             retry,
         }
+    }
+
+    /// Hedges attempts so when hedging is on (a switch).
+    pub fn with_hedging(mut self, config: HedgeConfig) -> Self {
+        self.hedge = config;
+        self
+    }
+
+    pub fn hedge_config(&self) -> HedgeConfig {
+        self.hedge
+    }
+
+    /// The delay a hedge would wait now, if one may start.
+    pub fn hedge_delay(&self) -> Option<Duration> {
+        self.latencies.delay(self.hedge.delay)
     }
 
     /// Uses a throttle with these settings, its draws from `seed` when
@@ -227,6 +266,7 @@ impl Reliability {
             retry_budget_enabled: self.retry_budget_enabled.load(Ordering::SeqCst),
             retry_jitter: JitterKind::ALL[usize::from(self.retry_jitter.load(Ordering::SeqCst))],
             throttle_enabled: self.throttle_enabled.load(Ordering::SeqCst),
+            hedge_enabled: self.hedge_enabled.load(Ordering::SeqCst),
         }
     }
 
@@ -244,6 +284,8 @@ impl Reliability {
             .store(switches.retry_jitter.index(), Ordering::SeqCst);
         self.throttle_enabled
             .store(switches.throttle_enabled, Ordering::SeqCst);
+        self.hedge_enabled
+            .store(switches.hedge_enabled, Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -274,7 +316,7 @@ impl Reliability {
     pub async fn call_seeded<T, E, F, Fut>(
         &self,
         jitter_seed: Option<u64>,
-        mut op: F,
+        op: F,
     ) -> Result<T, CallError<E>>
     where
         E: Classify + fmt::Display,
@@ -295,6 +337,11 @@ impl Reliability {
         let observer = &self.observer;
         let budget = switches.retry_budget_enabled.then_some(&*self.budget);
         let throttle = switches.throttle_enabled.then_some(&*self.throttle);
+        let hedging = switches.hedge_enabled.then_some(self.hedge);
+        let latencies = &*self.latencies;
+        // Shared by every call of every attempt: a hedged attempt builds
+        // more than one.
+        let op = std::sync::Mutex::new(op);
         let permanent_rejection = switches.rejection_permanent;
         let max_attempts = policy.max_attempts;
         let mut attempts_made = 0u32;
@@ -310,7 +357,7 @@ impl Reliability {
                     self.budget.first_attempt();
                 }
                 let attempts_left = attempts_made < max_attempts;
-                let attempt = op();
+                let op = &op;
                 let retry_after = &retry_after;
                 async move {
                     // The throttle sits in front of the breaker: an attempt
@@ -320,19 +367,16 @@ impl Reliability {
                         observer.throttled();
                         return Err(backoff::Error::permanent(CallError::Throttled));
                     }
-                    let result = match breaker {
-                        Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
-                        None => attempt.await.map_err(BreakerError::Inner),
-                    };
-                    if let Some(throttle) = throttle {
-                        // A breaker rejection is a request refused locally:
-                        // counted, never accepted.
-                        throttle.finished(match &result {
-                            Ok(_) => true,
-                            Err(BreakerError::Inner(err)) => err.is_answer(),
-                            Err(BreakerError::Rejected(_)) => false,
-                        });
-                    }
+                    let result = attempt_group(
+                        op,
+                        breaker,
+                        throttle,
+                        hedging,
+                        latencies,
+                        budget,
+                        &**observer,
+                    )
+                    .await;
                     // A retry is about to be scheduled: the budget may refuse it.
                     let over_budget = || {
                         let refused = attempts_left && budget.is_some_and(|b| !b.try_retry());
@@ -395,6 +439,98 @@ impl Reliability {
     }
 }
 
+/// One attempt of the retry loop: a call through the breaker and, with
+/// hedging, more beside it while it is slow (see `hedge`). The first
+/// success wins and the others are dropped; a failure waits for the calls
+/// still running, and with none left ends the attempt. Every call that ends
+/// has its latency recorded and its outcome told to the throttle.
+async fn attempt_group<T, E, F, Fut>(
+    op: &std::sync::Mutex<F>,
+    breaker: Option<&Breaker>,
+    throttle: Option<&Throttle>,
+    hedging: Option<HedgeConfig>,
+    latencies: &Latencies,
+    budget: Option<&RetryBudget>,
+    observer: &dyn RetryObserver,
+) -> Result<T, BreakerError<E>>
+where
+    E: Classify,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    use tokio::time::Instant;
+
+    let call = |index: u32| {
+        let attempt = (op.lock().unwrap_or_else(|p| p.into_inner()))();
+        async move {
+            let started = Instant::now();
+            let result = match breaker {
+                Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
+                None => attempt.await.map_err(BreakerError::Inner),
+            };
+            (index, result, started.elapsed())
+        }
+    };
+    let ended = |result: &Result<T, BreakerError<E>>, took: Duration| {
+        // A breaker rejection never reached the downstream: no latency.
+        // For the throttle it is a request refused locally: counted,
+        // never accepted.
+        if !matches!(result, Err(BreakerError::Rejected(_))) {
+            latencies.record(took);
+        }
+        if let Some(throttle) = throttle {
+            throttle.finished(match result {
+                Ok(_) => true,
+                Err(BreakerError::Inner(err)) => err.is_answer(),
+                Err(BreakerError::Rejected(_)) => false,
+            });
+        }
+    };
+    let plan = hedging.and_then(|config| Some((config, latencies.delay(config.delay)?)));
+    let Some((config, delay)) = plan else {
+        let (_, result, took) = call(0).await;
+        ended(&result, took);
+        return result;
+    };
+    let mut running = FuturesUnordered::new();
+    running.push(call(0));
+    let mut started = 1u32;
+    let mut next_hedge = Some(Instant::now() + delay);
+    loop {
+        tokio::select! {
+            biased;
+            Some((index, result, took)) = running.next() => {
+                ended(&result, took);
+                match result {
+                    Ok(value) => {
+                        if index > 0 {
+                            observer.hedge_won();
+                        }
+                        return Ok(value);
+                    }
+                    Err(err) if running.is_empty() => return Err(err),
+                    // Another call is still running: its answer decides.
+                    Err(_) => {}
+                }
+            }
+            _ = tokio::time::sleep_until(next_hedge.unwrap_or_else(Instant::now)), if next_hedge.is_some() => {
+                // Hedges spend the retry budget as retries do.
+                let allowed = budget.is_none_or(|b| b.try_retry())
+                    && throttle.is_none_or(|t| t.admit());
+                if allowed {
+                    running.push(call(started));
+                    started += 1;
+                    observer.hedged();
+                } else {
+                    observer.hedge_refused();
+                }
+                next_hedge = (allowed && started <= config.max).then(|| Instant::now() + delay);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +582,9 @@ mod tests {
         slept_open: Mutex<Duration>,
         budget_refusals: AtomicU32,
         throttled: AtomicU32,
+        hedged: AtomicU32,
+        hedge_wins: AtomicU32,
+        hedges_refused: AtomicU32,
     }
 
     impl RetryObserver for Waits {
@@ -465,6 +604,15 @@ mod tests {
         }
         fn throttled(&self) {
             self.throttled.fetch_add(1, Ordering::SeqCst);
+        }
+        fn hedged(&self) {
+            self.hedged.fetch_add(1, Ordering::SeqCst);
+        }
+        fn hedge_won(&self) {
+            self.hedge_wins.fetch_add(1, Ordering::SeqCst);
+        }
+        fn hedge_refused(&self) {
+            self.hedges_refused.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -814,5 +962,158 @@ mod tests {
         tokio::time::advance(ThrottleConfig::default().window + Duration::from_secs(1)).await;
         let (reached, throttled) = through_throttle(&r, 100, Fault::Declined).await;
         assert_eq!((reached, throttled), (100, 0));
+    }
+
+    fn hedged_lab(delay: HedgeDelay, max: u32) -> (Reliability, Arc<Waits>) {
+        let (r, waits) = lab(1, 1_000_000);
+        let r = r.with_hedging(HedgeConfig { delay, max });
+        r.set_switches(Switches {
+            hedge_enabled: true,
+            ..r.switches()
+        });
+        (r, waits)
+    }
+
+    /// One order whose calls, in the order they start, take `plan[i]` and
+    /// succeed or decline (the last entry repeats): its result, the calls
+    /// started, the calls that finished (not cancelled), and how long it
+    /// took.
+    async fn hedged_call(
+        r: &Reliability,
+        plan: &[(u64, bool)],
+    ) -> (Result<usize, CallError<Fault>>, u32, u32, Duration) {
+        let started = AtomicU32::new(0);
+        let finished = AtomicU32::new(0);
+        let t0 = tokio::time::Instant::now();
+        let result = r
+            .call(|| {
+                let (started, finished) = (&started, &finished);
+                async move {
+                    let i = started.fetch_add(1, Ordering::SeqCst) as usize;
+                    let (ms, ok) = plan[i.min(plan.len() - 1)];
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    if ok {
+                        Ok(i)
+                    } else {
+                        Err(Fault::Declined)
+                    }
+                }
+            })
+            .await;
+        (
+            result,
+            started.load(Ordering::SeqCst),
+            finished.load(Ordering::SeqCst),
+            t0.elapsed(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_call_is_hedged_after_the_delay_and_the_first_success_wins() {
+        let (r, waits) = hedged_lab(HedgeDelay::Fixed(Duration::from_millis(100)), 1);
+        // The first call takes a second; the hedge, started at 100 ms,
+        // takes 10 ms and wins; the first is cancelled.
+        let (result, started, finished, took) = hedged_call(&r, &[(1000, true), (10, true)]).await;
+        assert_eq!(result, Ok(1));
+        assert_eq!((started, finished), (2, 1));
+        assert_eq!(took, Duration::from_millis(110));
+        assert_eq!(waits.hedged.load(Ordering::SeqCst), 1);
+        assert_eq!(waits.hedge_wins.load(Ordering::SeqCst), 1);
+        // A call faster than the delay is never hedged.
+        let (result, started, _, took) = hedged_call(&r, &[(50, true)]).await;
+        assert_eq!(
+            (result, started, took),
+            (Ok(0), 1, Duration::from_millis(50))
+        );
+        assert_eq!(waits.hedged.load(Ordering::SeqCst), 1);
+        // Off, a slow call is waited for.
+        r.set_switches(Switches {
+            hedge_enabled: false,
+            ..r.switches()
+        });
+        let (result, started, _, took) = hedged_call(&r, &[(1000, true), (10, true)]).await;
+        assert_eq!((result, started, took), (Ok(0), 1, Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slow_call_still_wins_if_it_answers_before_its_hedge() {
+        let (r, waits) = hedged_lab(HedgeDelay::Fixed(Duration::from_millis(100)), 1);
+        let (result, started, _, took) = hedged_call(&r, &[(150, true), (500, true)]).await;
+        assert_eq!(
+            (result, started, took),
+            (Ok(0), 2, Duration::from_millis(150))
+        );
+        assert_eq!(waits.hedge_wins.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_waits_for_the_hedge_still_running_and_a_lone_failure_ends_the_attempt() {
+        let (r, _) = hedged_lab(HedgeDelay::Fixed(Duration::from_millis(100)), 1);
+        // The first declines at 300 ms; the hedge, started at 100 ms,
+        // succeeds at 400 ms.
+        let (result, started, finished, took) = hedged_call(&r, &[(300, false), (300, true)]).await;
+        assert_eq!(result, Ok(1));
+        assert_eq!(
+            (started, finished, took),
+            (2, 2, Duration::from_millis(400))
+        );
+        // Both decline: the attempt fails with the decline (one attempt
+        // here, so the loop ends), and no third call starts.
+        let (result, started, _, took) = hedged_call(&r, &[(300, false)]).await;
+        assert_eq!(result, Err(CallError::Failed(Fault::Declined)));
+        assert_eq!((started, took), (2, Duration::from_millis(400)));
+        // A failure before the delay with nothing else running ends the
+        // attempt at once: hedges answer slowness, not failures.
+        let (result, started, _, took) = hedged_call(&r, &[(20, false)]).await;
+        assert_eq!(result, Err(CallError::Failed(Fault::Declined)));
+        assert_eq!((started, took), (1, Duration::from_millis(20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_hedge_max_hedges_start_one_delay_apart() {
+        let (r, waits) = hedged_lab(HedgeDelay::Fixed(Duration::from_millis(100)), 2);
+        let (result, started, _, took) = hedged_call(&r, &[(1000, true)]).await;
+        // Calls at 0, 100 and 200 ms, each taking a second: the first wins.
+        assert_eq!((result, started, took), (Ok(0), 3, Duration::from_secs(1)));
+        assert_eq!(waits.hedged.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_spend_the_retry_budget_and_a_spent_one_refuses_them() {
+        let (r, waits) = hedged_lab(HedgeDelay::Fixed(Duration::from_millis(100)), 1);
+        let r = r.with_budget(BudgetConfig {
+            ratio: 0.0,
+            min_per_second: 0.0,
+            window: Duration::from_secs(10),
+        });
+        r.set_switches(Switches {
+            retry_budget_enabled: true,
+            ..r.switches()
+        });
+        let (result, started, _, took) = hedged_call(&r, &[(1000, true), (10, true)]).await;
+        assert_eq!((result, started, took), (Ok(0), 1, Duration::from_secs(1)));
+        assert_eq!(waits.hedged.load(Ordering::SeqCst), 0);
+        assert_eq!(waits.hedges_refused.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quantile_delay_waits_for_enough_calls_then_follows_their_latency() {
+        let (r, waits) = hedged_lab(HedgeDelay::Quantile(0.9), 1);
+        // Before MIN_SAMPLES calls nothing is hedged, however slow.
+        for _ in 0..hedge::MIN_SAMPLES - 1 {
+            let (result, _, _, _) = hedged_call(&r, &[(80, true)]).await;
+            assert_eq!(result, Ok(0));
+        }
+        let (_, started, _, _) = hedged_call(&r, &[(2000, true), (10, true)]).await;
+        assert_eq!(started, 1);
+        assert_eq!(r.hedge_delay(), Some(Duration::from_millis(80)));
+        // Now the p90 of the calls so far (80 ms) is the delay.
+        let (result, started, _, took) = hedged_call(&r, &[(2000, true), (10, true)]).await;
+        assert_eq!(
+            (result, started, took),
+            (Ok(1), 2, Duration::from_millis(90))
+        );
+        assert_eq!(waits.hedged.load(Ordering::SeqCst), 1);
     }
 }

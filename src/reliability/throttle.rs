@@ -17,7 +17,8 @@
 //! as accepts. `K` = 2 is the book's suggestion.
 //!
 //! A request that is sent counts when it ends, with its verdict, not when it
-//! starts: counted at the start, the first requests of a healthy run (sent,
+//! starts (as Google's Cloud client libraries count theirs: requests
+//! completed, in `google-cloud-gax`'s `AdaptiveThrottler`): counted at the start, the first requests of a healthy run (sent,
 //! not yet answered) outnumber `K` × accepts and are shed for nothing (seen:
 //! up to 21 orders of a run at 160 a second, before any spike).
 //!

@@ -174,6 +174,13 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
         .get_json(&reqwest::Client::new(), "/admin/reliability")
         .await;
     assert_eq!(switches["throttle_enabled"], true, "{switches}");
+    browser.click("#hedge-enabled").await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('hedging on'))",
+            "the hedging change listed",
+        )
+        .await;
 
     // Chromium logs each refused request; nothing else may appear.
     let errors = browser.errors();

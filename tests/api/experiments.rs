@@ -155,6 +155,11 @@ async fn the_jitter_experiments_claims_hold() {
 }
 
 #[tokio::test]
+async fn the_hedging_experiments_claims_hold() {
+    claims_hold("hedging").await;
+}
+
+#[tokio::test]
 async fn the_slow_calls_experiments_claims_hold() {
     claims_hold("slow-calls").await;
 }

@@ -872,6 +872,16 @@ async fn the_jitter_kind_switches_at_run_time() {
             "3 × 10 ms + 100 + 150 ms exactly: {t:?}"
         );
     }
+    // The timeline samples the kind in force.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = lab.app.handles().instruments.timeline.since(0);
+    assert_eq!(
+        samples.last().unwrap().retry_jitter,
+        reliability_lab::reliability::JitterKind::None
+    );
+    assert!(samples
+        .iter()
+        .any(|s| s.retry_jitter == reliability_lab::reliability::JitterKind::Proportional));
     let changes = change_summaries(&lab, None);
     assert!(
         changes
@@ -976,4 +986,56 @@ async fn client_side_throttling_switched_on_at_run_time_sheds_charges_an_outage_
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     assert_eq!(reply["error"]["field"], "throttle_enabled", "{reply}");
+}
+
+/// Hedging switched on at run time: every charge slower than the 30 ms
+/// delay gets a hedge beside it, under the same key; the first answer wins
+/// and nothing is charged twice; /metrics and the feed say so.
+#[tokio::test(start_paused = true)]
+async fn hedging_switched_on_at_run_time_starts_a_hedge_beside_each_slow_charge() {
+    let lab = Lab::new(LabOptions {
+        payment: PaymentSettings {
+            failure_rate: 0.0,
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(100),
+            ..PaymentSettings::default()
+        },
+        hedge_delay: Some(reliability_lab::reliability::HedgeDelay::Fixed(
+            Duration::from_millis(30),
+        )),
+        ..LabOptions::default()
+    })
+    .await;
+    run_orders(&lab, 3).await;
+    assert_eq!(lab.payment.calls(), 3, "off: one call per order");
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"hedge_enabled": true})),
+    )
+    .await;
+    assert_eq!(switches["hedge_enabled"], true);
+    assert!(change_summaries(&lab, None)
+        .iter()
+        .any(|c| c == "retry on, breaker on, hedging on"));
+    let orders = run_orders(&lab, 5).await;
+    assert!(orders.iter().all(|o| o.status == Status::Completed));
+    // Each order: its call at 0 ms and a hedge at 30 ms, both 100 ms long;
+    // the first answers at 100 ms and the hedge is cancelled.
+    assert_eq!(lab.payment.calls(), 3 + 10);
+    for o in &orders {
+        let took = (o.updated_at - o.created_at).to_std().unwrap();
+        assert!(took < Duration::from_millis(110), "{took:?}");
+    }
+    let m = scrape(&lab).await;
+    assert_eq!(value(&m, "hedged_attempts_total", &[]), 5.0);
+    assert_eq!(value(&m, "hedge_wins_total", &[]), 0.0);
+    assert_eq!(value(&m, "payment_duplicate_charges_total", &[]), 0.0);
+    assert_eq!(value(&m, "payment_charges_total", &[]), 8.0);
+    let (status, _, reply) = send(
+        &lab.router,
+        put("/admin/reliability", json!({"hedge_enabled": 3})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "hedge_enabled", "{reply}");
 }

@@ -593,17 +593,31 @@ async fn the_client_classifies_refusals_busy_answers_and_unreachable_providers()
     );
 }
 
-/// A pool of one connection and a slow provider: the second attempt
-/// waits for the connection, and the per-attempt timeout covers that wait.
-#[tokio::test]
-async fn an_attempt_waiting_for_a_busy_pool_times_out_inside_its_own_timeout() {
-    let provider = RunningProvider::start(|c| {
-        c.simulator.payment_latency_min = Duration::from_millis(600);
-        c.simulator.payment_latency_max = Duration::from_millis(600);
+/// A provider that answers every charge after `millis`, and a client with
+/// one connection to it (the provider stops when the first is dropped).
+async fn slow_provider_one_connection(
+    millis: u64,
+) -> (
+    RunningProvider,
+    reliability_lab::observability::Metrics,
+    std::sync::Arc<HttpPayments>,
+) {
+    let latency = Duration::from_millis(millis);
+    let provider = RunningProvider::start(move |c| {
+        c.simulator.payment_latency_min = latency;
+        c.simulator.payment_latency_max = latency;
     })
     .await;
     let metrics = reliability_lab::observability::Metrics::new();
     let payments = std::sync::Arc::new(client(&provider.url, 1, &metrics));
+    (provider, metrics, payments)
+}
+
+/// A pool of one connection and a slow provider: the second attempt
+/// waits for the connection, and the per-attempt timeout covers that wait.
+#[tokio::test]
+async fn an_attempt_waiting_for_a_busy_pool_times_out_inside_its_own_timeout() {
+    let (_provider, metrics, payments) = slow_provider_one_connection(600).await;
     let cancel = CancellationToken::new();
     let attempt = |payments: std::sync::Arc<HttpPayments>, timeout: Duration| {
         let cancel = cancel.clone();
@@ -967,13 +981,7 @@ async fn a_client_told_to_ignore_retry_after_drops_it() {
 /// (counted as the caller's timeout would count it).
 #[tokio::test]
 async fn a_timeout_on_the_exchange_alone_never_ends_an_attempt_waiting_for_the_pool() {
-    let provider = RunningProvider::start(|c| {
-        c.simulator.payment_latency_min = Duration::from_millis(400);
-        c.simulator.payment_latency_max = Duration::from_millis(400);
-    })
-    .await;
-    let metrics = reliability_lab::observability::Metrics::new();
-    let payments = std::sync::Arc::new(client(&provider.url, 1, &metrics));
+    let (_provider, metrics, payments) = slow_provider_one_connection(400).await;
     let cancel = CancellationToken::new();
     let attempt = |limit: Duration| {
         let (payments, cancel) = (payments.clone(), cancel.clone());

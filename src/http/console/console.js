@@ -373,6 +373,7 @@ function showSwitches(s) {
   $('rejection-permanent').checked = s.rejection_permanent;
   $('retry-budget-enabled').checked = s.retry_budget_enabled;
   $('throttle-enabled').checked = s.throttle_enabled;
+  $('hedge-enabled').checked = s.hedge_enabled;
   if (document.activeElement !== $('retry-jitter')) $('retry-jitter').value = s.retry_jitter;
 }
 
@@ -643,7 +644,7 @@ $('idempotency').addEventListener('change', (event) => putPayment({ idempotency:
 for (const [id, field] of [
   ['retry-enabled', 'retry_enabled'], ['breaker-enabled', 'breaker_enabled'],
   ['rejection-permanent', 'rejection_permanent'], ['retry-budget-enabled', 'retry_budget_enabled'],
-  ['throttle-enabled', 'throttle_enabled'],
+  ['throttle-enabled', 'throttle_enabled'], ['hedge-enabled', 'hedge_enabled'],
 ]) {
   $(id).addEventListener('change', async (event) => {
     const switches = await api('PUT', '/admin/reliability', { [field]: event.target.checked });

@@ -41,6 +41,8 @@ pub struct LabOptions {
     pub payment_max_connections: u32,
     /// PAYMENT_ADMIN_TOKEN: the remote provider's ADMIN_TOKEN.
     pub payment_admin_token: Option<&'static str>,
+    /// HEDGE_DELAY (hedging itself is a switch, off by default).
+    pub hedge_delay: Option<reliability_lab::reliability::HedgeDelay>,
 }
 
 impl Default for LabOptions {
@@ -75,6 +77,7 @@ impl Default for LabOptions {
             payment_url: None,
             payment_max_connections: Config::defaults().payment_max_connections,
             payment_admin_token: None,
+            hedge_delay: None,
         }
     }
 }
@@ -135,6 +138,9 @@ impl LabOptions {
         c.payment_url = self.payment_url.clone();
         c.payment_max_connections = self.payment_max_connections;
         c.payment_admin_token = self.payment_admin_token.map(str::to_owned);
+        if let Some(delay) = self.hedge_delay {
+            c.hedge_delay = delay;
+        }
         if let Some(defer) = self.defer {
             c.breaker_defer = true;
             c.defer_max = defer.max;
