@@ -462,7 +462,9 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
             "breaker_enabled": false,
             "rejection_permanent": true,
             "retry_budget_enabled": false,
-            "retry_jitter": "proportional"
+            "retry_jitter": "proportional",
+            "throttle_enabled": false,
+            "hedge_enabled": false
         })
     );
     let orders = run_orders(&lab, 6).await;
