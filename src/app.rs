@@ -232,10 +232,12 @@ impl AppBuilder {
         )
         .with_budget(config.budget_config())
         .with_throttle(config.throttle_config(), config.simulator.payment_seed)
-        .with_hedging(config.hedge_config());
+        .with_hedging(config.hedge_config())
+        .with_limit(config.limit_config());
         reliability.set_switches(config.switches());
         metrics.watch_jitter(&reliability);
         metrics.watch_throttle(&reliability);
+        metrics.watch_limit(&reliability);
         let mut payment = Simulator::new(
             config.payment_settings(),
             config.simulator.payment_seed,

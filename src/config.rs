@@ -197,6 +197,10 @@ pub(crate) fn retry_max_attempts(raw: &str) -> Result<u32, String> {
     one_to(raw, RETRY_MAX_ATTEMPTS_LIMIT)
 }
 
+fn limit_size(raw: &str) -> Result<u32, String> {
+    one_to(raw, crate::reliability::LIMIT_MAX)
+}
+
 fn hedge_max(raw: &str) -> Result<u32, String> {
     one_to(raw, crate::reliability::HEDGE_MAX_LIMIT)
 }
@@ -522,6 +526,18 @@ pub struct Config {
     #[arg(long, env = "HEDGE_MAX", default_value = "1", value_parser = hedge_max)]
     pub hedge_max: u32,
 
+    /// A limit on the charge calls in flight: off, fixed (CONCURRENCY_LIMIT_INITIAL always), aimd or vegas (adaptive, after Netflix's concurrency-limits); a call past it is not sent and its order fails fast.
+    #[arg(long, env = "CONCURRENCY_LIMIT", default_value = "off", value_parser = |raw: &str| raw.parse::<crate::reliability::LimitKind>())]
+    pub concurrency_limit: crate::reliability::LimitKind,
+
+    /// The fixed limit, and where the adaptive ones start (1 to 100000).
+    #[arg(long, env = "CONCURRENCY_LIMIT_INITIAL", default_value = "20", value_parser = limit_size)]
+    pub concurrency_limit_initial: u32,
+
+    /// The adaptive limits never grow past this (1 to 100000).
+    #[arg(long, env = "CONCURRENCY_LIMIT_MAX", default_value = "1000", value_parser = limit_size)]
+    pub concurrency_limit_max: u32,
+
     /// Consecutive payment failures that open the circuit breaker (1 to 1000000).
     #[arg(long, env = "BREAKER_FAILURE_THRESHOLD", default_value = "5", value_parser = breaker_count)]
     pub breaker_failure_threshold: u32,
@@ -693,6 +709,12 @@ impl Config {
                     .into(),
             );
         }
+        if self.concurrency_limit_initial > self.concurrency_limit_max {
+            return Err(format!(
+                "invalid CONCURRENCY_LIMIT_INITIAL: {} is above CONCURRENCY_LIMIT_MAX {}; expected initial <= max",
+                self.concurrency_limit_initial, self.concurrency_limit_max
+            ));
+        }
         if self.load_duration.is_some() && self.load_rate.is_none() {
             return Err("invalid LOAD_DURATION: set LOAD_RATE too, or unset LOAD_DURATION".into());
         }
@@ -748,6 +770,7 @@ impl Config {
             retry_jitter: self.retry_jitter_kind,
             throttle_enabled: self.throttle,
             hedge_enabled: self.hedge,
+            concurrency_limit: self.concurrency_limit,
         }
     }
 
@@ -757,6 +780,14 @@ impl Config {
             max: self.defer_max,
             rate: self.defer_rate,
         })
+    }
+
+    pub fn limit_config(&self) -> crate::reliability::LimitConfig {
+        crate::reliability::LimitConfig {
+            kind: self.concurrency_limit,
+            initial: self.concurrency_limit_initial,
+            max: self.concurrency_limit_max,
+        }
     }
 
     pub fn hedge_config(&self) -> crate::reliability::HedgeConfig {

@@ -13,7 +13,7 @@ use crate::payment::client::ClientReading;
 use super::providers::TierReading;
 
 /// Every figure, in the order reports list them.
-pub const FIGURES: [&str; 54] = [
+pub const FIGURES: [&str; 55] = [
     "accepted",
     "completed",
     "failed",
@@ -37,6 +37,7 @@ pub const FIGURES: [&str; 54] = [
     "throttled",
     "hedges",
     "hedge_wins",
+    "limit_rejected",
     "deferred",
     "defer_released",
     "defer_expired",
@@ -254,6 +255,7 @@ pub fn compute(run: &RunRecord) -> Figures {
     put("throttled", Some(t.throttled as f64));
     put("hedges", Some(t.hedges as f64));
     put("hedge_wins", Some(t.hedge_wins as f64));
+    put("limit_rejected", Some(t.limit_rejected as f64));
     put("deferred", Some(t.deferred as f64));
     put("defer_released", Some(t.defer_released as f64));
     put("defer_expired", Some(t.defer_expired as f64));
@@ -317,6 +319,7 @@ pub fn compute(run: &RunRecord) -> Figures {
             "throttled",
             "hedges",
             "hedge_wins",
+            "limit_rejected",
             "deferred",
             "defer_released",
             "defer_expired",

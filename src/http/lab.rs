@@ -349,6 +349,12 @@ pub(super) fn switches_changed(state: &AppState, switches: Switches) {
     if switches.hedge_enabled {
         summary.push_str(", hedging on");
     }
+    if switches.concurrency_limit != crate::reliability::LimitKind::Off {
+        summary.push_str(&format!(
+            ", {} concurrency limit",
+            switches.concurrency_limit.as_str()
+        ));
+    }
     if switches.retry_jitter != crate::reliability::JitterKind::Proportional {
         summary.push_str(&format!(", {} jitter", switches.retry_jitter.as_str()));
     }

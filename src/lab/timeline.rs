@@ -116,6 +116,14 @@ pub struct Sample {
     /// Hedges started per second (HEDGE).
     #[serde(default)]
     pub hedges_per_s: f64,
+    /// The concurrency limit now (none while off), the calls in flight
+    /// under it, and the calls it refused per second.
+    #[serde(default)]
+    pub concurrency_limit: Option<u32>,
+    #[serde(default)]
+    pub limit_in_flight: u32,
+    #[serde(default)]
+    pub limit_rejected_per_s: f64,
     /// The retry's jitter kind in force (a run-time switch).
     #[serde(default)]
     pub retry_jitter: crate::reliability::JitterKind,
@@ -135,6 +143,8 @@ pub struct Reading {
     /// The client-side throttle's probability of shedding now (0 off).
     pub throttle_probability: f64,
     pub retry_jitter: crate::reliability::JitterKind,
+    /// The concurrency limit (none while off) and the calls in flight.
+    pub limit: (Option<u32>, u32),
     /// Cumulative latency counts of completed and of failed orders.
     pub completed_latency: Snapshot,
     pub failed_latency: Snapshot,
@@ -200,6 +210,9 @@ impl Sample {
             throttled_per_s: per_s(p.throttled, n.throttled),
             throttle_probability: round3(now.throttle_probability),
             hedges_per_s: per_s(p.hedges, n.hedges),
+            concurrency_limit: now.limit.0,
+            limit_in_flight: now.limit.1,
+            limit_rejected_per_s: per_s(p.limit_rejected, n.limit_rejected),
             retry_jitter: now.retry_jitter,
         }
     }
@@ -255,6 +268,7 @@ impl Sources {
                 0.0
             },
             retry_jitter: switches.retry_jitter,
+            limit: self.reliability.limit().now(),
             completed_latency: self.completed_latency.snapshot(),
             failed_latency: self.failed_latency.snapshot(),
         }
@@ -429,6 +443,7 @@ mod tests {
             provider: ProviderLoad::default(),
             throttle_probability: 0.0,
             retry_jitter: crate::reliability::JitterKind::Full,
+            limit: (Some(12), 4),
             completed_latency: Snapshot::default(),
             failed_latency: Snapshot::default(),
         }
@@ -468,8 +483,9 @@ mod tests {
         assert_eq!(s.payment_calls_total, 47);
         assert_eq!(s.queue_depth, 3);
         assert_eq!(s.latency_p50_ms, None);
-        // The jitter kind is the later reading's.
+        // The jitter kind and the limit are the later reading's.
         assert_eq!(s.retry_jitter, crate::reliability::JitterKind::Full);
+        assert_eq!((s.concurrency_limit, s.limit_in_flight), (Some(12), 4));
     }
 
     fn sample(seq: u64) -> Arc<Sample> {

@@ -395,6 +395,7 @@ impl Metrics {
             backoff_open_seconds: r.backoff_open.get(),
             budget_exhausted: r.budget_exhausted.get(),
             throttled: r.throttled.get(),
+            limit_rejected: r.limited.get(),
             hedges: r.hedged.get(),
             hedge_wins: r.hedge_wins.get(),
             deferred: w.deferred.get(),
@@ -445,6 +446,15 @@ impl Metrics {
                 reliability.clone(),
             )))
             .expect("the jitter kind is registered once");
+    }
+
+    /// The concurrency limit and the calls in flight, read at scrape time.
+    pub fn watch_limit(&self, reliability: &crate::reliability::Reliability) {
+        self.registry
+            .register(Box::new(super::retry_metrics::LimitCollector::new(
+                reliability.clone(),
+            )))
+            .expect("the concurrency limit is registered once");
     }
 
     /// The throttle's probability, read at scrape time.
@@ -661,6 +671,8 @@ pub struct Totals {
     pub budget_exhausted: u64,
     /// Charge attempts the client-side throttle shed.
     pub throttled: u64,
+    /// Charge calls the concurrency limit refused.
+    pub limit_rejected: u64,
     /// Hedges started, and hedges that answered first with a success.
     pub hedges: u64,
     pub hedge_wins: u64,
@@ -821,6 +833,7 @@ pub struct ReliabilityMetrics {
     hedged: IntCounter,
     hedge_wins: IntCounter,
     hedges_refused: IntCounter,
+    limited: IntCounter,
     transitions: IntCounterVec,
     state: IntGauge,
     rejected_open: IntCounter,
@@ -870,6 +883,11 @@ impl ReliabilityMetrics {
                 registry,
                 "retry_budget_exhausted_total",
                 "Retries the retry budget refused (the order's loop ended there).",
+            ),
+            limited: counter(
+                registry,
+                "concurrency_limit_rejected_total",
+                "Charge calls the concurrency limit (CONCURRENCY_LIMIT) refused: not sent, the order's loop ended there.",
             ),
             hedged: counter(
                 registry,
@@ -942,6 +960,11 @@ impl RetryObserver for ReliabilityMetrics {
 
     fn hedge_won(&self) {
         self.hedge_wins.inc();
+    }
+
+    fn limited(&self) {
+        tracing::debug!("payment not attempted: the concurrency limit is reached");
+        self.limited.inc();
     }
 
     fn hedge_refused(&self) {

@@ -1,11 +1,13 @@
 //! Read when Prometheus scrapes, not pushed: the retry's jitter kind (a
 //! run-time switch), `retry_jitter_kind{kind}`, 1 for the kind in force, 0
 //! for the others; and the client-side throttle's probability of shedding
-//! an attempt now, `client_throttle_probability`.
+//! an attempt now, `client_throttle_probability`; the concurrency limit and
+//! the calls in flight under it, `concurrency_limit` (absent while it is
+//! off) and `concurrency_limit_in_flight`.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Gauge, IntGaugeVec, Opts};
+use prometheus::{Gauge, IntGauge, IntGaugeVec, Opts};
 
 use crate::reliability::{JitterKind, Reliability};
 
@@ -79,5 +81,51 @@ impl Collector for ThrottleCollector {
             g.set(self.reliability.throttle().probability());
         }
         g.collect()
+    }
+}
+
+pub struct LimitCollector {
+    reliability: Reliability,
+    desc: Vec<Desc>,
+}
+
+fn limit_gauges() -> (IntGauge, IntGauge) {
+    (
+        IntGauge::new(
+            "concurrency_limit",
+            "The limit on charge calls in flight now (CONCURRENCY_LIMIT; absent while off).",
+        )
+        .expect("valid metric"),
+        IntGauge::new(
+            "concurrency_limit_in_flight",
+            "Charge calls in flight under the concurrency limit (counted whether or not it is on).",
+        )
+        .expect("valid metric"),
+    )
+}
+
+impl LimitCollector {
+    pub fn new(reliability: Reliability) -> Self {
+        let (a, b) = limit_gauges();
+        let desc = a.desc().into_iter().chain(b.desc()).cloned().collect();
+        Self { reliability, desc }
+    }
+}
+
+impl Collector for LimitCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (limit, in_flight) = limit_gauges();
+        let (now, flying) = self.reliability.limit().now();
+        in_flight.set(i64::from(flying));
+        let mut families = in_flight.collect();
+        if let Some(now) = now {
+            limit.set(i64::from(now));
+            families.extend(limit.collect());
+        }
+        families
     }
 }

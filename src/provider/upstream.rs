@@ -228,9 +228,9 @@ impl Upstream {
         match result {
             Ok(()) => Ok(()),
             Err(CallError::Rejected(rejection)) => Err(Unserved::Open(rejection.to_string())),
-            Err(CallError::Throttled) => Err(Unserved::Open(
-                CallError::<PaymentError>::Throttled.to_string(),
-            )),
+            Err(err @ (CallError::Throttled | CallError::Limited)) => {
+                Err(Unserved::Open(err.to_string()))
+            }
             Err(CallError::Failed(PaymentError::Busy { retry_after, .. })) => {
                 Err(Unserved::Busy(retry_after))
             }

@@ -11,6 +11,7 @@
 mod breaker;
 mod budget;
 mod hedge;
+mod limit;
 mod retry;
 mod settings;
 mod throttle;
@@ -27,6 +28,7 @@ pub use breaker::{
 };
 pub use budget::{BudgetConfig, RetryBudget};
 pub use hedge::{HedgeConfig, HedgeDelay, Latencies, HEDGE_MAX_LIMIT};
+pub use limit::{ConcurrencyLimit, LimitConfig, LimitKind, LimitPermit, LIMIT_MAX};
 pub use retry::{JitterKind, RetryPolicy};
 pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
 pub use throttle::{Throttle, ThrottleConfig, THROTTLE_K_MAX};
@@ -74,6 +76,8 @@ pub trait RetryObserver: Send + Sync {
     /// Called when a hedge was due but the retry budget (or the throttle)
     /// refused it.
     fn hedge_refused(&self) {}
+    /// Called when the concurrency limit refused a call; the loop ends.
+    fn limited(&self) {}
 }
 
 /// Why a wrapped call finally failed.
@@ -89,6 +93,9 @@ pub enum CallError<E> {
     /// the downstream has been failing to answer most of what it got.
     #[error("throttled locally: the provider has been failing to answer most calls")]
     Throttled,
+    /// The concurrency limit was reached: the call was not sent.
+    #[error("not attempted: the concurrency limit on calls in flight is reached")]
+    Limited,
 }
 
 /// Which of the two patterns are in force; both can be switched at run time
@@ -110,6 +117,8 @@ pub struct Switches {
     pub throttle_enabled: bool,
     /// Hedged attempts (`HEDGE`): a second call beside a slow one.
     pub hedge_enabled: bool,
+    /// The limit on calls in flight (`CONCURRENCY_LIMIT`).
+    pub concurrency_limit: LimitKind,
 }
 
 impl Default for Switches {
@@ -122,6 +131,7 @@ impl Default for Switches {
             retry_jitter: JitterKind::Proportional,
             throttle_enabled: false,
             hedge_enabled: false,
+            concurrency_limit: LimitKind::Off,
         }
     }
 }
@@ -156,6 +166,10 @@ pub struct SwitchesUpdate {
     #[serde(default, deserialize_with = "crate::units::de_switch")]
     #[schema(schema_with = crate::units::switch_schema)]
     pub hedge_enabled: Option<bool>,
+    /// The limit on calls in flight: off, fixed, aimd or vegas (a change
+    /// starts it again from CONCURRENCY_LIMIT_INITIAL).
+    #[serde(default)]
+    pub concurrency_limit: Option<LimitKind>,
 }
 
 impl SwitchesUpdate {
@@ -173,6 +187,7 @@ impl SwitchesUpdate {
             retry_jitter: self.retry_jitter.unwrap_or(current.retry_jitter),
             throttle_enabled: self.throttle_enabled.unwrap_or(current.throttle_enabled),
             hedge_enabled: self.hedge_enabled.unwrap_or(current.hedge_enabled),
+            concurrency_limit: self.concurrency_limit.unwrap_or(current.concurrency_limit),
         }
     }
 }
@@ -197,6 +212,8 @@ pub struct Reliability {
     hedge_enabled: Arc<AtomicBool>,
     /// Every call's latency, for a quantile hedge delay.
     latencies: Arc<Latencies>,
+    /// The limit on calls in flight (its kind is the switch).
+    limit: Arc<ConcurrencyLimit>,
 }
 
 impl Reliability {
@@ -218,8 +235,19 @@ impl Reliability {
             hedge: HedgeConfig::default(),
             hedge_enabled: Arc::new(AtomicBool::new(defaults.hedge_enabled)),
             latencies: Arc::new(Latencies::default()),
+            limit: Arc::new(ConcurrencyLimit::new(LimitConfig::default())),
             retry,
         }
+    }
+
+    /// Limits the calls in flight so (the kind is a switch).
+    pub fn with_limit(mut self, config: LimitConfig) -> Self {
+        self.limit = Arc::new(ConcurrencyLimit::new(config));
+        self
+    }
+
+    pub fn limit(&self) -> &ConcurrencyLimit {
+        &self.limit
     }
 
     /// Hedges attempts so when hedging is on (a switch).
@@ -267,6 +295,7 @@ impl Reliability {
             retry_jitter: JitterKind::ALL[usize::from(self.retry_jitter.load(Ordering::SeqCst))],
             throttle_enabled: self.throttle_enabled.load(Ordering::SeqCst),
             hedge_enabled: self.hedge_enabled.load(Ordering::SeqCst),
+            concurrency_limit: self.limit.kind(),
         }
     }
 
@@ -286,6 +315,7 @@ impl Reliability {
             .store(switches.throttle_enabled, Ordering::SeqCst);
         self.hedge_enabled
             .store(switches.hedge_enabled, Ordering::SeqCst);
+        self.limit.set_kind(switches.concurrency_limit);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -339,6 +369,7 @@ impl Reliability {
         let throttle = switches.throttle_enabled.then_some(&*self.throttle);
         let hedging = switches.hedge_enabled.then_some(self.hedge);
         let latencies = &*self.latencies;
+        let limit = &*self.limit;
         // Shared by every call of every attempt: a hedged attempt builds
         // more than one.
         let op = std::sync::Mutex::new(op);
@@ -367,13 +398,23 @@ impl Reliability {
                         observer.throttled();
                         return Err(backoff::Error::permanent(CallError::Throttled));
                     }
+                    // The limit, after the throttle: a call either would
+                    // shed is not sent, and fails fast.
+                    let Some(permit) = limit.try_acquire() else {
+                        observer.limited();
+                        return Err(backoff::Error::permanent(CallError::Limited));
+                    };
                     let result = attempt_group(
                         op,
-                        breaker,
-                        throttle,
+                        permit,
+                        Guards {
+                            breaker,
+                            throttle,
+                            budget,
+                            limit,
+                        },
                         hedging,
                         latencies,
-                        budget,
                         &**observer,
                     )
                     .await;
@@ -439,18 +480,26 @@ impl Reliability {
     }
 }
 
+/// What may refuse or record a call, besides the operation itself.
+#[derive(Clone, Copy)]
+struct Guards<'a> {
+    breaker: Option<&'a Breaker>,
+    throttle: Option<&'a Throttle>,
+    budget: Option<&'a RetryBudget>,
+    limit: &'a ConcurrencyLimit,
+}
+
 /// One attempt of the retry loop: a call through the breaker and, with
 /// hedging, more beside it while it is slow (see `hedge`). The first
 /// success wins and the others are dropped; a failure waits for the calls
 /// still running, and with none left ends the attempt. Every call that ends
 /// has its latency recorded and its outcome told to the throttle.
-async fn attempt_group<T, E, F, Fut>(
+async fn attempt_group<'a, T, E, F, Fut>(
     op: &std::sync::Mutex<F>,
-    breaker: Option<&Breaker>,
-    throttle: Option<&Throttle>,
+    first: LimitPermit<'a>,
+    guards: Guards<'a>,
     hedging: Option<HedgeConfig>,
     latencies: &Latencies,
-    budget: Option<&RetryBudget>,
     observer: &dyn RetryObserver,
 ) -> Result<T, BreakerError<E>>
 where
@@ -461,7 +510,13 @@ where
     use futures_util::stream::{FuturesUnordered, StreamExt};
     use tokio::time::Instant;
 
-    let call = |index: u32| {
+    let Guards {
+        breaker,
+        throttle,
+        budget,
+        limit,
+    } = guards;
+    let call = |index: u32, permit: LimitPermit<'a>| {
         let attempt = (op.lock().unwrap_or_else(|p| p.into_inner()))();
         async move {
             let started = Instant::now();
@@ -469,6 +524,13 @@ where
                 Some(breaker) => breaker.call(|| attempt, E::counts_as_failure).await,
                 None => attempt.await.map_err(BreakerError::Inner),
             };
+            // The limit learns from what reached the provider: an answer,
+            // or a drop; a breaker rejection only frees the place.
+            match &result {
+                Ok(_) => permit.finished(false),
+                Err(BreakerError::Inner(err)) => permit.finished(!err.is_answer()),
+                Err(BreakerError::Rejected(_)) => drop(permit),
+            }
             (index, result, started.elapsed())
         }
     };
@@ -489,12 +551,12 @@ where
     };
     let plan = hedging.and_then(|config| Some((config, latencies.delay(config.delay)?)));
     let Some((config, delay)) = plan else {
-        let (_, result, took) = call(0).await;
+        let (_, result, took) = call(0, first).await;
         ended(&result, took);
         return result;
     };
     let mut running = FuturesUnordered::new();
-    running.push(call(0));
+    running.push(call(0, first));
     let mut started = 1u32;
     let mut next_hedge = Some(Instant::now() + delay);
     loop {
@@ -515,11 +577,14 @@ where
                 }
             }
             _ = tokio::time::sleep_until(next_hedge.unwrap_or_else(Instant::now)), if next_hedge.is_some() => {
-                // Hedges spend the retry budget as retries do.
-                let allowed = budget.is_none_or(|b| b.try_retry())
+                // A hedge needs a place under the limit, and spends the
+                // retry budget as a retry does.
+                let permit = limit.try_acquire();
+                let allowed = permit.is_some()
+                    && budget.is_none_or(|b| b.try_retry())
                     && throttle.is_none_or(|t| t.admit());
-                if allowed {
-                    running.push(call(started));
+                if let (true, Some(permit)) = (allowed, permit) {
+                    running.push(call(started, permit));
                     started += 1;
                     observer.hedged();
                 } else {

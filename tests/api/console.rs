@@ -181,6 +181,15 @@ async fn the_console_loads_without_errors_and_shows_refusals_in_the_apis_words()
             "the hedging change listed",
         )
         .await;
+    browser
+        .eval("(() => { const e = document.getElementById('concurrency-limit'); e.value = 'vegas'; e.dispatchEvent(new Event('change')); })()")
+        .await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('#changes li')].some(li => li.textContent.includes('vegas concurrency limit'))",
+            "the limit change listed",
+        )
+        .await;
 
     // Chromium logs each refused request; nothing else may appear.
     let errors = browser.errors();

@@ -155,6 +155,11 @@ async fn the_jitter_experiments_claims_hold() {
 }
 
 #[tokio::test]
+async fn the_adaptive_limit_experiments_claims_hold() {
+    claims_hold("adaptive-limit").await;
+}
+
+#[tokio::test]
 async fn the_hedging_experiments_claims_hold() {
     claims_hold("hedging").await;
 }

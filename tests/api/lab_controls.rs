@@ -1041,3 +1041,59 @@ async fn hedging_switched_on_at_run_time_starts_a_hedge_beside_each_slow_charge(
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
     assert_eq!(reply["error"]["field"], "hedge_enabled", "{reply}");
 }
+
+/// A concurrency limit switched on at run time: past it a charge is not
+/// sent and its order fails fast; /metrics shows the limit and what it
+/// refused, the feed says so, and an unknown kind is a 422.
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_limit_switched_on_at_run_time_refuses_calls_past_it() {
+    let lab = Lab::new(LabOptions {
+        workers: 30,
+        payment: PaymentSettings {
+            failure_rate: 0.0,
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(100),
+            ..PaymentSettings::default()
+        },
+        ..LabOptions::default()
+    })
+    .await;
+    let m = scrape(&lab).await;
+    assert!(
+        samples(&m, "concurrency_limit").is_empty(),
+        "no limit while off"
+    );
+    let switches = admin(
+        &lab,
+        put("/admin/reliability", json!({"concurrency_limit": "fixed"})),
+    )
+    .await;
+    assert_eq!(switches["concurrency_limit"], "fixed");
+    assert!(change_summaries(&lab, None)
+        .iter()
+        .any(|c| c == "retry on, breaker on, fixed concurrency limit"));
+    // Thirty orders at once against the default limit of 20.
+    let orders = run_orders(&lab, 30).await;
+    let refused: Vec<_> = orders
+        .iter()
+        .filter(|o| o.status == Status::Failed)
+        .collect();
+    assert_eq!(refused.len(), 10, "{orders:?}");
+    assert!(refused.iter().all(|o| o.attempts == 0
+        && o.last_error
+            .as_deref()
+            .unwrap()
+            .contains("concurrency limit")));
+    assert_eq!(lab.payment.calls(), 20);
+    let m = scrape(&lab).await;
+    assert_eq!(value(&m, "concurrency_limit", &[]), 20.0);
+    assert_eq!(value(&m, "concurrency_limit_rejected_total", &[]), 10.0);
+    assert_eq!(value(&m, "concurrency_limit_in_flight", &[]), 0.0);
+    let (status, _, reply) = send(
+        &lab.router,
+        put("/admin/reliability", json!({"concurrency_limit": "tcp"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["field"], "concurrency_limit", "{reply}");
+}

@@ -310,6 +310,8 @@ function showSample(s) {
   $('total-charges').textContent = s.charges;
   $('total-duplicates').textContent = s.duplicate_charges;
   $('total-deferred').textContent = s.deferred ?? 0;
+  $('limit-now').textContent = s.concurrency_limit != null
+    ? `${s.limit_in_flight ?? 0} of ${s.concurrency_limit} in flight` : '';
   $('throttle-now').textContent = s.throttle_probability > 0 || s.throttled_per_s > 0
     ? `sheds ${Math.round((s.throttle_probability ?? 0) * 100)}% · ${fmt.format(s.throttled_per_s ?? 0)}/s` : '';
   const orders = s.completed_per_s + s.failed_per_s;
@@ -375,6 +377,7 @@ function showSwitches(s) {
   $('throttle-enabled').checked = s.throttle_enabled;
   $('hedge-enabled').checked = s.hedge_enabled;
   if (document.activeElement !== $('retry-jitter')) $('retry-jitter').value = s.retry_jitter;
+  if (document.activeElement !== $('concurrency-limit')) $('concurrency-limit').value = s.concurrency_limit;
 }
 
 function showLoad(load) {
@@ -664,6 +667,11 @@ $('fault-apply').addEventListener('click', async () => {
     say(`provider faults: ${answer.fault} at ${answer.rate}`, 'ok');
     pollProvider();
   }
+});
+
+$('concurrency-limit').addEventListener('change', async (event) => {
+  const switches = await api('PUT', '/admin/reliability', { concurrency_limit: event.target.value });
+  if (switches) showSwitches(switches);
 });
 
 $('retry-jitter').addEventListener('change', async (event) => {
