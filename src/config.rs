@@ -1106,6 +1106,35 @@ mod tests {
                 "DEFER_RATE",
                 "from 1 to 100000",
             ),
+            (&["--hedge-delay", "p100"][..], "HEDGE_DELAY", "such as p95"),
+            (&["--hedge-delay", "0ms"][..], "HEDGE_DELAY", "above zero"),
+            (&["--hedge-max", "5"][..], "HEDGE_MAX", "from 1 to 4"),
+            (
+                &["--concurrency-limit", "tcp"][..],
+                "CONCURRENCY_LIMIT",
+                "off, fixed, aimd or vegas",
+            ),
+            (
+                &["--concurrency-limit-initial", "0"][..],
+                "CONCURRENCY_LIMIT_INITIAL",
+                "from 1 to 100000",
+            ),
+            (&["--throttle-k", "0.5"][..], "THROTTLE_K", "from 1 to 10"),
+            (
+                &["--throttle-window", "1500ms"][..],
+                "THROTTLE_WINDOW",
+                "whole seconds",
+            ),
+            (
+                &["--payment-tail-rate", "2"][..],
+                "PAYMENT_TAIL_RATE",
+                "from 0 to 1",
+            ),
+            (
+                &["--payment-timeout-scope", "wait"][..],
+                "PAYMENT_TIMEOUT_SCOPE",
+                "attempt, exchange",
+            ),
             (&["--defer-max", "500ms"][..], "DEFER_MAX", "from 1s to 24h"),
             (&["--defer-max", "25h"][..], "DEFER_MAX", "at most 24h"),
             (&["--breaker-defer", "perhaps"][..], "BREAKER_DEFER", "on"),
@@ -1200,6 +1229,33 @@ mod tests {
     }
 
     #[test]
+    fn knobs_that_do_not_fit_together_are_refused_naming_one() {
+        let err = parse(&[
+            "--concurrency-limit-initial",
+            "50",
+            "--concurrency-limit-max",
+            "10",
+        ])
+        .unwrap_err();
+        assert!(err.contains("CONCURRENCY_LIMIT_INITIAL"), "{err}");
+        // An exchange-only timeout leaves the wait for a connection
+        // unbounded: with leases a charge could outlast its lease.
+        let err = parse(&[
+            "--database-url",
+            "postgres://x/y",
+            "--payment-timeout-scope",
+            "exchange",
+        ])
+        .unwrap_err();
+        assert!(err.contains("PAYMENT_TIMEOUT_SCOPE"), "{err}");
+        let ok = parse(&["--payment-timeout-scope", "exchange"]).unwrap();
+        assert_eq!(
+            ok.payment_timeout_scope,
+            crate::payment::client::TimeoutScope::Exchange
+        );
+    }
+
+    #[test]
     fn min_latency_above_max_is_refused() {
         let err =
             parse(&["--payment-latency-min", "2s", "--payment-latency-max", "1s"]).unwrap_err();
@@ -1259,6 +1315,20 @@ mod tests {
             "HTTP_BODY_TIMEOUT",
             "HTTP_IDLE_TIMEOUT",
             "MEMORY_MAX_ORDERS",
+            "HEDGE",
+            "HEDGE_DELAY",
+            "HEDGE_MAX",
+            "CONCURRENCY_LIMIT",
+            "CONCURRENCY_LIMIT_INITIAL",
+            "CONCURRENCY_LIMIT_MAX",
+            "THROTTLE",
+            "THROTTLE_K",
+            "THROTTLE_WINDOW",
+            "PAYMENT_TAIL_RATE",
+            "PAYMENT_TAIL_LATENCY",
+            "PAYMENT_RETRY_AFTER",
+            "PAYMENT_TIMEOUT_SCOPE",
+            "PAYMENT_ADMIN_TOKEN",
         ] {
             assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
         }

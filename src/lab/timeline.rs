@@ -143,8 +143,8 @@ pub struct Reading {
     /// The client-side throttle's probability of shedding now (0 off).
     pub throttle_probability: f64,
     pub retry_jitter: crate::reliability::JitterKind,
-    /// The concurrency limit (none while off) and the calls in flight.
-    pub limit: (Option<u32>, u32),
+    /// The concurrency limit and the calls in flight (none while off).
+    pub limit: Option<(u32, u32)>,
     /// Cumulative latency counts of completed and of failed orders.
     pub completed_latency: Snapshot,
     pub failed_latency: Snapshot,
@@ -210,8 +210,8 @@ impl Sample {
             throttled_per_s: per_s(p.throttled, n.throttled),
             throttle_probability: round3(now.throttle_probability),
             hedges_per_s: per_s(p.hedges, n.hedges),
-            concurrency_limit: now.limit.0,
-            limit_in_flight: now.limit.1,
+            concurrency_limit: now.limit.map(|l| l.0),
+            limit_in_flight: now.limit.map_or(0, |l| l.1),
             limit_rejected_per_s: per_s(p.limit_rejected, n.limit_rejected),
             retry_jitter: now.retry_jitter,
         }
@@ -443,7 +443,7 @@ mod tests {
             provider: ProviderLoad::default(),
             throttle_probability: 0.0,
             retry_jitter: crate::reliability::JitterKind::Full,
-            limit: (Some(12), 4),
+            limit: Some((12, 4)),
             completed_latency: Snapshot::default(),
             failed_latency: Snapshot::default(),
         }

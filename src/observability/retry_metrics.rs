@@ -2,8 +2,8 @@
 //! run-time switch), `retry_jitter_kind{kind}`, 1 for the kind in force, 0
 //! for the others; and the client-side throttle's probability of shedding
 //! an attempt now, `client_throttle_probability`; the concurrency limit and
-//! the calls in flight under it, `concurrency_limit` (absent while it is
-//! off) and `concurrency_limit_in_flight`.
+//! the calls in flight under it, `concurrency_limit` and
+//! `concurrency_limit_in_flight` (both absent while it is off).
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -98,7 +98,7 @@ fn limit_gauges() -> (IntGauge, IntGauge) {
         .expect("valid metric"),
         IntGauge::new(
             "concurrency_limit_in_flight",
-            "Charge calls in flight under the concurrency limit (counted whether or not it is on).",
+            "Charge calls in flight under the concurrency limit (CONCURRENCY_LIMIT; absent while off).",
         )
         .expect("valid metric"),
     )
@@ -119,13 +119,13 @@ impl Collector for LimitCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let (limit, in_flight) = limit_gauges();
-        let (now, flying) = self.reliability.limit().now();
+        let Some((now, flying)) = self.reliability.limit().now() else {
+            return Vec::new();
+        };
+        limit.set(i64::from(now));
         in_flight.set(i64::from(flying));
-        let mut families = in_flight.collect();
-        if let Some(now) = now {
-            limit.set(i64::from(now));
-            families.extend(limit.collect());
-        }
+        let mut families = limit.collect();
+        families.extend(in_flight.collect());
         families
     }
 }

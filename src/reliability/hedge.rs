@@ -86,8 +86,9 @@ impl Default for HedgeConfig {
     }
 }
 
-/// The latency of the last `WINDOW` calls that ended (whether or not
-/// hedging is on, so that switching it on finds a history).
+/// The latency of the last `WINDOW` calls that ended while hedging was on
+/// (recorded only then: the usual call pays nothing for it; switched on,
+/// a quantile delay hedges once `MIN_SAMPLES` calls have ended).
 #[derive(Debug, Default)]
 pub struct Latencies {
     recent: Mutex<VecDeque<Duration>>,

@@ -21,6 +21,7 @@
 //! A call dropped by its caller (cancelled: a losing hedge, a shutdown)
 //! frees its place and teaches the limit nothing.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ pub enum LimitKind {
 
 impl LimitKind {
     pub const ALL: [LimitKind; 4] = [Self::Off, Self::Fixed, Self::Aimd, Self::Vegas];
+
+    fn index(self) -> u8 {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -98,16 +103,20 @@ impl Default for LimitConfig {
 
 #[derive(Debug)]
 struct State {
-    kind: LimitKind,
     limit: f64,
     in_flight: u32,
     rtt_noload: Option<Duration>,
+    /// Counts kind changes: a permit from before one counts for nothing.
+    generation: u64,
 }
 
-/// The limit, shared by every caller.
+/// The limit, shared by every caller. While it is off a call takes no
+/// lock and counts nothing: the hot path pays one atomic read.
 #[derive(Debug)]
 pub struct ConcurrencyLimit {
     config: LimitConfig,
+    /// The kind, as its index in `LimitKind::ALL`.
+    kind: AtomicU8,
     state: Mutex<State>,
 }
 
@@ -115,11 +124,12 @@ impl ConcurrencyLimit {
     pub fn new(config: LimitConfig) -> Self {
         Self {
             config,
+            kind: AtomicU8::new(config.kind.index()),
             state: Mutex::new(State {
-                kind: config.kind,
                 limit: f64::from(config.initial),
                 in_flight: 0,
                 rtt_noload: None,
+                generation: 0,
             }),
         }
     }
@@ -129,48 +139,62 @@ impl ConcurrencyLimit {
     }
 
     pub fn kind(&self) -> LimitKind {
-        self.lock().kind
+        LimitKind::ALL[usize::from(self.kind.load(Ordering::Acquire))]
     }
 
-    /// Switches the kind; a change starts the limit again from
-    /// `initial` (calls in flight keep their places).
+    /// Switches the kind; a change starts the limit again from `initial`
+    /// with no call counted in flight (calls already sent under the old
+    /// kind end without teaching the new one anything).
     pub fn set_kind(&self, kind: LimitKind) {
         let mut state = self.lock();
-        if state.kind != kind {
-            state.kind = kind;
+        if self.kind() != kind {
             state.limit = f64::from(self.config.initial);
             state.rtt_noload = None;
+            state.in_flight = 0;
+            state.generation += 1;
+            self.kind.store(kind.index(), Ordering::Release);
         }
     }
 
-    /// The limit now (none while off) and the calls in flight.
-    pub fn now(&self) -> (Option<u32>, u32) {
+    /// The limit and the calls in flight under it; none while off.
+    pub fn now(&self) -> Option<(u32, u32)> {
         let state = self.lock();
-        let limit = (state.kind != LimitKind::Off).then(|| state.limit.floor() as u32);
-        (limit, state.in_flight)
+        (self.kind() != LimitKind::Off).then(|| (state.limit.floor() as u32, state.in_flight))
     }
 
     /// A place for one call, or None when the limit is reached.
     pub fn try_acquire(&self) -> Option<LimitPermit<'_>> {
+        if self.kind() == LimitKind::Off {
+            return Some(LimitPermit {
+                limit: self,
+                started: None,
+                generation: 0,
+                done: false,
+            });
+        }
         let mut state = self.lock();
-        if state.kind != LimitKind::Off && f64::from(state.in_flight) >= state.limit.floor() {
+        if f64::from(state.in_flight) >= state.limit.floor() {
             return None;
         }
         state.in_flight += 1;
         Some(LimitPermit {
             limit: self,
-            started: Instant::now(),
+            started: Some(Instant::now()),
+            generation: state.generation,
             done: false,
         })
     }
 
-    fn sample(&self, rtt: Duration, dropped: bool) {
+    fn sample(&self, rtt: Duration, dropped: bool, generation: u64) {
         let max = f64::from(self.config.max);
         let mut state = self.lock();
+        if state.generation != generation {
+            return;
+        }
         let in_flight = f64::from(state.in_flight);
         state.in_flight = state.in_flight.saturating_sub(1);
         let limit = state.limit;
-        let next = match state.kind {
+        let next = match self.kind() {
             LimitKind::Off | LimitKind::Fixed => limit,
             LimitKind::Aimd => {
                 if dropped {
@@ -219,7 +243,10 @@ impl ConcurrencyLimit {
 #[derive(Debug)]
 pub struct LimitPermit<'a> {
     limit: &'a ConcurrencyLimit,
-    started: Instant,
+    /// When the call started; none while the limit was off (nothing
+    /// counted, nothing to give back).
+    started: Option<Instant>,
+    generation: u64,
     done: bool,
 }
 
@@ -228,15 +255,20 @@ impl LimitPermit<'_> {
     /// overload, no connection).
     pub fn finished(mut self, dropped: bool) {
         self.done = true;
-        self.limit.sample(self.started.elapsed(), dropped);
+        if let Some(started) = self.started {
+            self.limit
+                .sample(started.elapsed(), dropped, self.generation);
+        }
     }
 }
 
 impl Drop for LimitPermit<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && self.started.is_some() {
             let mut state = self.limit.lock();
-            state.in_flight = state.in_flight.saturating_sub(1);
+            if state.generation == self.generation {
+                state.in_flight = state.in_flight.saturating_sub(1);
+            }
         }
     }
 }
@@ -259,18 +291,22 @@ mod tests {
         let a = l.try_acquire().unwrap();
         let b = l.try_acquire().unwrap();
         assert!(l.try_acquire().is_none());
-        assert_eq!(l.now(), (Some(2), 2));
+        assert_eq!(l.now(), Some((2, 2)));
         a.finished(true);
-        assert_eq!(l.now(), (Some(2), 1), "fixed: a drop changes nothing");
+        assert_eq!(l.now(), Some((2, 1)), "fixed: a drop changes nothing");
         let c = l.try_acquire().unwrap();
         drop(b);
         drop(c);
-        assert_eq!(l.now(), (Some(2), 0));
-        // Off: no limit at all.
+        assert_eq!(l.now(), Some((2, 0)));
+        // Off: no limit at all, and nothing counted.
         let off = limit(LimitKind::Off, 1);
         let held: Vec<_> = (0..50).map(|_| off.try_acquire().unwrap()).collect();
-        assert_eq!(off.now(), (None, 50));
+        assert_eq!(off.now(), None);
+        // Switched on with those in flight: they count for nothing.
+        off.set_kind(LimitKind::Fixed);
+        assert_eq!(off.now(), Some((1, 0)));
         drop(held);
+        assert_eq!(off.now(), Some((1, 0)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -280,19 +316,19 @@ mod tests {
         let held: Vec<_> = (0..5).map(|_| l.try_acquire().unwrap()).collect();
         let mut held = held.into_iter();
         held.next().unwrap().finished(false);
-        assert_eq!(l.now().0, Some(11));
+        assert_eq!(l.now().map(|n| n.0), Some(11));
         // A drop: 11 × 0.9.
         held.next().unwrap().finished(true);
-        assert_eq!(l.now().0, Some(9));
+        assert_eq!(l.now().map(|n| n.0), Some(9));
         // Idle (one in flight of nine): an answer teaches nothing.
         drop(held);
         l.try_acquire().unwrap().finished(false);
-        assert_eq!(l.now().0, Some(9));
+        assert_eq!(l.now().map(|n| n.0), Some(9));
         // It never falls below 1.
         for _ in 0..100 {
             l.try_acquire().unwrap().finished(true);
         }
-        assert_eq!(l.now().0, Some(1));
+        assert_eq!(l.now().map(|n| n.0), Some(1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -309,18 +345,18 @@ mod tests {
             drop(permits);
         }
         busy(&l, 50).await;
-        let grown = l.now().0.unwrap();
+        let grown = l.now().map(|n| n.0).unwrap();
         assert!(grown > 10, "no queue: it grows ({grown})");
         // Latency four times the least: a queue of 3/4 of the limit.
         for _ in 0..20 {
             busy(&l, 200).await;
         }
-        let shrunk = l.now().0.unwrap();
+        let shrunk = l.now().map(|n| n.0).unwrap();
         assert!(shrunk < grown, "a queue: it shrinks ({grown} -> {shrunk})");
         // A drop shrinks it too.
-        let before = l.now().0.unwrap();
+        let before = l.now().map(|n| n.0).unwrap();
         l.try_acquire().unwrap().finished(true);
-        assert!(l.now().0.unwrap() < before);
+        assert!(l.now().map(|n| n.0).unwrap() < before);
     }
 
     #[tokio::test(start_paused = true)]
@@ -329,11 +365,11 @@ mod tests {
         for _ in 0..5 {
             l.try_acquire().unwrap().finished(true);
         }
-        assert!(l.now().0.unwrap() < 10);
+        assert!(l.now().map(|n| n.0).unwrap() < 10);
         l.set_kind(LimitKind::Vegas);
-        assert_eq!(l.now().0, Some(10));
+        assert_eq!(l.now().map(|n| n.0), Some(10));
         l.set_kind(LimitKind::Off);
-        assert_eq!(l.now().0, None);
+        assert_eq!(l.now(), None);
         assert_eq!("AIMD".parse(), Ok(LimitKind::Aimd));
         assert!("tcp".parse::<LimitKind>().is_err());
     }

@@ -538,7 +538,7 @@ where
         // A breaker rejection never reached the downstream: no latency.
         // For the throttle it is a request refused locally: counted,
         // never accepted.
-        if !matches!(result, Err(BreakerError::Rejected(_))) {
+        if hedging.is_some() && !matches!(result, Err(BreakerError::Rejected(_))) {
             latencies.record(took);
         }
         if let Some(throttle) = throttle {

@@ -464,7 +464,8 @@ async fn without_the_breaker_every_order_retries_to_the_end() {
             "retry_budget_enabled": false,
             "retry_jitter": "proportional",
             "throttle_enabled": false,
-            "hedge_enabled": false
+            "hedge_enabled": false,
+            "concurrency_limit": "off"
         })
     );
     let orders = run_orders(&lab, 6).await;
@@ -1089,6 +1090,15 @@ async fn a_concurrency_limit_switched_on_at_run_time_refuses_calls_past_it() {
     assert_eq!(value(&m, "concurrency_limit", &[]), 20.0);
     assert_eq!(value(&m, "concurrency_limit_rejected_total", &[]), 10.0);
     assert_eq!(value(&m, "concurrency_limit_in_flight", &[]), 0.0);
+    // Off again: the limit's series are gone.
+    admin(
+        &lab,
+        put("/admin/reliability", json!({"concurrency_limit": "off"})),
+    )
+    .await;
+    let m = scrape(&lab).await;
+    assert!(samples(&m, "concurrency_limit").is_empty());
+    assert!(samples(&m, "concurrency_limit_in_flight").is_empty());
     let (status, _, reply) = send(
         &lab.router,
         put("/admin/reliability", json!({"concurrency_limit": "tcp"})),
