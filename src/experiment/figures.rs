@@ -10,8 +10,6 @@ use crate::observability::latency::Interval;
 use crate::observability::metrics::Totals;
 use crate::payment::client::ClientReading;
 
-use super::providers::TierReading;
-
 /// Every figure, in the order reports list them.
 pub const FIGURES: [&str; 55] = [
     "accepted",
@@ -70,6 +68,21 @@ pub const FIGURES: [&str; 55] = [
     "abandoned_waiting",
     "ambiguous_failures",
 ];
+
+/// What one provider's `/metrics` said at the end of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TierReading {
+    /// Charge calls it received (`provider_requests_total`).
+    pub requests: u64,
+    /// Charges it recorded, and of those the ones for an order it had
+    /// charged already.
+    pub charges: u64,
+    pub duplicate_charges: u64,
+    /// Network faults it staged, all kinds.
+    pub faults: u64,
+    /// Charge calls it answered 429 (`PROVIDER_RATE_LIMIT`).
+    pub rate_limited: u64,
+}
 
 /// Where the fault was, on the timeline's clock (seconds since the start).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

@@ -11,6 +11,7 @@ pub mod charts;
 pub mod figures;
 pub mod file;
 pub mod hypothesis;
+pub mod process;
 pub mod providers;
 pub mod relay;
 pub mod replicas;
@@ -18,6 +19,7 @@ pub mod report;
 pub mod run;
 pub mod simulated;
 pub mod sweep;
+pub mod variant;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -17,26 +17,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use super::figures::TierReading;
 use super::file::Step;
-use super::replicas::{request, sigterm, start_process, Started};
+use super::process::{request, sigterm, start_process, Started};
 
 /// How long a provider may take to stop after SIGTERM.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
-
-/// What one provider's `/metrics` said at the end of a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TierReading {
-    /// Charge calls it received (`provider_requests_total`).
-    pub requests: u64,
-    /// Charges it recorded, and of those the ones for an order it had
-    /// charged already.
-    pub charges: u64,
-    pub duplicate_charges: u64,
-    /// Network faults it staged, all kinds.
-    pub faults: u64,
-    /// Charge calls it answered 429 (`PROVIDER_RATE_LIMIT`).
-    pub rate_limited: u64,
-}
 
 /// One provider of the chain.
 struct Tier {

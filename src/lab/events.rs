@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::timeline::Sample;
+use super::sample::Sample;
 use crate::payment::Mode;
 use crate::reliability::{BreakerObserver, BreakerState, Rejection};
 

@@ -7,6 +7,7 @@
 //! nothing of HTTP routes; `http` turns them into endpoints and events.
 
 pub mod events;
+pub mod sample;
 pub mod timeline;
 pub mod traffic;
 
@@ -15,7 +16,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use events::{Change, ChangeKind, Feed, LabEvent};
-pub use timeline::{Sample, Timeline};
+pub use sample::Sample;
+pub use timeline::Timeline;
 pub use traffic::{
     ClientBehaviour, LoadError, LoadOutcomes, LoadPlan, LoadStatus, Traffic, MAX_CLIENT_RETRIES,
     MAX_CLIENT_WAIT,
