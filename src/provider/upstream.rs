@@ -205,7 +205,8 @@ impl Upstream {
         cancel: &CancellationToken,
     ) -> Result<(), Unserved> {
         let made = AtomicU32::new(0);
-        let per_call = self.reliability_attempts();
+        // The most calls one charge call makes below.
+        let per_call = self.reliability.max_attempts().max(1);
         let first = request.attempt.saturating_sub(1).saturating_mul(per_call);
         let result = self
             .reliability
@@ -236,10 +237,5 @@ impl Upstream {
             }
             Err(CallError::Failed(err)) => Err(Unserved::Failed(err.to_string())),
         }
-    }
-
-    fn reliability_attempts(&self) -> u32 {
-        // The most calls one charge call makes below: the policy's attempts.
-        self.reliability.max_attempts().max(1)
     }
 }

@@ -256,10 +256,6 @@ impl Reliability {
         self
     }
 
-    pub fn hedge_config(&self) -> HedgeConfig {
-        self.hedge
-    }
-
     /// The delay a hedge would wait now, if one may start.
     pub fn hedge_delay(&self) -> Option<Duration> {
         self.latencies.delay(self.hedge.delay)

@@ -100,10 +100,6 @@ impl Throttle {
         }
     }
 
-    pub fn config(&self) -> ThrottleConfig {
-        self.config
-    }
-
     fn with_state<T>(&self, f: impl FnOnce(&mut State, usize, u64) -> T) -> T {
         let second = self.started.elapsed().as_secs();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
