@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make fuzz`: schemathesis against the release binary, driven by the
 # service's own OpenAPI document (GET /openapi.json), with all its checks,
-# negative data included, and the admin token. Bounded in examples and time.
+# negative data included, and the admin token. Bounded in examples and time;
+# every operation is fuzzed but the CPU profile and its flame graph (see
+# tests/contract/schemathesis.toml for why, and for each exception).
 #
 # Then the same against `reliability-lab provider` and its own document, in
 # two passes: every operation but the two admin changes, then only the
@@ -32,6 +34,7 @@ token=fuzz-$(date +%s)-token
 log=$(mktemp /tmp/reliability-lab-fuzz.XXXXXX.log)
 LISTEN_ADDR=127.0.0.1:$port ADMIN_TOKEN=$token RUST_LOG=warn \
     PAYMENT_LATENCY_MIN=0ms PAYMENT_LATENCY_MAX=0ms QUEUE_CAPACITY=10000 \
+    LOAD_MAX_DURATION=200ms TIMELINE_INTERVAL=50ms PROFILE_MAX_DURATION=1s \
     "$TARGET_DIR/release/reliability-lab" >"$log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT

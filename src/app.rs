@@ -364,13 +364,16 @@ impl AppBuilder {
         ));
         background.close();
         let instruments = Instruments {
-            traffic: Arc::new(Traffic::new(
-                target,
-                metrics.load(),
-                feed.clone(),
-                config.simulator.payment_seed,
-                config.load_client(),
-            )),
+            traffic: Arc::new(
+                Traffic::new(
+                    target,
+                    metrics.load(),
+                    feed.clone(),
+                    config.simulator.payment_seed,
+                    config.load_client(),
+                )
+                .with_max_duration(config.load_max_duration),
+            ),
             feed,
             timeline,
             closing: CancellationToken::new(),
@@ -387,7 +390,7 @@ impl AppBuilder {
             remote,
             reliability,
             metrics,
-            profiler: Arc::new(Profiler::new()),
+            profiler: Arc::new(Profiler::new().with_longest(config.profile_max_duration)),
             instruments,
         };
         let router = http::router(AppState::new(AppParts {

@@ -9,22 +9,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
+use crate::lab::{MAX_RATE, MIN_RATE};
+pub use crate::observability::logging::LogFormat;
 use crate::payment::{Capacity, PaymentSettings};
 use crate::reliability::{
-    BreakerConfig, BreakerPolicy, JitterKind, RateFigures, RetryPolicy, Switches,
+    is_window, BreakerConfig, BreakerPolicy, JitterKind, RateFigures, RetryPolicy, Switches,
+    BREAKER_COUNT_LIMIT, HALF_OPEN_PROBES_LIMIT,
 };
 use crate::units::{parse_duration, parse_switch};
-
-/// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines for a terminal.
-    Pretty,
-}
 
 pub(crate) fn positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
@@ -57,15 +51,11 @@ pub(crate) fn rate(raw: &str) -> Result<f64, String> {
     }
 }
 
-/// The built-in traffic generator's bounds, in requests per second.
-pub const LOAD_RATE_MIN: f64 = 0.1;
-pub const LOAD_RATE_MAX: f64 = 5000.0;
-
 fn load_rate(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
-        Ok(r) if (LOAD_RATE_MIN..=LOAD_RATE_MAX).contains(&r) => Ok(r),
+        Ok(r) if (MIN_RATE..=MAX_RATE).contains(&r) => Ok(r),
         _ => Err(format!(
-            "expected orders per second from {LOAD_RATE_MIN} to {LOAD_RATE_MAX}, such as 20"
+            "expected orders per second from {MIN_RATE} to {MAX_RATE}, such as 20"
         )),
     }
 }
@@ -75,12 +65,6 @@ fn timeline_interval(raw: &str) -> Result<Duration, String> {
         d if d >= Duration::from_millis(10) && d <= Duration::from_secs(60) => Ok(d),
         _ => Err("expected a duration from 10ms to 1m, such as 250ms".into()),
     }
-}
-
-/// Whether `d` is a window of whole seconds from 1 s to 1 h (the retry
-/// budget's and the failure-rate breaker's; the admin API checks the same).
-pub fn is_window(d: Duration) -> bool {
-    d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) && d.subsec_nanos() == 0
 }
 
 pub(crate) fn budget_window(raw: &str) -> Result<Duration, String> {
@@ -150,15 +134,9 @@ fn client_retry_delay(raw: &str) -> Result<Duration, String> {
     client_wait(raw, false)
 }
 
-/// The largest failure threshold and minimum of calls the breaker takes.
-pub const BREAKER_COUNT_LIMIT: u32 = 1_000_000;
-
 pub(crate) fn breaker_count(raw: &str) -> Result<u32, String> {
     one_to(raw, BREAKER_COUNT_LIMIT)
 }
-
-/// The most probes a half-open window may admit.
-pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
 
 fn half_open_probes(raw: &str) -> Result<u32, String> {
     one_to(raw, HALF_OPEN_PROBES_LIMIT)
@@ -590,6 +568,10 @@ pub struct Config {
     #[arg(long, env = "LOAD_DURATION", value_parser = positive_duration)]
     pub load_duration: Option<Duration>,
 
+    /// The longest any run of the built-in traffic lasts, whatever LOAD_DURATION or PUT /admin/load asks: a run asked for longer, or for no end, stops after it. Unset: no bound.
+    #[arg(long, env = "LOAD_MAX_DURATION", value_parser = positive_duration)]
+    pub load_max_duration: Option<Duration>,
+
     /// The built-in traffic's clients: how many times an order is sent again after a 503 or a client timeout (0 to 10).
     #[arg(long, env = "LOAD_RETRIES", default_value = "0", value_parser = client_retries)]
     pub load_retries: u32,
@@ -613,6 +595,10 @@ pub struct Config {
     /// How often the timeline records a sample of the pipeline.
     #[arg(long, env = "TIMELINE_INTERVAL", default_value = "250ms", value_parser = timeline_interval)]
     pub timeline_interval: Duration,
+
+    /// The longest a CPU profile or flame graph samples, whatever its `seconds` asks (a profile asked for longer, or for the default 30 s, samples this long). Unset: as asked.
+    #[arg(long, env = "PROFILE_MAX_DURATION", value_parser = positive_duration)]
+    pub profile_max_duration: Option<Duration>,
 
     /// How much of the timeline is kept (at most 100,000 samples).
     #[arg(long, env = "TIMELINE_RETENTION", default_value = "15m", value_parser = positive_duration)]
@@ -1169,6 +1155,16 @@ mod tests {
                 "TIMELINE_RETENTION",
                 "above zero",
             ),
+            (
+                &["--load-max-duration", "0s"][..],
+                "LOAD_MAX_DURATION",
+                "above zero",
+            ),
+            (
+                &["--profile-max-duration", "0ms"][..],
+                "PROFILE_MAX_DURATION",
+                "above zero",
+            ),
             (&["--rust-log", "=[bad"][..], "RUST_LOG", "filter"),
         ] {
             let err = parse(args).unwrap_err();
@@ -1302,6 +1298,8 @@ mod tests {
             "ADMIN_TOKEN",
             "LOAD_RATE",
             "LOAD_DURATION",
+            "LOAD_MAX_DURATION",
+            "PROFILE_MAX_DURATION",
             "LOAD_RETRIES",
             "LOAD_RETRY_AFTER",
             "LOAD_RETRY_DELAY",

@@ -60,8 +60,8 @@ async fn main() -> ExitCode {
 /// Experiments print progress and verdicts on stderr; the services they
 /// build log only errors, as readable lines (retries and breaker changes are
 /// the experiment's subject, and its report counts them).
-fn logging_format_for_experiments() -> reliability_lab::config::LogFormat {
-    reliability_lab::config::LogFormat::Pretty
+fn logging_format_for_experiments() -> reliability_lab::observability::logging::LogFormat {
+    reliability_lab::observability::logging::LogFormat::Pretty
 }
 
 // jemalloc is the allocator so that `/debug/pprof/heap` has something to read:

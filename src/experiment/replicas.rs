@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::figures::{self, FaultWindow, RunRecord, Takeover};
-use super::file::{replica_name, Experiment, FaultMark, Variant};
+use super::file::{replica_name, Experiment, FaultMark, Step, Variant};
 use super::process::{request, sigterm, start_process};
 use super::relay::{upstream_of, Relay};
 use super::variant::{check_traffic, VariantResult, DRAIN_LIMIT};
@@ -179,7 +179,9 @@ fn summed(replicas: &[Replica], rate: fn(&Sample) -> f64) -> u64 {
         .round() as u64
 }
 
-/// Runs one variant as `experiment.replicas` processes of `binary`.
+/// Runs one variant as `experiment.replicas` processes of `binary`: start
+/// them, start their traffic, follow the schedule until the orders drain,
+/// stop them, and read the figures from the database and their timelines.
 pub async fn run_variant(
     experiment: &Experiment,
     variant: &Variant,
@@ -199,8 +201,6 @@ pub async fn run_variant(
         .find(|(k, _)| k == "ADMIN_TOKEN")
         .map(|(_, v)| v.clone());
     let token = token.as_deref();
-    let interval = variant.config.timeline_interval;
-    let retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
 
     // With a cut in the schedule, each replica reaches Postgres through a
     // relay of its own (the partition), and the provider's ledger directly
@@ -215,8 +215,84 @@ pub async fn run_variant(
             relays.push(Relay::start(upstream).await.context("starting a relay")?);
         }
     }
+    let mut replicas =
+        start_replicas(experiment, variant, database_url, binary, &relays, progress).await?;
 
-    // One after another: the first creates the tables.
+    let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
+    let start = Instant::now();
+    let start_wall = Utc::now();
+    start_traffic(experiment, variant, &replicas, token).await?;
+
+    let mut watch = Watch {
+        pool: &pool,
+        variant,
+        start,
+        start_wall,
+        since,
+        token,
+        fault_start: None,
+        fault_end: None,
+        kill: None,
+        in_hand: Vec::new(),
+        watched: Vec::new(),
+        takeover_times: HashMap::new(),
+        traffic: LoadOutcomes::default(),
+    };
+    let drained = watch
+        .until_drained(experiment, &mut replicas, &mut relays, progress)
+        .await?;
+    if !drained {
+        let _ = writeln!(
+            progress,
+            "  {}: orders still open after {DRAIN_LIMIT:?}; figures count what finished",
+            variant.name
+        );
+    }
+    // One more sample from each survivor, then stop them as an operator would.
+    tokio::time::sleep(variant.config.timeline_interval * 2).await;
+    stop_replicas(&mut replicas, start_wall, token, progress).await;
+
+    check_traffic(&variant.name, &watch.traffic, progress)?;
+    let record = record(
+        &pool,
+        since,
+        &replicas,
+        watch.kill.is_some(),
+        &watch.in_hand,
+        &watch.takeover_times,
+        variant,
+    )
+    .await?;
+    let record = RunRecord {
+        fault: watch.fault_start.map(|start| FaultWindow {
+            start,
+            end: watch.fault_end,
+        }),
+        ..record
+    };
+    pool.close().await;
+    let figures = figures::compute(&record);
+    Ok(VariantResult {
+        name: variant.name.clone(),
+        cell: 0,
+        record,
+        figures,
+        ran_for: start.elapsed(),
+    })
+}
+
+/// Starts the replicas one after another (the first creates the tables),
+/// each with the variant's settings, its own seed, and its relay to
+/// Postgres when there is one.
+async fn start_replicas(
+    experiment: &Experiment,
+    variant: &Variant,
+    database_url: &str,
+    binary: &Path,
+    relays: &[Relay],
+    progress: &mut (dyn Write + Send),
+) -> anyhow::Result<Vec<Replica>> {
+    let retention = experiment.duration + DRAIN_LIMIT + Duration::from_secs(60);
     let mut replicas: Vec<Replica> = Vec::new();
     for i in 0..experiment.replicas {
         let mut env: Vec<(String, String)> = variant
@@ -248,17 +324,23 @@ pub async fn run_variant(
         );
         replicas.push(replica);
     }
+    Ok(replicas)
+}
 
-    let since: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
+/// Starts every replica's own generator at its share of the variant's rate.
+async fn start_traffic(
+    experiment: &Experiment,
+    variant: &Variant,
+    replicas: &[Replica],
+    token: Option<&str>,
+) -> anyhow::Result<()> {
     let share = variant.rate / experiment.replicas as f64;
     let load = serde_json::json!({
         "rate": share,
         "duration": format!("{}ms", experiment.duration.as_millis()),
     })
     .to_string();
-    let start = Instant::now();
-    let start_wall = Utc::now();
-    for r in &replicas {
+    for r in replicas {
         let (status, body) = request(r.addr, "PUT", "/admin/load", Some(load.clone()), token)
             .await
             .with_context(|| format!("replica {}: starting its traffic", r.name))?;
@@ -270,143 +352,194 @@ pub async fn run_variant(
             );
         }
     }
+    Ok(())
+}
 
-    let mut fault_start: Option<f64> = None;
-    let mut fault_end: Option<f64> = None;
-    // The killed replica: its owner id, when, and the orders it held.
-    let mut kill: Option<(String, Instant)> = None;
-    let mut in_hand: Vec<Uuid> = Vec::new();
-    let mut watched: Vec<Uuid> = Vec::new();
-    let mut takeover_times: HashMap<Uuid, f64> = HashMap::new();
-    let mut steps = experiment.schedule.iter().peekable();
-    let end = start + experiment.duration;
-    let mut next_poll = start + POLL_PERIOD;
-    let mut next_report = start;
-    let drain_deadline = end + DRAIN_LIMIT;
-    let mut drained = false;
-    // What the generators' requests came to: the killed replica's up to its
-    // kill, the survivors' at the end.
-    let mut traffic = LoadOutcomes::default();
-    let mut survivors_traffic: LoadOutcomes;
-    loop {
-        tokio::time::sleep(WATCH_PERIOD).await;
-        let now = Instant::now();
-        let t = now.duration_since(start).as_secs_f64();
-        while let Some(step) = steps.next_if(|s| start + s.at <= now) {
-            // The replica whose orders are lost to the others, and how.
-            let mut lost: Option<(usize, &str)> = None;
-            if let Some(index) = step.kill {
-                let r = &mut replicas[index];
-                // Its samples and its traffic up to the moment it dies.
-                poll(r, start_wall, token).await;
-                if let Some((_, outcomes)) = load_status(r, token).await {
-                    add(&mut traffic, outcomes);
+/// What the run saw while the replicas ran: the schedule's marks, the
+/// replica lost (killed or cut off) and its orders' takeover, and the
+/// generators' outcomes.
+struct Watch<'a> {
+    pool: &'a PgPool,
+    variant: &'a Variant,
+    start: Instant,
+    start_wall: DateTime<Utc>,
+    /// Postgres's clock when the variant began: orders since count.
+    since: DateTime<Utc>,
+    token: Option<&'a str>,
+    fault_start: Option<f64>,
+    fault_end: Option<f64>,
+    /// The lost replica's owner id and when it was lost.
+    kill: Option<(String, Instant)>,
+    /// The orders it held then, and those not yet taken over.
+    in_hand: Vec<Uuid>,
+    watched: Vec<Uuid>,
+    takeover_times: HashMap<Uuid, f64>,
+    /// What the generators' requests came to: the killed replica's up to
+    /// its kill, the survivors' at the end.
+    traffic: LoadOutcomes,
+}
+
+impl Watch<'_> {
+    /// Follows the schedule and the takeover until the traffic is over and
+    /// every order finished (true), or the drain's limit passed (false).
+    async fn until_drained(
+        &mut self,
+        experiment: &Experiment,
+        replicas: &mut [Replica],
+        relays: &mut [Relay],
+        progress: &mut (dyn Write + Send),
+    ) -> anyhow::Result<bool> {
+        let start = self.start;
+        let mut steps = experiment.schedule.iter().peekable();
+        let end = start + experiment.duration;
+        let mut next_poll = start + POLL_PERIOD;
+        let mut next_report = start;
+        let drain_deadline = end + DRAIN_LIMIT;
+        loop {
+            tokio::time::sleep(WATCH_PERIOD).await;
+            let now = Instant::now();
+            while let Some(step) = steps.next_if(|s| start + s.at <= now) {
+                self.apply(step, replicas, relays, progress).await?;
+            }
+            self.see_takeovers().await?;
+            if now >= next_poll {
+                for r in replicas.iter_mut().filter(|r| r.alive) {
+                    poll(r, self.start_wall, self.token).await;
                 }
-                r.child.start_kill().context("SIGKILL")?;
-                let _ = r.child.wait().await;
-                r.alive = false;
-                lost = Some((index, "killed (SIGKILL)"));
+                next_poll = now + POLL_PERIOD;
             }
-            if let Some(index) = step.cut {
-                relays[index].cut();
-                // Its orders are taken over as a killed replica's are.
-                lost = Some((index, "cut off from Postgres"));
+            let traffic_over = now >= end && steps.peek().is_none();
+            // The database is asked only when a progress line or the drain needs it.
+            if now < next_report && !traffic_over {
+                continue;
             }
-            if let Some((index, how)) = lost {
-                let r = &replicas[index];
-                let at = Instant::now();
-                in_hand = sqlx::query_scalar(
-                    "SELECT id FROM orders
-                      WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
-                )
-                .bind(&r.owner)
-                .fetch_all(&pool)
-                .await?;
-                watched = in_hand.clone();
+            let (accepted, completed, failed) = counts(self.pool, self.since).await?;
+            if now >= next_report {
+                let t = now.duration_since(start).as_secs_f64();
                 let _ = writeln!(
                     progress,
-                    "  {:<24} {t:>5.1}s  replica {} {how} holding {} orders",
-                    variant.name,
-                    r.name,
-                    in_hand.len()
+                    "  {:<24} {t:>5.1}s / {:.0}s  {accepted} orders, {completed} completed, {failed} failed",
+                    self.variant.name,
+                    experiment.duration.as_secs_f64(),
                 );
-                kill = Some((r.owner.clone(), at));
+                next_report = now + Duration::from_secs(2);
             }
-            if let Some(index) = step.heal {
-                relays[index].heal();
-                let _ = writeln!(
-                    progress,
-                    "  {:<24} {t:>5.1}s  replica {} reconnected",
-                    variant.name, replicas[index].name
-                );
-            }
-            match step.fault {
-                Some(FaultMark::Start) => fault_start = Some(t),
-                Some(FaultMark::End) => fault_end = Some(t),
-                None => {}
-            }
-        }
-        if let Some((owner, killed_at)) = &kill {
-            if !watched.is_empty() {
-                let seen = Instant::now().duration_since(*killed_at).as_secs_f64();
-                for id in taken_over(&pool, &watched, owner).await? {
-                    takeover_times.entry(id).or_insert(seen);
+            if traffic_over {
+                let (loads_done, survivors) = self.survivors_traffic(replicas).await;
+                if (loads_done && accepted == completed + failed) || now >= drain_deadline {
+                    add(&mut self.traffic, survivors);
+                    return Ok(loads_done && accepted == completed + failed);
                 }
-                watched.retain(|id| !takeover_times.contains_key(id));
             }
         }
-        if now >= next_poll {
-            for r in replicas.iter_mut().filter(|r| r.alive) {
-                poll(r, start_wall, token).await;
+    }
+
+    /// One step of the schedule: a kill, a cut, a heal, a fault's mark.
+    async fn apply(
+        &mut self,
+        step: &Step,
+        replicas: &mut [Replica],
+        relays: &mut [Relay],
+        progress: &mut (dyn Write + Send),
+    ) -> anyhow::Result<()> {
+        let t = Instant::now().duration_since(self.start).as_secs_f64();
+        // The replica whose orders are lost to the others, and how.
+        let mut lost: Option<(usize, &str)> = None;
+        if let Some(index) = step.kill {
+            let r = &mut replicas[index];
+            // Its samples and its traffic up to the moment it dies.
+            poll(r, self.start_wall, self.token).await;
+            if let Some((_, outcomes)) = load_status(r, self.token).await {
+                add(&mut self.traffic, outcomes);
             }
-            next_poll = now + POLL_PERIOD;
+            r.child.start_kill().context("SIGKILL")?;
+            let _ = r.child.wait().await;
+            r.alive = false;
+            lost = Some((index, "killed (SIGKILL)"));
         }
-        let traffic_over = now >= end && steps.peek().is_none();
-        // The database is asked only when a progress line or the drain needs it.
-        if now < next_report && !traffic_over {
-            continue;
+        if let Some(index) = step.cut {
+            relays[index].cut();
+            // Its orders are taken over as a killed replica's are.
+            lost = Some((index, "cut off from Postgres"));
         }
-        let (accepted, completed, failed) = counts(&pool, since).await?;
-        if now >= next_report {
+        if let Some((index, how)) = lost {
+            let r = &replicas[index];
+            let at = Instant::now();
+            self.in_hand = sqlx::query_scalar(
+                "SELECT id FROM orders
+                  WHERE lease_owner = $1 AND status IN ('pending', 'processing')",
+            )
+            .bind(&r.owner)
+            .fetch_all(self.pool)
+            .await?;
+            self.watched = self.in_hand.clone();
             let _ = writeln!(
                 progress,
-                "  {:<24} {t:>5.1}s / {:.0}s  {accepted} orders, {completed} completed, {failed} failed",
-                variant.name,
-                experiment.duration.as_secs_f64(),
+                "  {:<24} {t:>5.1}s  replica {} {how} holding {} orders",
+                self.variant.name,
+                r.name,
+                self.in_hand.len()
             );
-            next_report = now + Duration::from_secs(2);
+            self.kill = Some((r.owner.clone(), at));
         }
-        if traffic_over {
-            let mut loads_done = true;
-            survivors_traffic = LoadOutcomes::default();
-            for r in replicas.iter().filter(|r| r.alive) {
-                match load_status(r, token).await {
-                    Some((done, outcomes)) => {
-                        loads_done &= done;
-                        add(&mut survivors_traffic, outcomes);
-                    }
-                    None => loads_done = false,
+        if let Some(index) = step.heal {
+            relays[index].heal();
+            let _ = writeln!(
+                progress,
+                "  {:<24} {t:>5.1}s  replica {} reconnected",
+                self.variant.name, replicas[index].name
+            );
+        }
+        match step.fault {
+            Some(FaultMark::Start) => self.fault_start = Some(t),
+            Some(FaultMark::End) => self.fault_end = Some(t),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Records when each order the lost replica held was taken over.
+    async fn see_takeovers(&mut self) -> anyhow::Result<()> {
+        let Some((owner, lost_at)) = &self.kill else {
+            return Ok(());
+        };
+        if self.watched.is_empty() {
+            return Ok(());
+        }
+        let seen = Instant::now().duration_since(*lost_at).as_secs_f64();
+        for id in taken_over(self.pool, &self.watched, owner).await? {
+            self.takeover_times.entry(id).or_insert(seen);
+        }
+        let taken = &self.takeover_times;
+        self.watched.retain(|id| !taken.contains_key(id));
+        Ok(())
+    }
+
+    /// Whether every surviving generator is done, and what they sent.
+    async fn survivors_traffic(&self, replicas: &[Replica]) -> (bool, LoadOutcomes) {
+        let mut done = true;
+        let mut outcomes = LoadOutcomes::default();
+        for r in replicas.iter().filter(|r| r.alive) {
+            match load_status(r, self.token).await {
+                Some((finished, more)) => {
+                    done &= finished;
+                    add(&mut outcomes, more);
                 }
-            }
-            if loads_done && accepted == completed + failed {
-                drained = true;
-                break;
-            }
-            if now >= drain_deadline {
-                break;
+                None => done = false,
             }
         }
+        (done, outcomes)
     }
-    add(&mut traffic, survivors_traffic);
-    if !drained {
-        let _ = writeln!(
-            progress,
-            "  {}: orders still open after {DRAIN_LIMIT:?}; figures count what finished",
-            variant.name
-        );
-    }
-    // One more sample from each survivor, then stop them as an operator would.
-    tokio::time::sleep(interval * 2).await;
+}
+
+/// Samples each survivor once more, then stops it with SIGTERM, saying
+/// which did not stop cleanly.
+async fn stop_replicas(
+    replicas: &mut [Replica],
+    start_wall: DateTime<Utc>,
+    token: Option<&str>,
+    progress: &mut (dyn Write + Send),
+) {
     for r in replicas.iter_mut().filter(|r| r.alive) {
         poll(r, start_wall, token).await;
         sigterm(&r.child);
@@ -433,34 +566,6 @@ pub async fn run_variant(
         }
         r.alive = false;
     }
-
-    check_traffic(&variant.name, &traffic, progress)?;
-    let record = record(
-        &pool,
-        since,
-        &replicas,
-        kill.is_some(),
-        &in_hand,
-        &takeover_times,
-        variant,
-    )
-    .await?;
-    let record = RunRecord {
-        fault: fault_start.map(|start| FaultWindow {
-            start,
-            end: fault_end,
-        }),
-        ..record
-    };
-    pool.close().await;
-    let figures = figures::compute(&record);
-    Ok(VariantResult {
-        name: variant.name.clone(),
-        cell: 0,
-        record,
-        figures,
-        ran_for: start.elapsed(),
-    })
 }
 
 /// What the run left behind: the database's counts, the replicas'

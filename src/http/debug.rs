@@ -70,11 +70,15 @@ pub async fn index_bare() -> Json<ProfileList> {
 }
 
 #[utoipa::path(get, path = "/debug/pprof/{name}", tag = "debug", security(("admin_token" = [])),
-    params(("name" = String, Path, description = "Any name that is not a profile")),
+    params(("name" = String, Path, description = "A profile's name; names with routes of their own (`heap`, `profile`, `flamegraph`) are answered by those routes")),
     responses(
+        (status = 200, description = "A name with a route of its own answers as that route does: `heap` the heap profile, `profile` a CPU profile (both pprof protobuf), `flamegraph` an SVG flame graph, each sampling 30 s (or PROFILE_MAX_DURATION)", content((Vec<u8> = "application/octet-stream"), (String = "image/svg+xml"))),
         (status = 400, description = "The name is not UTF-8 once percent-decoded", body = ErrorBody),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
         (status = 404, description = "No such profile; the answer lists them under `profiles`", body = ErrorBody),
+        (status = 429, description = "`profile` or `flamegraph` while another CPU profile is being taken", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 501, description = "`heap`, where this build's allocator does not profile", body = ErrorBody),
     ))]
 pub async fn unknown(
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,

@@ -220,6 +220,21 @@ pub struct Hello {
     pub changes: Vec<Change>,
 }
 
+/// The `lagged` event: this listener fell behind and skipped `skipped`
+/// events.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Lagged {
+    pub skipped: u64,
+}
+
+/// The events of `GET /admin/events`, each with the schema of its data.
+pub const STREAM_EVENTS: [(&str, &str); 4] = [
+    ("hello", "Hello"),
+    ("sample", "Sample"),
+    ("change", "Change"),
+    ("lagged", "Lagged"),
+];
+
 fn json_event(name: &'static str, value: &impl Serialize) -> Event {
     Event::default()
         .event(name)
@@ -229,7 +244,7 @@ fn json_event(name: &'static str, value: &impl Serialize) -> Event {
 
 #[utoipa::path(get, path = "/admin/events", tag = "admin", security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Server-Sent Events: `hello` (a Hello), then `sample` (a Sample) every TIMELINE_INTERVAL, `change` (a Change) as it happens, `lagged` ({\"skipped\": n}) when this listener fell behind. Ends when the service stops.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events: `hello` (a Hello), then `sample` (a Sample) every TIMELINE_INTERVAL, `change` (a Change) as it happens, `lagged` (a Lagged) when this listener fell behind. Each event's data is one JSON object; the schema describes one event as a client parses it (its name and its data). Ends when the service stops.", content_type = "text/event-stream", body = String),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = ErrorBody),
     ))]
 pub async fn events(State(state): State<AppState>) -> Response {
@@ -302,7 +317,7 @@ fn live_events(
                 Ok(LabEvent::Sample(sample)) => json_event("sample", &*sample),
                 Ok(LabEvent::Change(change)) => json_event("change", &*change),
                 Err(RecvError::Lagged(skipped)) => {
-                    json_event("lagged", &serde_json::json!({ "skipped": skipped }))
+                    json_event("lagged", &Lagged { skipped })
                 }
                 Err(RecvError::Closed) => return None,
             },

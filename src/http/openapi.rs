@@ -52,7 +52,14 @@ use super::{admin, console, debug, error, handlers, lab};
         debug::heap,
         debug::unknown,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    components(schemas(
+        error::ErrorBody,
+        error::ErrorDetail,
+        lab::Hello,
+        crate::lab::Sample,
+        crate::lab::Change,
+        lab::Lagged
+    )),
     modifiers(&BearerToken),
     tags(
         (name = "orders", description = "Create orders and read them back"),
@@ -88,10 +95,42 @@ impl Modify for BearerToken {
 pub fn json() -> &'static str {
     static JSON: OnceLock<String> = OnceLock::new();
     JSON.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_pretty_json()
-            .expect("the document renders")
+        let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the document renders");
+        describe_event_stream(&mut document);
+        serde_json::to_string_pretty(&document).expect("the document renders")
     })
+}
+
+/// `GET /admin/events` answers a stream of events, each a name and a JSON
+/// object. OpenAPI 3.1 describes a stream by the schema of one event as a
+/// client parses it, `{"event": name, "data": text}`, the text's own schema
+/// given by `contentMediaType` and `contentSchema` (JSON Schema 2020-12):
+/// one branch per event name. utoipa's schema types have no
+/// `contentSchema`, so the branches are written into the rendered document.
+fn describe_event_stream(document: &mut serde_json::Value) {
+    let branches: Vec<serde_json::Value> = lab::STREAM_EVENTS
+        .iter()
+        .map(|(name, schema)| {
+            serde_json::json!({
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": { "type": "string", "enum": [name] },
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": { "$ref": format!("#/components/schemas/{schema}") }
+                    },
+                    "id": { "type": "string" },
+                    "retry": { "type": "integer" }
+                }
+            })
+        })
+        .collect();
+    let stream = document
+        .pointer_mut("/paths/~1admin~1events/get/responses/200/content/text~1event-stream")
+        .expect("GET /admin/events documents a text/event-stream answer");
+    stream["schema"] = serde_json::json!({ "oneOf": branches });
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "service",

@@ -20,7 +20,7 @@ pub use sample::Sample;
 pub use timeline::Timeline;
 pub use traffic::{
     ClientBehaviour, LoadError, LoadOutcomes, LoadPlan, LoadStatus, Traffic, MAX_CLIENT_RETRIES,
-    MAX_CLIENT_WAIT,
+    MAX_CLIENT_WAIT, MAX_RATE, MIN_RATE,
 };
 
 /// The instruments of one running service.

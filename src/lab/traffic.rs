@@ -40,7 +40,10 @@ use crate::observability::metrics::{LoadMetrics, LOAD_OUTCOMES};
 use crate::transport::Target;
 use crate::units::HumanDuration;
 
-pub use crate::config::{LOAD_RATE_MAX as MAX_RATE, LOAD_RATE_MIN as MIN_RATE};
+/// The generator's bounds, in orders per second (LOAD_RATE and
+/// `PUT /admin/load` alike).
+pub const MIN_RATE: f64 = 0.1;
+pub const MAX_RATE: f64 = 5000.0;
 /// The longest run: the same bound as every other duration setting.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Requests in flight at most; a due request beyond it is skipped.
@@ -181,6 +184,18 @@ impl LoadPlan {
 
     pub fn duration(&self) -> Option<Duration> {
         self.duration
+    }
+
+    /// The same plan ending after at most `max` (LOAD_MAX_DURATION): a plan
+    /// with no end, or a longer one, gets `max` as its duration.
+    pub fn bounded_by(self, max: Option<Duration>) -> Self {
+        match max {
+            Some(max) => Self {
+                duration: Some(self.duration.map_or(max, |d| d.min(max))),
+                ..self
+            },
+            None => self,
+        }
     }
 
     /// How many requests the whole run sends, when it has an end.
@@ -394,6 +409,8 @@ pub struct Traffic {
     in_flight: Arc<Semaphore>,
     current: Mutex<Option<Run>>,
     tasks: TaskTracker,
+    /// The longest a run lasts (LOAD_MAX_DURATION); None: as asked.
+    max_duration: Option<Duration>,
 }
 
 impl std::fmt::Debug for Traffic {
@@ -428,7 +445,14 @@ impl Traffic {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             current: Mutex::new(None),
             tasks,
+            max_duration: None,
         }
+    }
+
+    /// Every run ends after at most `max` (LOAD_MAX_DURATION).
+    pub fn with_max_duration(mut self, max: Option<Duration>) -> Self {
+        self.max_duration = max;
+        self
     }
 
     /// How clients behave in a run whose plan does not say (the
@@ -444,6 +468,7 @@ impl Traffic {
     /// Starts a run, ending the one in progress first. Refused once the
     /// service is stopping.
     pub fn start(&self, plan: LoadPlan) -> Result<LoadStatus, LoadError> {
+        let plan = plan.bounded_by(self.max_duration);
         if self.tasks.is_closed() {
             return Err(LoadError {
                 field: "rate",
@@ -747,6 +772,32 @@ mod tests {
                 .total(),
             Some(3)
         );
+    }
+
+    #[test]
+    fn a_maximum_duration_bounds_runs_without_an_end_and_longer_ones() {
+        let max = Some(Duration::from_secs(2));
+        let endless = LoadPlan::new(5.0, None).unwrap();
+        assert_eq!(endless.bounded_by(max).duration(), max);
+        assert_eq!(endless.bounded_by(None).duration(), None);
+        let long = LoadPlan::new(5.0, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(long.bounded_by(max).duration(), max);
+        let short = LoadPlan::new(5.0, Some(Duration::from_secs(1))).unwrap();
+        assert_eq!(
+            short.bounded_by(max).duration(),
+            Some(Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_generator_with_a_maximum_stops_an_endless_run_there() {
+        let traffic = unanswered().with_max_duration(Some(Duration::from_millis(500)));
+        let started = traffic.start(LoadPlan::new(10.0, None).unwrap()).unwrap();
+        assert_eq!(started.duration.as_deref(), Some("500ms"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = traffic.status();
+        assert!(!status.running, "{status:?}");
+        assert_eq!(status.sent, 5, "{status:?}");
     }
 
     /// A generator aimed at a port nothing listens on: every request is a

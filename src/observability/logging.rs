@@ -10,7 +10,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines look (LOG_FORMAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines for a terminal.
+    Pretty,
+}
 
 /// Installs the global subscriber. `filter` is an `EnvFilter` directive
 /// (`info`, `reliability_lab=debug,tower_http=warn`), already validated.

@@ -48,15 +48,28 @@ pub enum ProfileError {
     Failed(String),
 }
 
-/// Serialises CPU profiles: one at a time.
+/// Serialises CPU profiles: one at a time, each for at most `longest`
+/// when set (PROFILE_MAX_DURATION).
 #[derive(Default)]
 pub struct Profiler {
     cpu: Mutex<()>,
+    longest: Option<Duration>,
 }
 
 impl Profiler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A CPU profile asked for longer than `longest` samples for `longest`.
+    pub fn with_longest(mut self, longest: Option<Duration>) -> Self {
+        self.longest = longest;
+        self
+    }
+
+    /// How long a profile asked for `asked` samples.
+    pub fn bounded(&self, asked: Duration) -> Duration {
+        self.longest.map_or(asked, |longest| asked.min(longest))
     }
 
     /// Takes the one CPU profile slot without sampling: while the returned
@@ -67,6 +80,7 @@ impl Profiler {
     }
 
     async fn sample(&self, duration: Duration) -> Result<pprof::Report, ProfileError> {
+        let duration = self.bounded(duration);
         let _only_one = self.hold()?;
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(99)
@@ -100,7 +114,10 @@ impl Profiler {
         let report = self.sample(duration).await?;
         let folded = fold(&report);
         let mut options = inferno::flamegraph::Options::default();
-        options.title = format!("reliability-lab CPU, {}s", duration.as_secs());
+        options.title = format!(
+            "reliability-lab CPU, {}",
+            crate::units::format_duration(self.bounded(duration))
+        );
         let mut svg = Vec::new();
         if folded.is_empty() {
             // inferno refuses empty input; an idle process still gets a valid SVG.

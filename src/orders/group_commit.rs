@@ -33,11 +33,24 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::postgres::{map_err, row_to_order, MoveKind, PostgresStore, QUALIFIED};
+use super::pg_sql::{map_err, row_to_order, MoveKind, QUALIFIED};
 use super::{
     KeyedInsert, Order, OrderId, OrderRepository, StatusChange, StoreError, UpdateOutcome,
 };
 use crate::observability::metrics::StoreMetrics;
+
+/// What the writer needs of the store it writes for: the store's own
+/// single-row statements (the store without group commit: a lone request,
+/// and each of a failed batch, are written with them), its pool, and its
+/// lease. The Postgres store is the one there is; the writer names it only
+/// through this, so neither module imports the other.
+pub trait SingleRowStore: OrderRepository + Clone + Send + Sync + 'static {
+    fn pool(&self) -> &sqlx::PgPool;
+    /// This replica's id, the owner of the leases it takes.
+    fn lease_owner(&self) -> &str;
+    /// The lease's length in seconds, as the statements take it.
+    fn lease_secs(&self) -> f64;
+}
 
 /// What a new order's write came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,14 +86,14 @@ struct PendingMove {
 
 /// The writer: requests go in through channels, one task per kind of
 /// statement writes them.
-pub struct GroupCommit {
+pub struct GroupCommit<S> {
     inserts: mpsc::UnboundedSender<Pending>,
     moves: mpsc::UnboundedSender<PendingMove>,
     /// New orders being written or waiting to be, this replica's: a request
     /// that finds none writes its row itself, in its own task, with no hop
     /// through the writer.
     inserts_in_flight: Arc<AtomicUsize>,
-    single: PostgresStore,
+    single: S,
     metrics: StoreMetrics,
 }
 
@@ -144,12 +157,12 @@ where
     sender
 }
 
-impl GroupCommit {
+impl<S: SingleRowStore> GroupCommit<S> {
     /// Starts the writing tasks. `single` writes one row alone (the store
     /// without group commit): a lone request, and each of a failed batch.
     /// The tasks end when the last handle is dropped, after the requests
     /// already sent are answered.
-    pub fn start(single: PostgresStore, max: usize, metrics: StoreMetrics) -> Arc<Self> {
+    pub fn start(single: S, max: usize, metrics: StoreMetrics) -> Arc<Self> {
         let max = max.max(1);
         let inserts = batch_loop(max, {
             let single = single.clone();
@@ -213,7 +226,11 @@ impl GroupCommit {
     }
 }
 
-async fn write_orders(single: PostgresStore, mut batch: Vec<Pending>, metrics: StoreMetrics) {
+async fn write_orders<S: SingleRowStore>(
+    single: S,
+    mut batch: Vec<Pending>,
+    metrics: StoreMetrics,
+) {
     metrics.batch(batch.len());
     if batch.len() == 1 {
         let p = batch.pop().expect("one");
@@ -247,8 +264,8 @@ async fn write_orders(single: PostgresStore, mut batch: Vec<Pending>, metrics: S
 }
 
 /// One order, with the store's own single-row statements.
-async fn alone(
-    single: &PostgresStore,
+async fn alone<S: SingleRowStore>(
+    single: &S,
     order: &Order,
     key: Option<&Keyed>,
 ) -> Result<Written, StoreError> {
@@ -276,8 +293,8 @@ async fn alone(
 /// A batch in one transaction (one statement when it has no keys). The
 /// outer error is the write's (nothing was stored); after the commit each
 /// request has its own answer, in order.
-async fn together(
-    single: &PostgresStore,
+async fn together<S: SingleRowStore>(
+    single: &S,
     batch: &[Pending],
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     // Who stores an order: every request without a key, and the first of
@@ -331,7 +348,7 @@ async fn together(
     .bind(&errors)
     .bind(&created)
     .bind(&updated)
-    .bind(&single.lease().owner)
+    .bind(single.lease_owner())
     .bind(single.lease_secs());
     if first_with_key.is_empty() {
         // No keys: the one statement is the whole write, atomic on its own,
@@ -454,8 +471,8 @@ async fn together(
 }
 
 /// The digest and the order each of `keys` names.
-async fn read_keys(
-    single: &PostgresStore,
+async fn read_keys<S: SingleRowStore>(
+    single: &S,
     keys: &[&str],
 ) -> Result<HashMap<String, (String, Order)>, StoreError> {
     let mut existing = HashMap::new();
@@ -482,7 +499,7 @@ async fn read_keys(
 /// Status moves, as many as piled up, in one statement with the same
 /// conditions as one move alone (the expected status, the lease). A move
 /// of an order already moved in this batch waits for the next one.
-async fn write_moves(single: PostgresStore, batch: Vec<PendingMove>) {
+async fn write_moves<S: SingleRowStore>(single: S, batch: Vec<PendingMove>) {
     let mut seen = HashSet::new();
     let (firsts, repeats): (Vec<PendingMove>, Vec<PendingMove>) =
         batch.into_iter().partition(|m| seen.insert(m.id));
@@ -512,14 +529,14 @@ async fn write_moves(single: PostgresStore, batch: Vec<PendingMove>) {
 }
 
 /// Each move with the single statement, one after another.
-async fn move_alone(single: &PostgresStore, moves: Vec<PendingMove>) {
+async fn move_alone<S: SingleRowStore>(single: &S, moves: Vec<PendingMove>) {
     for m in moves {
         let moved = single.update_status(m.id, &m.change).await;
         let _ = m.reply.send(moved);
     }
 }
 
-async fn moves_in_one(single: &PostgresStore, kind: MoveKind, batch: Vec<PendingMove>) {
+async fn moves_in_one<S: SingleRowStore>(single: &S, kind: MoveKind, batch: Vec<PendingMove>) {
     match moves_together(single, kind, &batch).await {
         Ok(moved) => {
             for (m, outcome) in batch.into_iter().zip(moved) {
@@ -545,8 +562,8 @@ async fn moves_in_one(single: &PostgresStore, kind: MoveKind, batch: Vec<Pending
 
 /// The moves of a batch (distinct orders, one kind) in one statement: per
 /// move, the order as moved, or none where its conditions did not hold.
-async fn moves_together(
-    single: &PostgresStore,
+async fn moves_together<S: SingleRowStore>(
+    single: &S,
     kind: MoveKind,
     batch: &[PendingMove],
 ) -> Result<Vec<Option<Order>>, StoreError> {
@@ -573,7 +590,7 @@ async fn moves_together(
         .bind(&attempts)
         .bind(&errors)
         .bind(&at)
-        .bind(&single.lease().owner);
+        .bind(single.lease_owner());
     let rows = kind
         .bind_lease(query, single.lease_secs())
         .fetch_all(single.pool())

@@ -8,6 +8,7 @@ mod error;
 pub(crate) mod group_commit;
 pub mod memory;
 mod model;
+pub(crate) mod pg_sql;
 pub mod pg_tls;
 pub mod postgres;
 mod queue;

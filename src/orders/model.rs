@@ -282,6 +282,15 @@ pub struct Order {
 }
 
 impl Order {
+    /// How long the order took from creation to its last update (its final
+    /// status, once it has one), by the wall clock its timestamps were read
+    /// from; zero if that clock went back.
+    pub fn age_at_last_update(&self) -> std::time::Duration {
+        (self.updated_at - self.created_at)
+            .to_std()
+            .unwrap_or_default()
+    }
+
     /// A new pending order. Timestamps are cut to microseconds, the precision
     /// Postgres keeps, so both stores hand back the same value.
     pub fn new(id: OrderId, new: NewOrder, now: DateTime<Utc>) -> Self {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::ChargeRequest;
 use crate::orders::group_commit::batch_loop;
-use crate::orders::postgres::map_err;
+use crate::orders::pg_sql::map_err;
 use crate::orders::{OrderId, StoreError};
 
 /// Why the ledger could not answer.

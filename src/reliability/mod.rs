@@ -30,7 +30,10 @@ pub use budget::{BudgetConfig, RetryBudget};
 pub use hedge::{HedgeConfig, HedgeDelay, Latencies, HEDGE_MAX_LIMIT};
 pub use limit::{ConcurrencyLimit, LimitConfig, LimitKind, LimitPermit, LIMIT_MAX};
 pub use retry::{JitterKind, RetryPolicy};
-pub use settings::{BreakerSettings, BreakerUpdate, PolicyName};
+pub use settings::{
+    is_window, BreakerSettings, BreakerUpdate, PolicyName, BREAKER_COUNT_LIMIT,
+    HALF_OPEN_PROBES_LIMIT,
+};
 pub use throttle::{Throttle, ThrottleConfig, THROTTLE_K_MAX};
 
 /// How an error of the wrapped call is treated.

@@ -9,8 +9,20 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BreakerConfig, BreakerPolicy, RateFigures};
-use crate::config::{BREAKER_COUNT_LIMIT, HALF_OPEN_PROBES_LIMIT};
 use crate::units::{invalid, HumanDuration, SettingsError};
+
+/// The largest failure threshold and minimum of calls the breaker takes.
+pub const BREAKER_COUNT_LIMIT: u32 = 1_000_000;
+
+/// The most probes a half-open window may admit.
+pub const HALF_OPEN_PROBES_LIMIT: u32 = 100;
+
+/// Whether `d` is a window of whole seconds from 1 s to 1 h: the
+/// failure-rate breaker's and the retry budget's, from the environment or
+/// the admin API alike.
+pub fn is_window(d: Duration) -> bool {
+    d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) && d.subsec_nanos() == 0
+}
 
 /// The breaker's settings now.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
@@ -157,7 +169,7 @@ impl BreakerUpdate {
             rate.rate = r;
         }
         if let Some(w) = self.window {
-            if !crate::config::is_window(w) {
+            if !is_window(w) {
                 return Err(invalid("window", "must be whole seconds from 1s to 1h"));
             }
             rate.window = w;

@@ -147,7 +147,7 @@ impl Deferral {
                 for order in &expired {
                     self.metrics.expired();
                     self.jobs.job_failed();
-                    self.jobs.failed_after(super::job::since_created(order));
+                    self.jobs.failed_after(order.age_at_last_update());
                     tracing::warn!(order_id = %order.id, "deferred order failed at its deadline");
                 }
             }

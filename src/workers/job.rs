@@ -295,14 +295,14 @@ impl OrderProcessor {
         match &outcome {
             Outcome::Completed => {
                 self.jobs.job_completed();
-                self.jobs.completed_after(since_created(&updated));
+                self.jobs.completed_after(updated.age_at_last_update());
                 if !access_log::write_order_completed(&id.as_uuid(), attempts) {
                     tracing::info!(attempts, "order completed");
                 }
             }
             Outcome::Failed(reason) => {
                 self.jobs.job_failed();
-                self.jobs.failed_after(since_created(&updated));
+                self.jobs.failed_after(updated.age_at_last_update());
                 tracing::warn!(attempts, reason = %reason, "order failed");
             }
             Outcome::Deferred(_) => {
@@ -368,14 +368,6 @@ impl OrderProcessor {
             }
         }
     }
-}
-
-/// How long an order took from creation to its final status, by the wall
-/// clock its `created_at` was read from (zero if that clock went back).
-pub(super) fn since_created(order: &Order) -> Duration {
-    (order.updated_at - order.created_at)
-        .to_std()
-        .unwrap_or_default()
 }
 
 /// Lets go of an order when dropped.

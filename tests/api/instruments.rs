@@ -597,3 +597,36 @@ async fn load_rate_starts_traffic_at_boot() {
     let status = running.terminate().await;
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn each_event_of_the_stream_is_documented_with_the_schema_of_its_data() {
+    let lab = Lab::new(LabOptions::default()).await;
+    let document: Value = serde_json::from_str(reliability_lab::http::openapi::json()).unwrap();
+    let stream = &document["paths"]["/admin/events"]["get"]["responses"]["200"]["content"]
+        ["text/event-stream"]["schema"];
+    let branches = stream["oneOf"].as_array().expect("one branch per event");
+    let mut documented = std::collections::BTreeMap::new();
+    for branch in branches {
+        let name = branch["properties"]["event"]["enum"][0].as_str().unwrap();
+        let data = &branch["properties"]["data"];
+        assert_eq!(data["contentMediaType"], "application/json", "{branch}");
+        let reference = data["contentSchema"]["$ref"].as_str().unwrap();
+        let schema = reference.trim_start_matches("#/components/schemas/");
+        assert!(
+            document["components"]["schemas"].get(schema).is_some(),
+            "{name}'s data names {reference}, which the document lacks"
+        );
+        documented.insert(name.to_string(), schema.to_string());
+    }
+    assert_eq!(
+        documented.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["change", "hello", "lagged", "sample"]
+    );
+    // The hello a real stream opens with has every field its schema requires.
+    let first = hello_of(&lab).await;
+    let hello = &document["components"]["schemas"]["Hello"];
+    for field in hello["required"].as_array().unwrap() {
+        let field = field.as_str().unwrap();
+        assert!(first.get(field).is_some(), "the hello lacks {field}");
+    }
+}

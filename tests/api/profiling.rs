@@ -118,6 +118,42 @@ async fn profiles_are_listed_routed_and_decodable() {
     assert!(service.terminate().await.success());
 }
 
+#[tokio::test]
+async fn profile_max_duration_bounds_what_a_profile_samples() {
+    let service = spawn_binary(&[("PROFILE_MAX_DURATION", "1s")]).await;
+    let client = reqwest::Client::new();
+    // Asked for the default 30 s and for 60 s, each samples one second:
+    // the flame graph's title says how long it sampled.
+    for path in [
+        "/debug/pprof/flamegraph",
+        "/debug/pprof/flamegraph?seconds=60",
+    ] {
+        let svg = client.get(service.url(path)).send().await.unwrap();
+        assert_eq!(svg.status(), 200, "{path}");
+        let text = svg.text().await.unwrap();
+        assert!(
+            text.contains("reliability-lab CPU, 1s"),
+            "{path}: {}",
+            &text[..text.len().min(2000)]
+        );
+    }
+    // The same through the named route.
+    let cpu = client
+        .get(service.url("/debug/pprof/profile"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cpu.status(), 200);
+    let profile = Profile::decode(cpu.bytes().await.unwrap()).expect("pprof protobuf");
+    // pprof-rs records how long it sampled: about the one second.
+    assert!(
+        (500_000_000..5_000_000_000).contains(&profile.duration_nanos),
+        "sampled {} ns",
+        profile.duration_nanos
+    );
+    assert!(service.terminate().await.success());
+}
+
 /// Spins until told to stop: the one function sure to be on the CPU while
 /// the profile samples. Not inlined, so it has a frame of its own.
 #[inline(never)]
