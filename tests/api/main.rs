@@ -6,6 +6,7 @@ mod console;
 mod contract;
 mod crash;
 mod deferred;
+mod docs;
 mod durability;
 mod experiments;
 mod group_commit;

@@ -282,7 +282,7 @@ fn the_compose_file_validates_starts_in_order_and_mounts_only_what_exists() {
         BTreeSet::from(["app", "grafana", "postgres", "prometheus", "provider"])
     );
 
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let operations = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
     let mut ports = BTreeMap::new();
     for (name, service) in services {
         assert!(
@@ -296,8 +296,8 @@ fn the_compose_file_validates_starts_in_order_and_mounts_only_what_exists() {
                 "port {published} published twice"
             );
             assert!(
-                readme.contains(&format!("localhost:{published}")),
-                "README.md does not mention {name}'s port {published}"
+                operations.contains(&format!("localhost:{published}")),
+                "docs/operations.md does not mention {name}'s port {published}"
             );
         }
         // Every bind mount's source exists in the repository.
