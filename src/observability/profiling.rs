@@ -68,7 +68,7 @@ impl Profiler {
     }
 
     /// How long a profile asked for `asked` samples.
-    pub fn bounded(&self, asked: Duration) -> Duration {
+    fn bounded(&self, asked: Duration) -> Duration {
         self.longest.map_or(asked, |longest| asked.min(longest))
     }
 

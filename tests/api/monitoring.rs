@@ -16,11 +16,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{free_port_below_32768, run, spawn_binary};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::helpers::{free_port_below_32768, repo, run, spawn_binary};
 
 /// The tool's path, or None after saying why the test does not run.
 fn tool(name: &str, package: &str) -> Option<PathBuf> {

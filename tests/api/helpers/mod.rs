@@ -18,3 +18,8 @@ pub use browser::*;
 pub use http::*;
 pub use postgres::*;
 pub use tls::*;
+
+/// The repository's root: where README.md, docs/ and deploy/ are.
+pub fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
